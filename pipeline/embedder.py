@@ -1,0 +1,124 @@
+"""Model loading and batched encoding.
+
+The model is loaded once per worker process (``load_embedder`` is cached) and
+nothing is ever downloaded: hub access is switched off before the libraries load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+from .chunking import ChunkerSettings, plain_tokenizer
+from .config import ModelProfile, profile
+from .errors import PipelineError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger("luigi-interface")
+
+CHUNK_OVERLAP_TOKENS = 32
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"device {device} was asked for but no CUDA GPU is visible")
+    return device
+
+
+class Embedder:
+    """A sentence-transformers model with the settings that give its vectors meaning."""
+
+    def __init__(self, model_profile: ModelProfile, model_path: str, device: str, max_tokens: int, batch_tokens: int):
+        from sentence_transformers import SentenceTransformer
+
+        self.profile = model_profile
+        self.device = _pick_device(device)
+        path = model_path or model_profile.locate()
+        log.info("loading model %s from %s on %s", model_profile.model_id, path, self.device)
+        try:
+            self.model = SentenceTransformer(
+                path, device=self.device, trust_remote_code=model_profile.trust_remote_code, local_files_only=True
+            )
+        except OSError as exc:
+            raise PipelineError(f"cannot load model {model_profile.model_id} from {path}: {exc}") from exc
+        self.fp16 = self.device.startswith("cuda") and model_profile.fp16_on_cuda
+        if self.fp16:
+            self.model.half()
+        dimension = self.model.get_embedding_dimension()
+        if dimension != model_profile.dimension:
+            raise PipelineError(
+                f"model at {path} gives {dimension}-dimensional vectors; profile "
+                f"{model_profile.name} expects {model_profile.dimension}"
+            )
+        model_limit = int(self.model.max_seq_length)
+        wanted = max_tokens or model_profile.max_tokens or model_limit
+        if wanted > model_limit:
+            raise PipelineError(f"max_tokens {wanted} exceeds the model's max_seq_length {model_limit}")
+        self.max_tokens = wanted
+        self.model.max_seq_length = wanted
+        self.batch_tokens = batch_tokens
+        self.tokenizer = plain_tokenizer(self.model.tokenizer.backend_tokenizer)
+        reserved = self.tokenizer.num_special_tokens_to_add(False) + len(
+            self.tokenizer.encode(model_profile.prefix, add_special_tokens=False).ids
+        )
+        self.chunker = ChunkerSettings(max_tokens=wanted - reserved, overlap_tokens=CHUNK_OVERLAP_TOKENS)
+
+    @property
+    def dimension(self) -> int:
+        return self.profile.dimension
+
+    def batches(self, token_counts: Sequence[int]) -> list[list[int]]:
+        """Indices grouped longest first, each group's padded size within ``batch_tokens``."""
+        order = sorted(range(len(token_counts)), key=lambda i: -token_counts[i])
+        groups: list[list[int]] = []
+        for index in order:
+            padded = token_counts[index] + 2
+            if groups and padded * (len(groups[-1]) + 1) <= self.batch_tokens:
+                groups[-1].append(index)
+            else:
+                groups.append([index])
+        return groups
+
+    def embed(self, texts: Sequence[str], token_counts: Sequence[int]) -> np.ndarray:
+        """Normalised float32 vectors, one row per text, in the order given."""
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for group in self.batches(token_counts):
+            encoded = self.model.encode(
+                [self.profile.prefix + texts[i] for i in group],
+                batch_size=len(group),
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            vectors[group] = encoded.astype(np.float32, copy=False)
+        return vectors
+
+    def settings(self) -> dict[str, str]:
+        """What a reader needs to refuse mixing vectors from two models (file metadata)."""
+        return {
+            "model_profile": self.profile.name,
+            "model_id": self.profile.model_id,
+            "dimension": str(self.dimension),
+            "prefix": self.profile.prefix,
+            "max_tokens": str(self.max_tokens),
+            "normalized": "true",
+            "precision": "float16" if self.fp16 else "float32",
+            **self.chunker.as_metadata(),
+        }
+
+
+@lru_cache(maxsize=2)
+def load_embedder(profile_name: str, model_path: str, device: str, max_tokens: int, batch_tokens: int) -> Embedder:
+    """One model per worker process and settings, however many shards it runs."""
+    return Embedder(profile(profile_name), model_path, device, max_tokens, batch_tokens)

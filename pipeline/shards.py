@@ -1,0 +1,104 @@
+"""The Parquet shard: schema, writer and reader (see docs/schema.md).
+
+Rows are appended to a hidden temp file as each group of documents is embedded, so
+memory holds one group, not a shard; the file becomes the shard in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import local_path
+
+PIPELINE_VERSION = "0.1.0"
+META_PREFIX = "pipeline."
+
+METADATA_TYPE = pa.struct(
+    [
+        ("path", pa.string()),
+        ("title", pa.string()),
+        ("author", pa.string()),
+        ("date", pa.string()),
+        ("source_url", pa.string()),
+        ("language", pa.string()),
+        ("front_matter", pa.string()),  # every field, as a JSON object
+        ("front_matter_error", pa.string()),
+        ("encoding", pa.string()),
+        ("heading_path", pa.list_(pa.string())),
+        ("char_start", pa.int64()),
+        ("char_end", pa.int64()),
+        ("token_count", pa.int32()),
+    ]
+)
+# Front-matter fields promoted to their own metadata columns.
+PROMOTED_FIELDS = ("title", "author", "date", "source_url", "language")
+
+
+def shard_schema(dimension: int, settings: dict[str, str]) -> pa.Schema:
+    schema = pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("chunk_id", pa.int32(), nullable=False),
+            pa.field("embedding_vector", pa.list_(pa.float32(), dimension), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("metadata", METADATA_TYPE, nullable=False),
+        ]
+    )
+    meta = {META_PREFIX + k: v for k, v in settings.items()}
+    meta[META_PREFIX + "version"] = PIPELINE_VERSION
+    return schema.with_metadata(meta)
+
+
+def rows_table(schema: pa.Schema, rows: list[dict[str, Any]], vectors: np.ndarray) -> pa.Table:
+    """A table of chunk rows (dicts with doc_id, chunk_id, text, metadata) and their vectors."""
+    dimension = schema.field("embedding_vector").type.list_size
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.table(
+        {
+            "doc_id": pa.array([r["doc_id"] for r in rows], pa.string()),
+            "chunk_id": pa.array([r["chunk_id"] for r in rows], pa.int32()),
+            "embedding_vector": pa.FixedSizeListArray.from_arrays(flat, dimension),
+            "text": pa.array([r["text"] for r in rows], pa.string()),
+            "metadata": pa.array([r["metadata"] for r in rows], METADATA_TYPE),
+        },
+        schema=schema,
+    )
+
+
+class ShardWriter:
+    """Append row groups to a temp Parquet file; ``close(stats)`` records the shard's counts."""
+
+    def __init__(self, path, schema: pa.Schema):
+        self.schema = schema
+        self._writer = pq.ParquetWriter(path, schema, compression="snappy")
+
+    def write(self, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
+        if rows:
+            self._writer.write_table(rows_table(self.schema, rows, vectors))
+
+    def close(self, stats: dict[str, Any]) -> None:
+        self._writer.add_key_value_metadata({META_PREFIX + "stats": json.dumps(stats, sort_keys=True)})
+        self._writer.close()
+
+    def abort(self) -> None:
+        self._writer.close()
+
+
+def shard_metadata(path: str) -> dict[str, str]:
+    """A shard's file-level metadata (settings and stats) without reading its rows."""
+    raw = pq.ParquetFile(local_path(path)).metadata.metadata or {}
+    return {k.decode()[len(META_PREFIX) :]: v.decode() for k, v in raw.items() if k.startswith(META_PREFIX.encode())}
+
+
+def shard_stats(path: str) -> dict[str, Any]:
+    return json.loads(shard_metadata(path)["stats"])
+
+
+def settings_mismatch(existing: dict[str, str], wanted: dict[str, str], keys: Iterable[str]) -> list[str]:
+    """The settings (model, dimension, prefix, chunker) in which two shards differ."""
+    return [f"{k}: {existing.get(k)!r} in the output, {wanted.get(k)!r} now" for k in keys if existing.get(k) != wanted.get(k)]

@@ -1,0 +1,161 @@
+"""Luigi tasks: thin wiring of targets to the plain functions that do the work.
+
+CorpusManifest -> EmbedShard(0..N-1) -> EmbedAll. The shard files are the checkpoint:
+a shard that exists is done, so rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import luigi
+
+from . import config
+from .corpus import manifest_info, write_manifest
+from .embedder import Embedder, load_embedder
+from .errors import PipelineError, install_one_line_errors
+from .sample import ensure_sample_corpus
+from .shard_job import run_shard, shard_path
+from .shards import shard_metadata, settings_mismatch
+from .storage import atomic_output, ensure_writable_dir, local_path, target
+from .summary import run_summary
+
+config.apply_environment()
+install_one_line_errors()
+
+# Settings two shards of one output must share, or their vectors cannot be mixed.
+SHARED_SETTINGS = ("model_id", "dimension", "prefix", "max_tokens", "chunk_max_tokens", "chunk_overlap_tokens")
+
+
+class OutputParameter(luigi.Parameter):
+    """``--output``, the output folder.
+
+    Luigi calls ``task.output()`` for a task's target, so a parameter named ``output``
+    would hide that method. This one keeps the folder in ``task.output_location`` and
+    leaves ``task.output`` meaning the task's ``output_target`` method.
+    """
+
+    def __set__(self, task, value):
+        task.__dict__["output_location"] = value
+
+    def __get__(self, task, owner=None):
+        return self if task is None else task.output_target
+
+
+class RunParameters:
+    """The parameters every task of a run shares (``--corpus``, ``--output``, …)."""
+
+    corpus = luigi.Parameter(default=config.setting("corpus"), description="corpus folder; empty: the sample")
+    output = OutputParameter(default=config.setting("output"), description="output folder")
+    pattern = luigi.Parameter(default=config.setting("pattern"), description="which files are documents")
+    docs_per_shard = luigi.IntParameter(default=int(config.setting("docs_per_shard")))
+    model = luigi.Parameter(default=config.setting("model"), description="model profile: minilm or nomic")
+    model_path = luigi.Parameter(default=config.setting("model_path"), description="local model folder override")
+    max_tokens = luigi.IntParameter(default=int(config.setting("max_tokens")), description="0: profile default")
+    batch_tokens = luigi.IntParameter(default=int(config.setting("batch_tokens")), description="padded tokens per batch")
+    device = luigi.Parameter(default=config.setting("device"), description="auto, cpu, cuda, cuda:1, …")
+
+    def clone(self, cls=None, **kwargs):
+        """Luigi's clone, reading values from ``param_kwargs`` (see OutputParameter)."""
+        cls = cls or self.__class__
+        shared = {name: self.param_kwargs[name] for name, _ in cls.get_params() if name in self.param_kwargs}
+        return cls(**{**shared, **kwargs})
+
+    def corpus_location(self) -> str:
+        return str(local_path(self.corpus).resolve()) if self.corpus else ensure_sample_corpus()
+
+    def manifest_path(self) -> str:
+        return f"{self.output_location}/manifest.parquet"
+
+    def embedder(self) -> Embedder:
+        return load_embedder(self.model, self.model_path, self.device, self.max_tokens, self.batch_tokens)
+
+    def total_shards(self) -> int:
+        return int(manifest_info(self.manifest_path())["shards"])
+
+
+class CorpusManifest(RunParameters, luigi.Task):
+    """Lists the corpus once; shard membership never moves after this."""
+
+    def output_target(self):
+        return target(self.manifest_path())
+
+    def run(self):
+        ensure_writable_dir(self.output_location)
+        count = write_manifest(self.corpus_location(), self.pattern, self.docs_per_shard, self.manifest_path())
+        self.set_status_message(f"{count} documents in {-(-count // self.docs_per_shard)} shards")
+
+
+class EmbedShard(RunParameters, luigi.Task):
+    """One Parquet shard of ``docs_per_shard`` documents, published atomically."""
+
+    shard = luigi.IntParameter()
+
+    def requires(self):
+        return self.clone(CorpusManifest)
+
+    def output_target(self):
+        return target(shard_path(self.output_location, self.shard))
+
+    def run(self):
+        stats = run_shard(
+            self.corpus_location(),
+            self.manifest_path(),
+            self.output_location,
+            self.shard,
+            self.embedder(),
+            self.total_shards(),
+            report=self._report,
+        )
+        self._report(
+            f"shard {self.shard}: {stats['embedded_documents']} documents embedded, "
+            f"{stats['rejected_documents']} rejected, {stats['chunks']} chunks, "
+            f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s",
+            100,
+        )
+
+    def _report(self, message: str, percent: int) -> None:
+        self.set_status_message(message)
+        self.set_progress_percentage(percent)
+
+
+class EmbedAll(RunParameters, luigi.Task):
+    """Every shard of the corpus, then ``_SUCCESS.json`` with the run's figures."""
+
+    def requires(self):
+        return self.clone(CorpusManifest)
+
+    def output_target(self):
+        return target(f"{self.output_location}/_SUCCESS.json")
+
+    def run(self):
+        total = self._check_output_matches_settings()
+        shards = [self.clone(EmbedShard, shard=i) for i in range(total)]
+        done = sum(shard.complete() for shard in shards)
+        self.set_status_message(f"{done}/{total} shards done")
+        self.set_progress_percentage(int(100 * done / total))
+        yield shards
+        summary = run_summary(self.corpus_location(), self.output_location, total)
+        with atomic_output(self.output().path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        self.set_status_message(
+            f"{total}/{total} shards, {summary['documents']} documents ({summary['rejected_documents']} rejected), "
+            f"{summary['chunks']} chunks, {summary['tokens_per_second']:.0f} tokens/s"
+        )
+        self.set_progress_percentage(100)
+
+    def _check_output_matches_settings(self) -> int:
+        """Refuse to add to an output made from another corpus, shard size or model."""
+        info = manifest_info(self.manifest_path())
+        wanted = {"corpus": self.corpus_location(), "pattern": self.pattern, "docs_per_shard": str(self.docs_per_shard)}
+        problems = settings_mismatch(info, wanted, wanted)
+        existing = sorted(Path(local_path(self.output_location), "shards").glob("shard-*.parquet"))
+        if existing:
+            problems += settings_mismatch(shard_metadata(str(existing[0])), self.embedder().settings(), SHARED_SETTINGS)
+        if problems:
+            raise PipelineError(
+                f"output {self.output_location} was made with other settings ({'; '.join(problems)}); "
+                "use a new --output, or the settings it was made with"
+            )
+        return int(info["shards"])
