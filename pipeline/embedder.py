@@ -122,3 +122,27 @@ class Embedder:
 def load_embedder(profile_name: str, model_path: str, device: str, max_tokens: int, batch_tokens: int) -> Embedder:
     """One model per worker process and settings, however many shards it runs."""
     return Embedder(profile(profile_name), model_path, device, max_tokens, batch_tokens)
+
+
+class NullEmbedder:
+    """The real tokenizer and chunker with constant vectors instead of a model.
+
+    Measures everything but the model (the feed rate) and lets huge documents be
+    pushed through read, chunk and write where running the model would take hours.
+    """
+
+    def __init__(self, base: Embedder):
+        self.profile = base.profile
+        self.device = "null"
+        self.tokenizer = base.tokenizer
+        self.chunker = base.chunker
+        self.batch_tokens = base.batch_tokens
+        self.dimension = base.dimension
+        self._settings = {**base.settings(), "model_id": "null", "model_profile": "null"}
+        self._vector = np.full(self.dimension, 1 / np.sqrt(self.dimension), dtype=np.float32)
+
+    def embed(self, texts: Sequence[str], token_counts: Sequence[int]) -> np.ndarray:
+        return np.broadcast_to(self._vector, (len(texts), self.dimension))
+
+    def settings(self) -> dict[str, str]:
+        return dict(self._settings)

@@ -1,0 +1,190 @@
+"""The luigi command line for real: subprocesses, SIGKILL and resume, error lines, luigid."""
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import ROOT, free_port, luigi_command, luigi_env, read_output_rows, run_luigi, write_corpus
+from pipeline.shards import shard_stats
+
+pytestmark = pytest.mark.slow
+
+
+def embed_args(corpus, output, docs_per_shard=3, *extra):
+    return ["EmbedAll", "--corpus", str(corpus), "--output", str(output), "--docs-per-shard", str(docs_per_shard), "--device", "cpu", *extra]
+
+
+def shard_files(output):
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (output / "shards").glob("shard-*.parquet")}
+
+
+def test_embed_all_then_a_rerun_recomputes_nothing(tmp_path, small_corpus):
+    output = tmp_path / "out"
+    first = run_luigi(*embed_args(small_corpus, output), "--local-scheduler")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((output / "_SUCCESS.json").read_text())
+    assert summary["documents"] == 12 and summary["shards"] == 4 and summary["rejected_documents"] == 0
+    assert summary["dimension"] == 384 and summary["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert summary["chunks"] == sum(pq.read_table(p).num_rows for p in (output / "shards").glob("*.parquet"))
+    assert summary["tokens"] > 0 and summary["tokens_per_second"] > 0 and summary["wall_seconds"] > 0
+    before = shard_files(output)
+    assert len(before) == 4
+
+    again = run_luigi(*embed_args(small_corpus, output), "--local-scheduler")
+    assert again.returncode == 0
+    assert "1 complete ones were encountered" in again.stderr
+    assert "ran successfully" not in again.stderr
+    assert shard_files(output) == before
+
+
+def stop_mid_shard(process, shards, published_before_kill=2, timeout=300):
+    """SIGKILL the run while a shard's temp file is open: freeze it with SIGSTOP,
+    check that a shard is in progress, and only then kill it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run finished before it could be killed"
+        if shards.is_dir() and len(list(shards.glob("shard-*.parquet"))) >= published_before_kill:
+            os.kill(process.pid, signal.SIGSTOP)
+            temps = list(shards.glob(".shard-*.tmp"))
+            if temps:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                return temps
+            os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    raise AssertionError("never caught the run in the middle of a shard")
+
+
+def test_sigkill_in_the_middle_of_a_shard_then_rerun_resumes_and_matches(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", documents=16, words=500)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    uninterrupted = run_luigi(*embed_args(corpus, reference, 2), "--local-scheduler")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    command = luigi_command(*embed_args(corpus, resumed, 2), "--local-scheduler")
+    process = subprocess.Popen(command, cwd=ROOT, env=luigi_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        temps = stop_mid_shard(process, resumed / "shards")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert all(t.exists() for t in temps), "killed between shards, not in one"
+    published = shard_files(resumed)
+    assert 2 <= len(published) < 8
+    for name in published:  # no partial shard: every published file is whole
+        path = resumed / "shards" / name
+        assert pq.read_table(path).num_rows == shard_stats(str(path))["chunks"]
+    assert not (resumed / "_SUCCESS.json").exists()
+
+    rerun = run_luigi(*embed_args(corpus, resumed, 2), "--local-scheduler")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = shard_files(resumed)
+    assert len(after) == 8
+    assert all(after[name] == published[name] for name in published), "a finished shard was recomputed"
+    assert not list((resumed / "shards").glob(".*.tmp")), "a temp file was left behind"
+
+    expected, actual = read_output_rows(reference), read_output_rows(resumed)
+    assert actual.keys() == expected.keys()
+    for key, row in expected.items():
+        assert actual[key]["text"] == row["text"]
+        assert actual[key]["metadata"] == row["metadata"]
+        assert np.allclose(actual[key]["embedding_vector"], row["embedding_vector"], atol=1e-5)
+    a, b = (json.loads((o / "_SUCCESS.json").read_text()) for o in (reference, resumed))
+    assert {k: a[k] for k in ("documents", "chunks", "tokens")} == {k: b[k] for k in ("documents", "chunks", "tokens")}
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "corpus path {corpus} does not exist"),
+        ("empty", "corpus {corpus} has no files matching '*.md'"),
+        ("unwritable", "cannot write to output {output}"),
+    ],
+)
+def test_bad_corpus_or_output_gives_one_clear_line_and_nonzero_exit(tmp_path, case, expected):
+    corpus, output = tmp_path / "corpus", tmp_path / "out"
+    if case == "empty":
+        corpus.mkdir()
+    if case == "unwritable":
+        write_corpus(corpus, documents=1)
+        (tmp_path / "a-file").write_text("not a folder")
+        output = tmp_path / "a-file" / "out"
+    result = run_luigi(*embed_args(corpus, output), "--local-scheduler")
+    assert result.returncode == 30  # luigi.cfg [retcode] task_failed
+    line = "ERROR: " + expected.format(corpus=corpus, output=output)
+    assert line in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def luigid(tmp_path):
+    """A real central scheduler on loopback, with task history in sqlite; stopped by PID."""
+    port = free_port()
+    folder = tmp_path / "luigid"
+    (folder / "log").mkdir(parents=True)
+    config = folder / "luigi.cfg"
+    config.write_text(
+        (ROOT / "luigi.cfg").read_text().replace("sqlite:///var/luigi/task-history.db", f"sqlite:///{folder}/history.db")
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from luigi.cmdline import luigid; luigid(sys.argv[1:])",
+         "--address", "127.0.0.1", "--port", str(port), "--state-path", str(folder / "state.pickle"), "--logdir", str(folder / "log")],
+        cwd=folder, env=luigi_env(LUIGI_CONFIG_PATH=str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "luigid did not start"
+                time.sleep(0.2)
+        yield port, folder
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def api(port, method, **data):
+    query = urllib.parse.urlencode({"data": json.dumps(data)})
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/{method}?{query}", timeout=10) as response:
+        return json.loads(response.read())["response"]
+
+
+def test_embed_all_against_a_real_luigid_reports_status_and_history(tmp_path, small_corpus, luigid):
+    port, folder = luigid
+    output = tmp_path / "out"
+    result = run_luigi(*embed_args(small_corpus, output), "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output / "_SUCCESS.json").exists()
+    done = api(port, "task_list", status="DONE", upstream_status="", search="")
+    by_family = {}
+    for task in done.values():
+        by_family.setdefault(task["name"], []).append(task)
+    assert sorted(by_family) == ["CorpusManifest", "EmbedAll", "EmbedShard"]
+    shards = by_family["EmbedShard"]
+    assert len(shards) == 4
+    for task in shards:
+        assert task["progress_percentage"] == 100
+        assert "documents embedded" in task["status_message"] and "tokens/s" in task["status_message"]
+    assert "4/4 shards" in by_family["EmbedAll"][0]["status_message"]
+    with sqlite3.connect(folder / "history.db") as db:
+        recorded = {name for (name,) in db.execute("select name from tasks")}
+    assert {"CorpusManifest", "EmbedShard", "EmbedAll"} <= recorded

@@ -1,0 +1,110 @@
+"""One shard end to end without Luigi: bad input, the schema read back, huge documents."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import write_corpus
+from pipeline.corpus import write_manifest
+from pipeline.embedder import NullEmbedder
+from pipeline.shard_job import rejects_path, run_shard, shard_path
+
+
+def add_bad_documents(corpus):
+    bad = corpus / "bad"
+    bad.mkdir()
+    (bad / "empty.md").write_bytes(b"")
+    (bad / "binary.md").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20)
+    (bad / "latin1.md").write_bytes("---\ntitle: Misère\n---\n\nLa misère de la philosophie, réponse.\n".encode("latin-1"))
+    (bad / "broken-front-matter.md").write_text("---\ntitle: [oops\n---\n\nThe body survives.\n")
+    (bad / "only-front-matter.md").write_text("---\ntitle: nothing else\n---\n\n")
+
+
+def run(tmp_path, corpus, embedder, docs_per_shard=100, shard=0):
+    output = tmp_path / "out"
+    manifest = str(output / "manifest.parquet")
+    write_manifest(str(corpus), "*.md", docs_per_shard, manifest)
+    stats = run_shard(str(corpus), manifest, str(output), shard, embedder, total_shards=1)
+    return output, stats
+
+
+def test_bad_documents_are_rejected_with_reasons_and_the_rest_embedded(tmp_path, small_corpus, embedder):
+    add_bad_documents(small_corpus)
+    output, stats = run(tmp_path, small_corpus, embedder)
+    rejects = [json.loads(line) for line in open(rejects_path(str(output), 0))]
+    assert {r["path"]: r["reason"] for r in rejects} == {
+        "bad/empty.md": "empty",
+        "bad/binary.md": "binary",
+        "bad/only-front-matter.md": "no_text",
+    }
+    assert stats["documents"] == 17 and stats["rejected_documents"] == 3 and stats["embedded_documents"] == 14
+    assert stats["front_matter_errors"] == 1
+    table = pq.read_table(shard_path(str(output), 0))
+    by_path = {}
+    for row in table.to_pylist():
+        by_path.setdefault(row["metadata"]["path"], []).append(row)
+    assert len(by_path) == 14
+    latin = by_path["bad/latin1.md"][0]
+    assert latin["text"] == "La misère de la philosophie, réponse."
+    assert latin["metadata"]["title"] == "Misère" and latin["metadata"]["encoding"] in ("cp1252", "latin-1")
+    broken = by_path["bad/broken-front-matter.md"][0]
+    assert broken["text"] == "The body survives." and "not valid YAML" in broken["metadata"]["front_matter_error"]
+
+
+def test_shard_reads_back_with_plain_pyarrow_and_every_column_checks_out(tmp_path, small_corpus, embedder):
+    output, stats = run(tmp_path, small_corpus, embedder)
+    path = shard_path(str(output), 0)
+    table = pq.read_table(path)
+    schema = table.schema
+    assert schema.names == ["doc_id", "chunk_id", "embedding_vector", "text", "metadata"]
+    assert schema.field("doc_id").type == pa.string()
+    assert schema.field("chunk_id").type == pa.int32()
+    assert schema.field("embedding_vector").type == pa.list_(pa.float32(), 384)
+    assert schema.field("text").type == pa.string()
+    assert pa.types.is_struct(schema.field("metadata").type)
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "SNAPPY"
+    meta = {k.decode(): v.decode() for k, v in pq.ParquetFile(path).metadata.metadata.items()}
+    assert meta["pipeline.model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["pipeline.dimension"] == "384" and meta["pipeline.prefix"] == ""
+    assert int(meta["pipeline.chunk_max_tokens"]) < int(meta["pipeline.max_tokens"]) == 256
+    assert json.loads(meta["pipeline.stats"])["chunks"] == table.num_rows == stats["chunks"]
+
+    rows = table.to_pylist()
+    vectors = np.array([r["embedding_vector"] for r in rows], dtype=np.float32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # The stored vector is the model's vector of the stored text.
+    again = embedder.model.encode([rows[3]["text"]], normalize_embeddings=True)[0]
+    assert np.allclose(vectors[3], again, atol=1e-4)
+    per_doc = {}
+    for r in rows:
+        per_doc.setdefault(r["doc_id"], []).append(r["chunk_id"])
+        m = r["metadata"]
+        source = (small_corpus / m["path"]).read_text()
+        assert source[m["char_start"] : m["char_end"]] == r["text"]
+        assert m["title"].startswith("Document ") and m["heading_path"][0] == m["title"]
+        assert 0 < m["token_count"] <= 254
+        assert json.loads(m["front_matter"])["title"] == m["title"]
+    assert all(ids == list(range(len(ids))) for ids in per_doc.values())
+    assert len(per_doc) == 12
+    assert sum(r["metadata"]["token_count"] for r in rows) == stats["tokens"]
+
+
+def test_a_20_megabyte_document_is_chunked_whole_beside_small_ones(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "corpus", documents=3)
+    paragraph = "The history of all hitherto existing society is the history of class struggles. " * 60
+    huge = "---\ntitle: Huge\n---\n\n# Huge\n\n" + "\n\n".join([paragraph] * 4200)
+    huge += "\n\n" + "x" * 100_000 + "\n"  # one 'word' longer than any block limit
+    (corpus / "huge.md").write_text(huge)
+    assert (corpus / "huge.md").stat().st_size > 20_000_000
+    output, stats = run(tmp_path, corpus, NullEmbedder(embedder))
+    assert stats["rejected_documents"] == 0 and stats["embedded_documents"] == 4
+    table = pq.read_table(shard_path(str(output), 0), columns=["doc_id", "chunk_id", "metadata"])
+    huge_rows = [m for m in table.column("metadata").to_pylist() if m["path"] == "huge.md"]
+    assert len(huge_rows) > 20_000
+    assert max(m["token_count"] for m in huge_rows) <= embedder.chunker.max_tokens
+    assert huge_rows[-1]["char_end"] == len(huge.rstrip())
+    for before, after in zip(huge_rows, huge_rows[1:]):
+        assert not huge[before["char_end"] : after["char_start"]].strip(), "text lost between chunks"

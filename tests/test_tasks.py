@@ -1,0 +1,114 @@
+"""The Luigi tasks run in-process: model reuse, failure isolation, safety checks, config."""
+
+import subprocess
+import sys
+
+import luigi
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.embedder
+import pipeline.tasks
+from helpers import ROOT, luigi_env
+from pipeline import CorpusManifest, EmbedAll
+from pipeline.errors import PipelineError
+
+
+def build(task) -> bool:
+    return luigi.build([task], local_scheduler=True, log_level="WARNING")
+
+
+def embed_all(corpus, output, **overrides):
+    return EmbedAll(corpus=str(corpus), output=str(output), docs_per_shard=overrides.pop("docs_per_shard", 4), device="cpu", **overrides)
+
+
+def test_the_model_loads_once_per_worker_however_many_shards(tmp_path, small_corpus, monkeypatch):
+    pipeline.embedder.load_embedder.cache_clear()
+    loads = []
+    real_init = pipeline.embedder.Embedder.__init__
+    monkeypatch.setattr(pipeline.embedder.Embedder, "__init__", lambda self, *a: loads.append(a) or real_init(self, *a))
+    assert build(embed_all(small_corpus, tmp_path / "out"))
+    assert len(list((tmp_path / "out" / "shards").glob("shard-*.parquet"))) == 3
+    assert len(loads) == 1
+
+
+def test_a_failed_shard_does_not_sink_the_others_and_a_rerun_finishes(tmp_path, small_corpus, monkeypatch):
+    output = tmp_path / "out"
+    real_run_shard = pipeline.tasks.run_shard
+
+    def failing_shard_one(corpus, manifest, out, shard, *args, **kwargs):
+        if shard == 1:
+            raise RuntimeError("injected failure in shard 1")
+        return real_run_shard(corpus, manifest, out, shard, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.tasks, "run_shard", failing_shard_one)
+    assert not build(embed_all(small_corpus, output))
+    shards = output / "shards"
+    assert sorted(p.name for p in shards.glob("shard-*.parquet")) == ["shard-000000.parquet", "shard-000002.parquet"]
+    assert not (output / "_SUCCESS.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.parquet")}
+
+    monkeypatch.setattr(pipeline.tasks, "run_shard", real_run_shard)
+    assert build(embed_all(small_corpus, output))
+    assert (output / "_SUCCESS.json").exists()
+    assert all((shards / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+    assert pq.read_table(shards / "shard-000001.parquet").num_rows > 0
+
+
+def test_an_output_made_with_other_settings_is_refused(tmp_path, small_corpus):
+    output = tmp_path / "out"
+    assert build(embed_all(small_corpus, output))
+    with pytest.raises(PipelineError, match="docs_per_shard"):
+        embed_all(small_corpus, output, docs_per_shard=5)._check_output_matches_settings()
+    other = tmp_path / "other-corpus"
+    other.mkdir()
+    with pytest.raises(PipelineError, match="corpus"):
+        embed_all(other, output)._check_output_matches_settings()
+    with pytest.raises(PipelineError, match="max_tokens"):
+        embed_all(small_corpus, output, max_tokens=128)._check_output_matches_settings()
+    assert embed_all(small_corpus, output)._check_output_matches_settings() == 3
+
+
+def test_no_corpus_means_the_generated_sample(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    manifest = CorpusManifest(corpus="", output=str(tmp_path / "out"))
+    assert build(manifest)
+    rows = pq.read_table(manifest.manifest_path()).to_pylist()
+    assert len(rows) == 200 and rows[0]["path"].endswith(".md")
+    assert (tmp_path / "cache" / "embedding-pipeline" / "sample-v1" / rows[0]["path"]).is_file()
+    # The sample is byte-identical wherever it is generated.
+    from pipeline.sample import write_sample
+
+    write_sample(tmp_path / "again")
+    assert (tmp_path / "again" / rows[7]["path"]).read_bytes() == (
+        tmp_path / "cache" / "embedding-pipeline" / "sample-v1" / rows[7]["path"]
+    ).read_bytes()
+
+
+PRINT_SETTINGS = """
+import sys
+from luigi.cmdline_parser import CmdlineParser
+import pipeline
+with CmdlineParser.global_instance(sys.argv[1:]) as parser:
+    task = parser.get_task_obj()
+    print(task.output_location, task.docs_per_shard, task.model, task.device)
+"""
+
+
+def settings_seen(cwd, *args, **env):
+    command = [sys.executable, "-c", PRINT_SETTINGS, "EmbedAll", *args]
+    env = luigi_env(LUIGI_CONFIG_PATH=str(ROOT / "luigi.cfg"), PYTHONPATH=str(ROOT), **env)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_settings_come_from_luigi_cfg_then_env_then_command_line(tmp_path):
+    assert settings_seen(tmp_path) == ["output", "1000", "minilm", "auto"]
+    (tmp_path / ".env").write_text("PIPELINE_OUTPUT=from-dotenv\nPIPELINE_DEVICE=cpu\n")
+    assert settings_seen(tmp_path) == ["from-dotenv", "1000", "minilm", "cpu"]
+    assert settings_seen(tmp_path, PIPELINE_OUTPUT="from-env", PIPELINE_DOCS_PER_SHARD="50") == ["from-env", "50", "minilm", "cpu"]
+    assert settings_seen(tmp_path, "--output", "cli", "--docs-per-shard", "7", PIPELINE_DOCS_PER_SHARD="50") == [
+        "cli",
+        "7",
+        "minilm",
+        "cpu",
+    ]
