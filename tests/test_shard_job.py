@@ -108,3 +108,15 @@ def test_a_20_megabyte_document_is_chunked_whole_beside_small_ones(tmp_path, emb
     assert huge_rows[-1]["char_end"] == len(huge.rstrip())
     for before, after in zip(huge_rows, huge_rows[1:]):
         assert not huge[before["char_end"] : after["char_start"]].strip(), "text lost between chunks"
+
+
+def test_a_shard_whose_documents_are_all_bad_is_still_published_empty(tmp_path, embedder):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    add_bad_documents(corpus)
+    for good in ("latin1.md", "broken-front-matter.md"):
+        (corpus / "bad" / good).unlink()
+    output, stats = run(tmp_path, corpus, embedder)
+    assert pq.read_table(shard_path(str(output), 0)).num_rows == 0
+    assert stats["rejected_documents"] == stats["documents"] == 3 and stats["chunks"] == 0
+    assert len(open(rejects_path(str(output), 0)).readlines()) == 3
