@@ -144,7 +144,10 @@ def decode(data: bytes) -> tuple[str, str]:
     if not data.strip():
         raise Rejected("empty", "the file has no text")
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        text, encoding = data.decode("utf-16"), "utf-16"
+        try:
+            text, encoding = data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError as exc:
+            raise Rejected("undecodable", f"starts with a UTF-16 byte-order mark but is not UTF-16: {exc.reason}") from None
     elif b"\x00" in data:
         raise Rejected("binary", "the file contains NUL bytes")
     else:
@@ -224,9 +227,15 @@ def front_matter_json(document: Document) -> str:
 
 
 def iter_documents(corpus: str, rows: list[dict[str, Any]]) -> Iterator[tuple[dict, Document | Rejected]]:
-    """Each manifest row with its document, or the rejection that explains why not."""
+    """Each manifest row with its document, or the rejection that explains why not.
+
+    Any error reading one document becomes that document's rejection: one odd file
+    must never fail the shard around it.
+    """
     for row in rows:
         try:
             yield row, read_document(corpus, row)
         except Rejected as rejected:
             yield row, rejected
+        except Exception as exc:
+            yield row, Rejected("unreadable", f"{exc.__class__.__name__}: {exc}")

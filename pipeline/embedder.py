@@ -69,10 +69,11 @@ class Embedder:
         self.model.max_seq_length = wanted
         self.batch_tokens = batch_tokens
         self.tokenizer = plain_tokenizer(self.model.tokenizer.backend_tokenizer)
-        reserved = self.tokenizer.num_special_tokens_to_add(False) + len(
+        # Special tokens and the prefix count against the model's limit, not the chunk's text.
+        self.reserved_tokens = self.tokenizer.num_special_tokens_to_add(False) + len(
             self.tokenizer.encode(model_profile.prefix, add_special_tokens=False).ids
         )
-        self.chunker = ChunkerSettings(max_tokens=wanted - reserved, overlap_tokens=CHUNK_OVERLAP_TOKENS)
+        self.chunker = ChunkerSettings(max_tokens=wanted - self.reserved_tokens, overlap_tokens=CHUNK_OVERLAP_TOKENS)
 
     @property
     def dimension(self) -> int:
@@ -83,7 +84,7 @@ class Embedder:
         order = sorted(range(len(token_counts)), key=lambda i: -token_counts[i])
         groups: list[list[int]] = []
         for index in order:
-            padded = token_counts[index] + 2
+            padded = token_counts[index] + self.reserved_tokens
             if groups and padded * (len(groups[-1]) + 1) <= self.batch_tokens:
                 groups[-1].append(index)
             else:

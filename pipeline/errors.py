@@ -16,7 +16,7 @@ class _OneLineForPipelineErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, PipelineError):
-            record.msg = "ERROR: %s"
+            record.msg = "%s"
             record.args = (exc,)
             record.exc_info = None
             record.exc_text = None

@@ -1,4 +1,4 @@
-"""The embedded default corpus: a few hundred generated markdown documents.
+"""The embedded default corpus: 200 generated markdown documents.
 
 A new user has it without downloading anything. It is generated from a fixed seed,
 so every machine gets byte-identical files, with front matter like the archive's and

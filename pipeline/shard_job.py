@@ -41,7 +41,10 @@ def _now() -> str:
 
 
 def _text_or_none(value: Any) -> Any:
-    return None if value is None else str(value)
+    """A front-matter value as column text: strings as they are, anything else as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def chunk_rows(document: Document, chunks: list[Chunk]) -> list[dict[str, Any]]:

@@ -7,6 +7,9 @@ until their backends land, so nobody mistakes a local folder named ``gs:`` for a
 from __future__ import annotations
 
 import os
+import re
+import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,18 +55,50 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+# A temp file whose writer runs on another machine is taken as abandoned after this
+# long without a write (a live writer appends a row group every few seconds).
+ABANDONED_AFTER_SECONDS = 3600
+_TEMP_WRITER = re.compile(r"\.(?P<pid>\d+)@(?P<host>.+)\.[0-9a-f]{8}\.tmp$")
+
+
 def temp_name_for(dest: Path) -> Path:
     """A hidden, unique sibling of ``dest``: same filesystem (so rename is atomic),
-    ignored by readers that skip dot-files (pyarrow.dataset does)."""
-    return dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    ignored by readers that skip dot-files (pyarrow.dataset does), and naming its
+    writer (pid@host) so a later run can tell an abandoned temp from a live one."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _writer_is_gone(temp: Path) -> bool:
+    match = _TEMP_WRITER.search(temp.name)
+    if match and match["host"] == socket.gethostname():
+        return not _pid_alive(int(match["pid"]))
+    try:
+        return time.time() - temp.stat().st_mtime > ABANDONED_AFTER_SECONDS
+    except FileNotFoundError:
+        return False
 
 
 def remove_stale_temps(dest: Path) -> int:
-    """Delete temp files a killed writer of ``dest`` left behind; returns how many."""
+    """Delete temp files that killed writers of ``dest`` left behind; returns how many.
+
+    A temp file of a writer that is still alive (another worker given the same shard)
+    is left alone: deleting it would fail that worker for nothing.
+    """
     removed = 0
-    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-        removed += 1
+    for temp in dest.parent.glob(f".{dest.name}.*.tmp"):
+        if _writer_is_gone(temp):
+            temp.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 

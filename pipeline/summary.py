@@ -7,30 +7,47 @@ many runs, resumes and workers it took to make them.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
 from typing import Any
 
 from .shard_job import shard_path
-from .shards import shard_metadata, shard_stats
+from .shards import shard_metadata
+
+COUNTED = ("documents", "embedded_documents", "rejected_documents", "chunks", "tokens", "seconds")
 
 
-def _seconds_between(first: str, last: str) -> float:
-    return (dt.datetime.fromisoformat(last) - dt.datetime.fromisoformat(first)).total_seconds()
+def active_seconds(intervals: list[tuple[dt.datetime, dt.datetime]]) -> float:
+    """Seconds in which at least one shard was being embedded: the union of the
+    intervals, so pauses between resumed runs do not count and parallel workers
+    are not counted twice."""
+    total = 0.0
+    current_start = current_end = None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += (current_end - current_start).total_seconds()
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        total += (current_end - current_start).total_seconds()
+    return total
 
 
-def run_summary(corpus: str, output: str, total_shards: int) -> dict[str, Any]:
-    stats = [shard_stats(shard_path(output, i)) for i in range(total_shards)]
-    settings = shard_metadata(shard_path(output, 0))
-    total = Counter()
-    reasons = Counter()
+def run_summary(output: str, total_shards: int, parameters: dict[str, Any]) -> dict[str, Any]:
+    metadata = [shard_metadata(shard_path(output, i)) for i in range(total_shards)]
+    stats = [json.loads(m["stats"]) for m in metadata]
+    settings = metadata[0]
+    total, reasons = Counter(), Counter()
     for s in stats:
-        total.update({k: s[k] for k in ("documents", "embedded_documents", "rejected_documents", "chunks", "tokens", "seconds")})
+        total.update({k: s[k] for k in COUNTED})
         reasons.update(s["rejected_by_reason"])
-    started = min(s["started_at"] for s in stats)
-    finished = max(s["finished_at"] for s in stats)
-    wall = max(_seconds_between(started, finished), 1e-9)
+    intervals = [(dt.datetime.fromisoformat(s["started_at"]), dt.datetime.fromisoformat(s["finished_at"])) for s in stats]
+    started, finished = min(i[0] for i in intervals), max(i[1] for i in intervals)
+    wall = max(active_seconds(intervals), 1e-9)
     return {
-        "corpus": corpus,
+        "parameters": parameters,
         "output": output,
         "shards": total_shards,
         "documents": total["documents"],
@@ -44,9 +61,11 @@ def run_summary(corpus: str, output: str, total_shards: int) -> dict[str, Any]:
         "dimension": int(settings["dimension"]),
         "prefix": settings["prefix"],
         "max_tokens": int(settings["max_tokens"]),
-        "precision": settings["precision"],
-        "started_at": started,
-        "finished_at": finished,
+        "precision": sorted({m["precision"] for m in metadata}),
+        "devices": sorted({s["device"] for s in stats}),
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "elapsed_seconds": round((finished - started).total_seconds(), 3),
         "wall_seconds": round(wall, 3),
         "compute_seconds": round(total["seconds"], 3),
         "documents_per_second": round(total["documents"] / wall, 3),

@@ -28,7 +28,18 @@ install_one_line_errors()
 SHARED_SETTINGS = ("model_id", "dimension", "prefix", "max_tokens", "chunk_max_tokens", "chunk_overlap_tokens")
 
 
-class OutputParameter(luigi.Parameter):
+class LocationParameter(luigi.Parameter):
+    """A corpus or output location, refused when it is parsed if nothing can serve it,
+    so a bad ``--output`` is one clear line before any work starts."""
+
+    def normalize(self, value):
+        value = super().normalize(value)
+        if value:
+            local_path(value)
+        return value
+
+
+class OutputParameter(LocationParameter):
     """``--output``, the output folder.
 
     Luigi calls ``task.output()`` for a task's target, so a parameter named ``output``
@@ -46,7 +57,7 @@ class OutputParameter(luigi.Parameter):
 class RunParameters:
     """The parameters every task of a run shares (``--corpus``, ``--output``, …)."""
 
-    corpus = luigi.Parameter(default=config.setting("corpus"), description="corpus folder; empty: the sample")
+    corpus = LocationParameter(default=config.setting("corpus"), description="corpus folder; empty: the sample")
     output = OutputParameter(default=config.setting("output"), description="output folder")
     pattern = luigi.Parameter(default=config.setting("pattern"), description="which files are documents")
     docs_per_shard = luigi.IntParameter(default=int(config.setting("docs_per_shard")))
@@ -129,6 +140,25 @@ class EmbedAll(RunParameters, luigi.Task):
     def output_target(self):
         return target(f"{self.output_location}/_SUCCESS.json")
 
+    def defining_parameters(self) -> dict:
+        """The parameters that decide what the output holds (not how fast it is made)."""
+        return {
+            "corpus": self.corpus_location(),
+            "pattern": self.pattern,
+            "docs_per_shard": self.docs_per_shard,
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+        }
+
+    def complete(self):
+        """Done when ``_SUCCESS.json`` exists and records these parameters. A rerun with
+        other settings is not 'done': it runs, and the settings check explains why it
+        cannot go on, instead of exiting 0 having done nothing."""
+        summary = Path(self.output().path)
+        if not summary.exists():
+            return False
+        return json.loads(summary.read_text(encoding="utf-8")).get("parameters") == self.defining_parameters()
+
     def run(self):
         total = self._check_output_matches_settings()
         shards = [self.clone(EmbedShard, shard=i) for i in range(total)]
@@ -136,7 +166,7 @@ class EmbedAll(RunParameters, luigi.Task):
         self.set_status_message(f"{done}/{total} shards done")
         self.set_progress_percentage(int(100 * done / total))
         yield shards
-        summary = run_summary(self.corpus_location(), self.output_location, total)
+        summary = run_summary(self.output_location, total, self.defining_parameters())
         with atomic_output(self.output().path) as tmp:
             tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         self.set_status_message(

@@ -54,6 +54,7 @@ def test_utf16_with_bom_is_text_not_binary():
         (b" \n\t\n", "empty"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
         (bytes(range(1, 32)) * 50, "binary"),
+        (b"\xff\xfeA", "undecodable"),
     ],
 )
 def test_empty_and_binary_files_are_rejected_with_a_reason(data, reason):

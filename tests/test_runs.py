@@ -106,25 +106,29 @@ def test_sigkill_in_the_middle_of_a_shard_then_rerun_resumes_and_matches(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "case, expected",
+    "case, expected, exit_code",
     [
-        ("missing", "corpus path {corpus} does not exist"),
-        ("empty", "corpus {corpus} has no files matching '*.md'"),
-        ("unwritable", "cannot write to output {output}"),
+        ("missing", "corpus path {corpus} does not exist", 30),
+        ("empty", "corpus {corpus} has no files matching '*.md'", 30),
+        ("unwritable", "cannot write to output {output}: Not a directory", 30),
+        ("bucket", "{output}: bucket paths are not supported yet; use a local folder", 40),
     ],
 )
-def test_bad_corpus_or_output_gives_one_clear_line_and_nonzero_exit(tmp_path, case, expected):
+def test_bad_corpus_or_output_gives_one_clear_line_and_nonzero_exit(tmp_path, case, expected, exit_code):
     corpus, output = tmp_path / "corpus", tmp_path / "out"
     if case == "empty":
         corpus.mkdir()
-    if case == "unwritable":
+    if case in ("unwritable", "bucket"):
         write_corpus(corpus, documents=1)
+    if case == "unwritable":
         (tmp_path / "a-file").write_text("not a folder")
         output = tmp_path / "a-file" / "out"
+    if case == "bucket":
+        output = "gs://some-bucket/out"
     result = run_luigi(*embed_args(corpus, output), "--local-scheduler")
-    assert result.returncode == 30  # luigi.cfg [retcode] task_failed
-    line = "ERROR: " + expected.format(corpus=corpus, output=output)
-    assert line in result.stderr
+    assert result.returncode == exit_code  # luigi.cfg [retcode]: task_failed 30, unhandled_exception 40
+    lines = [line.strip() for line in result.stderr.splitlines()]
+    assert "ERROR: " + expected.format(corpus=corpus, output=output) in lines
     assert "Traceback" not in result.stderr
 
 

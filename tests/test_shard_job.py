@@ -20,6 +20,7 @@ def add_bad_documents(corpus):
     (bad / "binary.md").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20)
     (bad / "latin1.md").write_bytes("---\ntitle: Misère\n---\n\nLa misère de la philosophie, réponse.\n".encode("latin-1"))
     (bad / "broken-front-matter.md").write_text("---\ntitle: [oops\n---\n\nThe body survives.\n")
+    (bad / "list-author.md").write_text("---\nauthor: [K. Marx, F. Engels]\ndate: 1848-02-21\n---\n\nA spectre.\n")
     (bad / "only-front-matter.md").write_text("---\ntitle: nothing else\n---\n\n")
 
 
@@ -40,13 +41,15 @@ def test_bad_documents_are_rejected_with_reasons_and_the_rest_embedded(tmp_path,
         "bad/binary.md": "binary",
         "bad/only-front-matter.md": "no_text",
     }
-    assert stats["documents"] == 17 and stats["rejected_documents"] == 3 and stats["embedded_documents"] == 14
+    assert stats["documents"] == 18 and stats["rejected_documents"] == 3 and stats["embedded_documents"] == 15
     assert stats["front_matter_errors"] == 1
     table = pq.read_table(shard_path(str(output), 0))
     by_path = {}
     for row in table.to_pylist():
         by_path.setdefault(row["metadata"]["path"], []).append(row)
-    assert len(by_path) == 14
+    assert len(by_path) == 15
+    listed = by_path["bad/list-author.md"][0]["metadata"]
+    assert json.loads(listed["author"]) == ["K. Marx", "F. Engels"] and listed["date"] == "1848-02-21"
     latin = by_path["bad/latin1.md"][0]
     assert latin["text"] == "La misère de la philosophie, réponse."
     assert latin["metadata"]["title"] == "Misère" and latin["metadata"]["encoding"] in ("cp1252", "latin-1")
@@ -114,7 +117,7 @@ def test_a_shard_whose_documents_are_all_bad_is_still_published_empty(tmp_path, 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     add_bad_documents(corpus)
-    for good in ("latin1.md", "broken-front-matter.md"):
+    for good in ("latin1.md", "broken-front-matter.md", "list-author.md"):
         (corpus / "bad" / good).unlink()
     output, stats = run(tmp_path, corpus, embedder)
     assert pq.read_table(shard_path(str(output), 0)).num_rows == 0

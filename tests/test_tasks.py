@@ -69,6 +69,15 @@ def test_an_output_made_with_other_settings_is_refused(tmp_path, small_corpus):
     assert embed_all(small_corpus, output)._check_output_matches_settings() == 3
 
 
+def test_a_finished_output_rerun_with_other_settings_fails_instead_of_doing_nothing(tmp_path, small_corpus):
+    output = tmp_path / "out"
+    assert build(embed_all(small_corpus, output))
+    assert embed_all(small_corpus, output).complete()
+    assert not embed_all(small_corpus, output, docs_per_shard=5).complete()
+    assert not build(embed_all(small_corpus, output, docs_per_shard=5))
+    assert build(embed_all(small_corpus, output))  # the original settings are still done
+
+
 def test_no_corpus_means_the_generated_sample(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     manifest = CorpusManifest(corpus="", output=str(tmp_path / "out"))

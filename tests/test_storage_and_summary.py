@@ -1,0 +1,45 @@
+"""Atomic publish, stale temp files, and the summary's time accounting."""
+
+import datetime as dt
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.storage import atomic_output, remove_stale_temps, temp_name_for
+from pipeline.summary import active_seconds
+
+
+def test_atomic_output_publishes_whole_files_and_leaves_nothing_on_error(tmp_path):
+    dest = tmp_path / "shards" / "shard-000000.parquet"
+    with atomic_output(str(dest)) as tmp:
+        tmp.write_bytes(b"complete")
+    assert dest.read_bytes() == b"complete"
+    with pytest.raises(RuntimeError):
+        with atomic_output(str(dest)) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert dest.read_bytes() == b"complete"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["shard-000000.parquet"]
+
+
+def test_only_temps_of_dead_writers_are_removed(tmp_path):
+    dest = tmp_path / "shard-000001.parquet"
+    live = temp_name_for(dest)  # this process: alive
+    live.write_bytes(b"in progress")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    dead = live.with_name(live.name.replace(f".{os.getpid()}@", f".{dead_pid}@"))
+    dead.write_bytes(b"abandoned")
+    other = tmp_path / ".shard-000002.parquet.1@elsewhere.0123abcd.tmp"  # another shard
+    other.write_bytes(b"not ours")
+    assert remove_stale_temps(dest) == 1
+    assert live.exists() and not dead.exists() and other.exists()
+
+
+def test_active_seconds_skip_pauses_and_do_not_double_count_parallel_shards():
+    t = lambda s: dt.datetime(2026, 1, 1) + dt.timedelta(seconds=s)  # noqa: E731
+    assert active_seconds([(t(0), t(10)), (t(5), t(12)), (t(100), t(110))]) == 22
+    assert active_seconds([(t(0), t(10))]) == 10
+    assert active_seconds([]) == 0
