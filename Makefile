@@ -45,8 +45,13 @@ luigid: $(STAMP)
 		--pidfile $(LUIGI_STATE)/luigid.pid --logdir $(LUIGI_STATE)/log --state-path $(LUIGI_STATE)/state.pickle
 	@echo "luigid on http://$(SCHEDULER_HOST):$(SCHEDULER_PORT) (pid $$(cat $(LUIGI_STATE)/luigid.pid))"
 
+# Waits until luigid has saved its state and exited.
 luigid-stop:
-	@if [ -f $(LUIGI_STATE)/luigid.pid ]; then kill $$(cat $(LUIGI_STATE)/luigid.pid) && rm -f $(LUIGI_STATE)/luigid.pid; fi
+	@if [ -f $(LUIGI_STATE)/luigid.pid ]; then \
+		pid=$$(cat $(LUIGI_STATE)/luigid.pid); kill $$pid 2>/dev/null; \
+		while kill -0 $$pid 2>/dev/null; do sleep 0.2; done; \
+		rm -f $(LUIGI_STATE)/luigid.pid; echo "luigid (pid $$pid) stopped"; \
+	fi
 
 clean:
 	rm -rf output var .pytest_cache

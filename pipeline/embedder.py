@@ -52,9 +52,13 @@ class Embedder:
             )
         except OSError as exc:
             raise PipelineError(f"cannot load model {model_profile.model_id} from {path}: {exc}") from exc
+        # Set precision explicitly: transformers loads a checkpoint in its stored dtype,
+        # so fp16 weights would otherwise run in fp16 while the shards say float32.
         self.fp16 = self.device.startswith("cuda") and model_profile.fp16_on_cuda
         if self.fp16:
             self.model.half()
+        else:
+            self.model.float()
         dimension = self.model.get_embedding_dimension()
         if dimension != model_profile.dimension:
             raise PipelineError(

@@ -123,3 +123,26 @@ def test_a_shard_whose_documents_are_all_bad_is_still_published_empty(tmp_path, 
     assert pq.read_table(shard_path(str(output), 0)).num_rows == 0
     assert stats["rejected_documents"] == stats["documents"] == 3 and stats["chunks"] == 0
     assert len(open(rejects_path(str(output), 0)).readlines()) == 3
+
+
+def test_precision_recorded_is_the_precision_the_model_runs_in(tmp_path, embedder):
+    """A checkpoint stored in fp16 must still run (and be recorded) as float32 on CPU:
+    transformers loads weights in their stored dtype unless told otherwise."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.config import PROFILES
+    from pipeline.embedder import Embedder
+
+    source = embedder.model.tokenizer.name_or_path
+    folder = tmp_path / "fp16-model"
+    shutil.copytree(source, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v.half().contiguous() for k, v in weights.items()}, folder / "model.safetensors")
+    loaded = Embedder(PROFILES["minilm"], str(folder), "cpu", 0, 16384)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert loaded.settings()["precision"] == "float32"
+    texts = ["A spectre is haunting Europe.", "Workers of the world, unite!"]
+    assert np.allclose(loaded.embed(texts, [8, 8]), embedder.embed(texts, [8, 8]), atol=1e-3)
