@@ -32,10 +32,29 @@ DEFAULTS = {
 }
 
 
+# Luigi exits 0 after a failed task unless [retcode] is configured. luigi.cfg sets it,
+# but a run started outside the repository may not find luigi.cfg, so the package
+# supplies the same values wherever the config has none.
+RETCODES = {
+    "already_running": "10",
+    "missing_data": "20",
+    "not_run": "25",
+    "task_failed": "30",
+    "scheduling_error": "35",
+    "unhandled_exception": "40",
+}
+
+
 def apply_environment() -> None:
-    """Copy ``.env`` and ``PIPELINE_*`` variables into Luigi's ``[pipeline]`` section."""
+    """Copy ``.env`` and ``PIPELINE_*`` variables into Luigi's ``[pipeline]`` section,
+    and make failures exit non-zero even without luigi.cfg."""
     load_dotenv(find_dotenv(usecwd=True), override=False)
     config = luigi.configuration.get_config()
+    if not config.has_section("retcode"):
+        config.add_section("retcode")
+    for name, code in RETCODES.items():
+        if not config.has_option("retcode", name):
+            config.set("retcode", name, code)
     if not config.has_section(SECTION):
         config.add_section(SECTION)
     for name in DEFAULTS:

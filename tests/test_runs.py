@@ -29,6 +29,12 @@ def shard_files(output):
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (output / "shards").glob("shard-*.parquet")}
 
 
+def test_a_failed_run_exits_nonzero_even_outside_the_repository(tmp_path):
+    result = run_luigi(*embed_args(tmp_path / "missing", tmp_path / "out"), "--local-scheduler", cwd=tmp_path, PYTHONPATH=str(ROOT))
+    assert result.returncode == 30, result.stderr[-2000:]
+    assert f"ERROR: corpus path {tmp_path / 'missing'} does not exist" in result.stderr
+
+
 def test_embed_all_then_a_rerun_recomputes_nothing(tmp_path, small_corpus):
     output = tmp_path / "out"
     first = run_luigi(*embed_args(small_corpus, output), "--local-scheduler")
