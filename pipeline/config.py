@@ -29,6 +29,9 @@ DEFAULTS = {
     "max_tokens": "0",  # 0: the profile's default
     "batch_tokens": "16384",
     "device": "auto",
+    # Storage calls: attempts per call, and the most seconds to wait between two.
+    "storage_retries": "8",
+    "storage_retry_max_wait": "30",
 }
 
 

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import codecs
 import datetime as dt
 import hashlib
+import itertools
 import json
-import os
 import re
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from . import storage
 from .errors import PipelineError
-from .storage import atomic_output, local_path
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -59,80 +62,92 @@ def doc_id_for(relative_path: str) -> str:
     return hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:20]
 
 
-def list_documents(corpus: str, pattern: str) -> list[str]:
-    """Relative POSIX paths of matching files, sorted; hidden files and folders skipped."""
-    root = local_path(corpus)
-    if not root.exists():
-        raise PipelineError(f"corpus path {corpus} does not exist")
-    if not root.is_dir():
-        raise PipelineError(f"corpus path {corpus} is not a folder")
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if name.startswith("."):
-                continue
-            relative = PurePosixPath(Path(folder, name).relative_to(root).as_posix())
-            if relative.match(pattern):
-                found.append(str(relative))
+def list_documents(corpus: str, pattern: str) -> Iterator[storage.Listed]:
+    """Matching files in sorted order, streamed; hidden files and folders skipped."""
+    storage.check_corpus(corpus)
+    found = False
+    for listed in storage.list_files(corpus, pattern):
+        found = True
+        yield listed
     if not found:
         raise PipelineError(f"corpus {corpus} has no files matching {pattern!r}")
-    found.sort()
-    return found
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
 
 
 def write_manifest(corpus: str, pattern: str, docs_per_shard: int, dest: str) -> int:
     """List the corpus once and publish the manifest; returns the document count.
 
-    Rows are written in batches so memory holds the sorted path list, not the rows.
+    The listing is streamed into the Parquet file in batches, so memory stays flat
+    however large the corpus. If another worker published a manifest first, theirs
+    is kept: the manifest never changes once written.
     """
     if docs_per_shard < 1:
         raise PipelineError(f"docs_per_shard must be at least 1, not {docs_per_shard}")
-    paths = list_documents(corpus, pattern)
-    root = local_path(corpus)
-    metadata = {
-        "corpus": corpus,
-        "pattern": pattern,
-        "docs_per_shard": str(docs_per_shard),
-        "documents": str(len(paths)),
-        "shards": str(-(-len(paths) // docs_per_shard)),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-    }
-    schema = MANIFEST_SCHEMA.with_metadata({f"pipeline.{k}": v for k, v in metadata.items()})
-    with atomic_output(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for start in range(0, len(paths), _ROWS_PER_WRITE):
-            rows = {name: [] for name in schema.names}
-            for position, relative in enumerate(paths[start : start + _ROWS_PER_WRITE], start):
-                size, digest = _hash_file(root / relative)
-                rows["doc_id"].append(doc_id_for(relative))
-                rows["path"].append(relative)
-                rows["bytes"].append(size)
-                rows["content_hash"].append(digest)
-                rows["shard"].append(position // docs_per_shard)
-            writer.write_table(pa.table(rows, schema=schema))
-    return len(paths)
+    schema = MANIFEST_SCHEMA.with_metadata(
+        {"pipeline.corpus": corpus, "pipeline.pattern": pattern, "pipeline.docs_per_shard": str(docs_per_shard)}
+    )
+    count = 0
+    with storage.atomic_output(dest, overwrite=False) as staged, pq.ParquetWriter(staged.path, schema) as writer:
+        listing = list_documents(corpus, pattern)
+        while True:
+            batch = list(itertools.islice(listing, _ROWS_PER_WRITE))
+            if not batch:
+                break
+            writer.write_table(
+                pa.table(
+                    {
+                        "doc_id": [doc_id_for(d.relative) for d in batch],
+                        "path": [d.relative for d in batch],
+                        "bytes": [d.size for d in batch],
+                        "content_hash": [d.content_hash for d in batch],
+                        "shard": [(count + i) // docs_per_shard for i in range(len(batch))],
+                    },
+                    schema=schema,
+                )
+            )
+            count += len(batch)
+        writer.add_key_value_metadata(
+            {
+                "pipeline.documents": str(count),
+                "pipeline.shards": str(-(-count // docs_per_shard)),
+                "pipeline.created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }
+        )
+    return count
+
+
+@lru_cache(maxsize=4)
+def _manifest_file(manifest: str) -> str:
+    """A local copy of the manifest (it never changes once published, so one download
+    per process serves every shard)."""
+    if not storage.is_remote(manifest):
+        return str(storage.local_path(manifest))
+    folder = Path(tempfile.mkdtemp(prefix="manifest-"))
+    copy = folder / "manifest.parquet"
+    copy.write_bytes(storage.read_bytes(manifest))
+    return str(copy)
 
 
 def manifest_info(manifest: str) -> dict[str, str]:
     """The manifest's own record of how it was made (corpus, pattern, shard size, counts)."""
-    raw = pq.read_schema(local_path(manifest)).metadata or {}
+    raw = pq.ParquetFile(_manifest_file(manifest)).metadata.metadata or {}
     return {k.decode()[len("pipeline.") :]: v.decode() for k, v in raw.items() if k.startswith(b"pipeline.")}
 
 
 def manifest_rows(manifest: str, shard: int) -> list[dict[str, Any]]:
     """The manifest rows of one shard, in manifest order."""
-    table = pq.read_table(local_path(manifest), filters=[("shard", "=", shard)])
-    return table.to_pylist()
+    return pq.read_table(_manifest_file(manifest), filters=[("shard", "=", shard)]).to_pylist()
+
+
+def content_matches(data: bytes, content_hash: str) -> bool:
+    """Whether bytes are still what the manifest listed (MD5 as buckets report it;
+    CRC32C for composite GCS objects; multipart S3 ETags cannot be recomputed)."""
+    if content_hash.startswith("crc32c:"):
+        import google_crc32c
+
+        return base64.b64encode(google_crc32c.Checksum(data).digest()).decode() == content_hash[len("crc32c:") :]
+    if content_hash.startswith("etag:"):
+        return True
+    return storage.md5_hex(data) == content_hash
 
 
 def decode(data: bytes) -> tuple[str, str]:
@@ -198,15 +213,15 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], int, Optional[str]]:
 
 def read_document(corpus: str, row: dict[str, Any]) -> Document:
     """Read, check against the manifest, decode and split one document."""
-    path = local_path(corpus) / row["path"]
     try:
-        data = path.read_bytes()
+        data = storage.read_bytes(storage.join(corpus, row["path"]))
     except FileNotFoundError:
         raise Rejected("missing", "the file is gone since the manifest was written") from None
+    except storage.StorageError:
+        raise  # the store is failing, not the document: fail the shard, rerun later
     except OSError as exc:
         raise Rejected("unreadable", str(exc)) from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != row["content_hash"]:
+    if not content_matches(data, row["content_hash"]):
         raise Rejected("changed", "the file changed since the manifest was written")
     text, encoding = decode(data)
     fields, body_start, error = split_front_matter(text)
@@ -215,7 +230,7 @@ def read_document(corpus: str, row: dict[str, Any]) -> Document:
         path=row["path"],
         text=text,
         encoding=encoding,
-        content_hash=digest,
+        content_hash=row["content_hash"],
         front_matter=fields,
         front_matter_error=error,
         body_start=body_start,
@@ -237,5 +252,7 @@ def iter_documents(corpus: str, rows: list[dict[str, Any]]) -> Iterator[tuple[di
             yield row, read_document(corpus, row)
         except Rejected as rejected:
             yield row, rejected
+        except storage.StorageError:
+            raise
         except Exception as exc:
             yield row, Rejected("unreadable", f"{exc.__class__.__name__}: {exc}")

@@ -19,7 +19,7 @@ from .corpus import Document, Rejected, front_matter_json, iter_documents, manif
 from .embedder import Embedder
 from .progress import Progress, Reporter
 from .shards import PROMOTED_FIELDS, ShardWriter, shard_schema
-from .storage import atomic_output, local_path, remove_stale_temps
+from . import storage
 
 log = logging.getLogger("luigi-interface")
 
@@ -95,7 +95,7 @@ def run_shard(
     """Embed one shard and publish it with its rejects; returns the shard's stats."""
     rows = manifest_rows(manifest, shard)
     destination = shard_path(output, shard)
-    stale = remove_stale_temps(local_path(destination))
+    stale = storage.remove_stale_temps(destination)
     if stale:
         log.info("shard %d: removed %d temp file(s) left by an interrupted run", shard, stale)
     started_at, clock = _now(), time.monotonic()
@@ -117,8 +117,8 @@ def run_shard(
 
     schema = shard_schema(embedder.dimension, embedder.settings())
     try:
-        with atomic_output(destination) as tmp:
-            writer = ShardWriter(tmp, schema)
+        with storage.atomic_output(destination, overwrite=False) as staged:
+            writer = ShardWriter(staged.path, schema)
             try:
                 for row, document in iter_documents(corpus, rows):
                     outcome = document if isinstance(document, Rejected) else _chunks_or_rejection(document, embedder)
@@ -155,14 +155,16 @@ def run_shard(
             _publish_rejects(output, shard, rejects)
     finally:
         progress.close()
+    if not staged.published:
+        log.info("shard %d was published by another worker first; kept theirs (same rows)", shard)
     return stats
 
 
 def _publish_rejects(output: str, shard: int, rejects: list[dict[str, Any]]) -> None:
     """Rejects go out before the shard, so a published shard always has its rejects."""
-    path = local_path(rejects_path(output, shard))
+    path = rejects_path(output, shard)
     if not rejects:
-        path.unlink(missing_ok=True)  # a rerun may have fixed what an earlier one rejected
+        storage.delete(path)  # a rerun may have fixed what an earlier one rejected
         return
-    with atomic_output(str(path)) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
+    with storage.atomic_output(path) as staged:
+        staged.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")

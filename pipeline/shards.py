@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import local_path
+from . import storage
 
 PIPELINE_VERSION = "0.1.0"
 META_PREFIX = "pipeline."
@@ -91,7 +91,8 @@ class ShardWriter:
 
 def shard_metadata(path: str) -> dict[str, str]:
     """A shard's file-level metadata (settings and stats) without reading its rows."""
-    raw = pq.ParquetFile(local_path(path)).metadata.metadata or {}
+    with storage.open_for_reading(path) as f:
+        raw = pq.ParquetFile(f).metadata.metadata or {}
     return {k.decode()[len(META_PREFIX) :]: v.decode() for k, v in raw.items() if k.startswith(META_PREFIX.encode())}
 
 

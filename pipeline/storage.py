@@ -1,50 +1,261 @@
-"""Where files live and how they are published: complete temp file, then one rename.
+"""Where files live: local folders, ``gs://`` and ``s3://`` buckets, behind one interface.
 
-Only local paths for now; ``gs://`` and ``s3://`` are refused with a clear message
-until their backends land, so nobody mistakes a local folder named ``gs:`` for a bucket.
+Every write is a publish: a complete local file becomes the destination in one step
+(a rename or hard link locally, one upload with a does-not-exist precondition in a
+bucket), so a crash leaves either nothing or the whole file. Nothing is ever streamed
+into a bucket. Transient errors (429, 5xx, resets, timeouts) are retried with
+exponential backoff and jitter; anything else fails at once as a ``StorageError`` that
+names the path and the cause.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
+import logging
 import os
 import re
 import socket
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator, Optional, TypeVar
 
 import luigi
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from . import config
 from .errors import PipelineError
 
+log = logging.getLogger("luigi-interface")
+T = TypeVar("T")
+
 REMOTE_SCHEMES = ("gs://", "s3://")
+LIST_PAGE_SIZE = 1000
+# A temp file whose writer runs on another machine is taken as abandoned after this
+# long without a write (a live writer appends a row group every few seconds).
+ABANDONED_AFTER_SECONDS = 3600
+_TEMP_WRITER = re.compile(r"\.(?P<pid>\d+)@(?P<host>.+)\.[0-9a-f]{8}\.tmp$")
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class StorageError(PipelineError):
+    """A storage call that failed for good: permanent, or transient past every retry.
+
+    It fails the task (a rerun resumes); it never turns a document into a rejection."""
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One document found by listing: path relative to the corpus root, size, hash."""
+
+    relative: str
+    size: int
+    content_hash: str
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def join(root: str, relative: str) -> str:
+    return f"{root.rstrip('/')}/{relative}" if root else relative
+
+
+def split_bucket(path: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    bucket, _, key = path.split("://", 1)[1].partition("/")
+    if not bucket:
+        raise PipelineError(f"{path}: no bucket name")
+    return bucket, key.strip("/")
 
 
 def local_path(path: str) -> Path:
-    """The local path for a corpus or output location, or a clear refusal."""
-    if path.startswith(REMOTE_SCHEMES):
-        raise PipelineError(f"{path}: bucket paths are not supported yet; use a local folder")
+    if is_remote(path):
+        raise PipelineError(f"{path}: expected a local path here")
     return Path(path).expanduser()
 
 
-def target(path: str) -> luigi.LocalTarget:
-    """The Luigi target whose existence means 'done'."""
-    return luigi.LocalTarget(str(local_path(path)))
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def ensure_writable_dir(path: str) -> Path:
-    """Create an output folder or fail with one line saying why it cannot be written."""
-    folder = local_path(path)
+def _is_document(relative: str, pattern: str) -> bool:
+    parts = PurePosixPath(relative).parts
+    return bool(parts) and not any(p.startswith(".") for p in parts) and PurePosixPath(relative).match(pattern)
+
+
+# ---------------------------------------------------------------------------------------
+# Retries and error classification
+
+
+def _status_of(exc: BaseException) -> Optional[int]:
+    code = getattr(exc, "code", None)  # google.api_core exceptions
+    if isinstance(code, int):
+        return code
+    response = getattr(exc, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: rate limits, server errors, dropped connections, timeouts."""
+    status = _status_of(exc)
+    if status is not None:
+        return status in _TRANSIENT_STATUS
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    transient_names = {
+        "ConnectionError",  # requests
+        "Timeout",
+        "ChunkedEncodingError",
+        "ProtocolError",  # urllib3
+        "IncompleteRead",
+        "EndpointConnectionError",  # botocore
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "ResponseStreamingError",
+        "DataChecksumError",  # google-resumable-media: a truncated download
+        "InvalidResponse",
+    }
+    return bool(names & transient_names)
+
+
+def describe(exc: BaseException) -> str:
+    status = _status_of(exc)
+    message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    if len(message) > 300:
+        message = message[:300] + "…"
+    return f"HTTP {status}: {message}" if status else f"{exc.__class__.__name__}: {message}"
+
+
+def retrying(action: str, path: str, call: Callable[[], T]) -> T:
+    """Run ``call``, retrying transient errors with jittered exponential backoff."""
+    attempts = int(config.setting("storage_retries"))
+    max_wait = float(config.setting("storage_retry_max_wait"))
+
+    def before_sleep(state) -> None:
+        log.warning(
+            "%s %s: %s; retry %d of %d in %.1fs",
+            action,
+            path,
+            describe(state.outcome.exception()),
+            state.attempt_number,
+            attempts - 1,
+            state.next_action.sleep,
+        )
+
+    retryer = Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_random_exponential(multiplier=max_wait / 32, max=max_wait),
+        stop=stop_after_attempt(attempts),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PipelineError(f"cannot write to output {path}: {exc.strerror or exc}") from exc
-    return folder
+        return retryer(call)
+    except (FileNotFoundError, FileExistsError, PipelineError):
+        raise
+    except Exception as exc:
+        gave_up = f" (gave up after {attempts} attempts)" if is_transient(exc) else ""
+        raise StorageError(f"{action} {path}: {describe(exc)}{gave_up}") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Backends
+
+
+class LocalBackend:
+    def exists(self, path: str) -> bool:
+        return local_path(path).exists()
+
+    def size(self, path: str) -> int:
+        return local_path(path).stat().st_size
+
+    def read_bytes(self, path: str) -> bytes:
+        return local_path(path).read_bytes()
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        with open(local_path(path), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def list(self, root: str, pattern: str) -> Iterator[Listed]:
+        """Files in full-path sorted order (the order a bucket lists in), streamed:
+        only one folder's entries are held at a time."""
+        base = local_path(root)
+        if not base.is_dir():
+            return
+
+        def walk(folder: Path, prefix: str) -> Iterator[Listed]:
+            entries = []
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    is_dir = entry.is_dir()
+                    entries.append((entry.name + ("/" if is_dir else ""), entry.name, is_dir))
+            for _, name, is_dir in sorted(entries):
+                relative = prefix + name
+                if is_dir:
+                    yield from walk(folder / name, relative + "/")
+                elif _is_document(relative, pattern):
+                    data_hash, size = _hash_file(folder / name)
+                    yield Listed(relative, size, data_hash)
+
+        yield from walk(base, "")
+
+    def publish(self, local: Path, dest: str, overwrite: bool) -> bool:
+        final = local_path(dest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            os.replace(local, final)
+        else:
+            try:
+                os.link(local, final)  # fails if ``final`` exists: exactly-once
+            except FileExistsError:
+                return False
+            local.unlink()
+        _fsync(final.parent)
+        return True
+
+    def delete(self, path: str) -> None:
+        local_path(path).unlink(missing_ok=True)
+
+    def check_writable(self, root: str) -> None:
+        folder = local_path(root)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise PipelineError(f"cannot write to output {root}: {exc.strerror or exc}") from exc
+
+    def check_readable(self, root: str) -> None:
+        folder = local_path(root)
+        if not folder.exists():
+            raise PipelineError(f"corpus path {root} does not exist")
+        if not folder.is_dir():
+            raise PipelineError(f"corpus path {root} is not a folder")
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
 
 
 def _fsync(path: Path) -> None:
@@ -55,17 +266,371 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-# A temp file whose writer runs on another machine is taken as abandoned after this
-# long without a write (a live writer appends a row group every few seconds).
-ABANDONED_AFTER_SECONDS = 3600
-_TEMP_WRITER = re.compile(r"\.(?P<pid>\d+)@(?P<host>.+)\.[0-9a-f]{8}\.tmp$")
+class GCSBackend:
+    """google-cloud-storage with its own retries off: ``retrying`` owns them."""
+
+    def __init__(self):
+        from google.cloud import storage
+
+        self.client = storage.Client(credentials=_gcs_credentials(), project=os.environ.get("GOOGLE_CLOUD_PROJECT") or "local")
+
+    def _blob(self, path: str):
+        bucket, key = split_bucket(path)
+        return self.client.bucket(bucket).blob(key)
+
+    def exists(self, path: str) -> bool:
+        return retrying("checking", path, lambda: self._blob(path).exists(retry=None))
+
+    def size(self, path: str) -> int:
+        bucket, key = split_bucket(path)
+
+        def fetch():
+            blob = self.client.bucket(bucket).get_blob(key, retry=None)
+            if blob is None:
+                raise FileNotFoundError(path)
+            return blob.size
+
+        return retrying("reading", path, fetch)
+
+    def read_bytes(self, path: str) -> bytes:
+        from google.api_core.exceptions import NotFound
+
+        def fetch():
+            try:
+                return self._blob(path).download_as_bytes(retry=None, checksum="md5")
+            except NotFound:
+                raise FileNotFoundError(path) from None
+
+        return retrying("reading", path, fetch)
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        return retrying("reading", path, lambda: self._blob(path).download_as_bytes(start=start, end=end - 1, retry=None, checksum=None))
+
+    def list(self, root: str, pattern: str) -> Iterator[Listed]:
+        """Page by page, resuming from the last page token after a transient error."""
+        bucket, prefix = split_bucket(root)
+        prefix = f"{prefix}/" if prefix else ""
+        token = None
+        while True:
+
+            def page(token=token):
+                iterator = self.client.list_blobs(bucket, prefix=prefix, page_token=token, max_results=None, page_size=LIST_PAGE_SIZE, retry=None)
+                blobs = list(next(iterator.pages, []))
+                return blobs, iterator.next_page_token
+
+            blobs, token = retrying("listing", root, page)
+            for blob in blobs:
+                relative = blob.name[len(prefix) :]
+                if not blob.name.endswith("/") and _is_document(relative, pattern):
+                    yield Listed(relative, blob.size, _gcs_hash(blob))
+            if not token:
+                return
+
+    def publish(self, local: Path, dest: str, overwrite: bool) -> bool:
+        from google.api_core.exceptions import PreconditionFailed
+
+        def upload():
+            try:
+                self._blob(dest).upload_from_filename(str(local), if_generation_match=None if overwrite else 0, retry=None, checksum="md5")
+            except PreconditionFailed:
+                return False
+            return True
+
+        return retrying("uploading", dest, upload)
+
+    def delete(self, path: str) -> None:
+        from google.api_core.exceptions import NotFound
+
+        def remove():
+            try:
+                self._blob(path).delete(retry=None)
+            except NotFound:
+                pass
+
+        retrying("deleting", path, remove)
+
+    def check_writable(self, root: str) -> None:
+        _probe_write(self, root)
+
+    def check_readable(self, root: str) -> None:
+        bucket, _ = split_bucket(root)
+        from google.api_core.exceptions import NotFound
+
+        def probe():
+            try:
+                self.client.get_bucket(bucket, retry=None)
+            except NotFound:
+                raise PipelineError(f"corpus {root}: bucket {bucket} does not exist") from None
+
+        retrying("reading", root, probe)
 
 
-def temp_name_for(dest: Path) -> Path:
-    """A hidden, unique sibling of ``dest``: same filesystem (so rename is atomic),
-    ignored by readers that skip dot-files (pyarrow.dataset does), and naming its
-    writer (pid@host) so a later run can tell an abandoned temp from a live one."""
-    return dest.with_name(f".{dest.name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.tmp")
+def _gcs_hash(blob) -> str:
+    if blob.md5_hash:
+        return base64.b64decode(blob.md5_hash).hex()
+    return f"crc32c:{blob.crc32c}"  # composite objects have no MD5
+
+
+def _gcs_credentials():
+    """Anonymous for a local emulator; else Application Default Credentials (which
+    include GOOGLE_APPLICATION_CREDENTIALS), or one clear line saying how to set them."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return AnonymousCredentials()
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
+    except DefaultCredentialsError:
+        raise PipelineError(
+            "no Google Cloud credentials for gs:// paths: set GOOGLE_APPLICATION_CREDENTIALS to a "
+            "service-account key file, or run `gcloud auth application-default login`"
+        ) from None
+    return credentials
+
+
+class S3Backend:
+    """boto3 with its own retries off (``retrying`` owns them); AWS_ENDPOINT_URL points
+    it at any S3-compatible server."""
+
+    def __init__(self):
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session()
+        if session.get_credentials() is None:
+            raise PipelineError(
+                "no AWS credentials for s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE (and AWS_ENDPOINT_URL for an S3-compatible server)"
+            )
+        self.client = session.client("s3", config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+
+    def _code(self, exc) -> str:
+        return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+
+    def exists(self, path: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_bucket(path)
+
+        def head():
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as exc:
+                if _status_of(exc) == 404 and self._code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return retrying("checking", path, head)
+
+    def size(self, path: str) -> int:
+        bucket, key = split_bucket(path)
+        return retrying("reading", path, lambda: self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+
+    def _get(self, path: str, **kwargs) -> bytes:
+        bucket, key = split_bucket(path)
+
+        def fetch():
+            try:
+                return self.client.get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                raise FileNotFoundError(path) from None
+
+        return retrying("reading", path, fetch)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._get(path)
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        return self._get(path, Range=f"bytes={start}-{end - 1}")
+
+    def list(self, root: str, pattern: str) -> Iterator[Listed]:
+        bucket, prefix = split_bucket(root)
+        prefix = f"{prefix}/" if prefix else ""
+        token = None
+        while True:
+            kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = retrying("listing", root, lambda kwargs=kwargs: self.client.list_objects_v2(**kwargs))
+            for item in page.get("Contents", []):
+                relative = item["Key"][len(prefix) :]
+                if not item["Key"].endswith("/") and _is_document(relative, pattern):
+                    etag = item["ETag"].strip('"')
+                    yield Listed(relative, item["Size"], f"etag:{etag}" if "-" in etag else etag)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def publish(self, local: Path, dest: str, overwrite: bool) -> bool:
+        """One PUT of the complete file; ``If-None-Match: *`` makes it exactly-once."""
+        bucket, key = split_bucket(dest)
+        extra = {} if overwrite else {"IfNoneMatch": "*"}
+
+        def put():
+            with open(local, "rb") as body:
+                try:
+                    self.client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+                except Exception as exc:
+                    if _status_of(exc) == 412:
+                        return False
+                    raise
+            return True
+
+        return retrying("uploading", dest, put)
+
+    def delete(self, path: str) -> None:
+        bucket, key = split_bucket(path)
+        retrying("deleting", path, lambda: self.client.delete_object(Bucket=bucket, Key=key))
+
+    def check_writable(self, root: str) -> None:
+        _probe_write(self, root)
+
+    def check_readable(self, root: str) -> None:
+        bucket, _ = split_bucket(root)
+        retrying("reading", root, lambda: self.client.head_bucket(Bucket=bucket))
+
+
+def _probe_write(backend, root: str) -> None:
+    """Write and delete a tiny object, so a missing bucket or a missing permission is
+    one clear error before any work starts, not after the first shard."""
+    probe = join(root, f".write-test-{uuid.uuid4().hex}")
+    with tempfile.NamedTemporaryFile() as empty:
+        try:
+            backend.publish(Path(empty.name), probe, overwrite=True)
+        except StorageError as exc:
+            raise PipelineError(f"cannot write to output {root}: {exc.__cause__ and describe(exc.__cause__) or exc}") from exc
+    backend.delete(probe)
+
+
+@lru_cache(maxsize=None)
+def _backend(scheme: str):
+    return {"gs": GCSBackend, "s3": S3Backend, "file": LocalBackend}[scheme]()
+
+
+def backend_for(path: str):
+    """The backend serving ``path`` (one client per process and scheme)."""
+    if path.startswith("gs://"):
+        return _backend("gs")
+    if path.startswith("s3://"):
+        return _backend("s3")
+    if "://" in path:
+        raise PipelineError(f"{path}: unsupported location; use a local folder, gs://bucket/prefix or s3://bucket/prefix")
+    return _backend("file")
+
+
+# ---------------------------------------------------------------------------------------
+# The operations the pipeline uses
+
+
+class StoredTarget(luigi.Target):
+    """A Luigi target in any backend: ``exists()`` is one cheap call (a stat or a HEAD)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def exists(self) -> bool:
+        return backend_for(self.path).exists(self.path)
+
+
+def target(path: str) -> StoredTarget:
+    return StoredTarget(path)
+
+
+def exists(path: str) -> bool:
+    return backend_for(path).exists(path)
+
+
+def read_bytes(path: str) -> bytes:
+    return backend_for(path).read_bytes(path)
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def delete(path: str) -> None:
+    backend_for(path).delete(path)
+
+
+def list_files(root: str, pattern: str) -> Iterator[Listed]:
+    return backend_for(root).list(root, pattern)
+
+
+def check_corpus(root: str) -> None:
+    backend_for(root).check_readable(root)
+
+
+def ensure_writable_dir(root: str) -> None:
+    """Fail with one line saying why the output cannot be written, before any work."""
+    backend_for(root).check_writable(root)
+
+
+class RangeReader(io.RawIOBase):
+    """A seekable read-only file over ranged reads, so pyarrow can read a Parquet
+    footer from a bucket without downloading the whole shard."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.backend = backend_for(path)
+        self.length = self.backend.size(path)
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        end = min(self.position + len(buffer), self.length)
+        if end <= self.position:
+            return 0
+        data = self.backend.read_range(self.path, self.position, end)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def open_for_reading(path: str):
+    """A seekable binary file for ``path``: the file itself, or ranged reads of an object."""
+    if is_remote(path):
+        return io.BufferedReader(RangeReader(path), buffer_size=1 << 16)
+    return open(local_path(path), "rb")
+
+
+# ---------------------------------------------------------------------------------------
+# Staging and publishing
+
+
+def staging_folder(dest: str) -> Path:
+    """Where a file for ``dest`` is written before it is published: beside it for a
+    local destination (same filesystem, so the rename is atomic), else a local temp dir."""
+    if is_remote(dest):
+        folder = Path(tempfile.gettempdir()) / "embedding-pipeline-staging"
+    else:
+        folder = local_path(dest).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def temp_name_for(dest: str) -> Path:
+    """A hidden, unique staging file for ``dest``, ignored by readers that skip
+    dot-files (pyarrow.dataset does) and naming its writer (pid@host) so a later run
+    can tell an abandoned temp from a live one."""
+    name = PurePosixPath(dest).name
+    return staging_folder(dest) / f".{name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,34 +653,39 @@ def _writer_is_gone(temp: Path) -> bool:
         return False
 
 
-def remove_stale_temps(dest: Path) -> int:
-    """Delete temp files that killed writers of ``dest`` left behind; returns how many.
+def remove_stale_temps(dest: str) -> int:
+    """Delete staging files that killed writers of ``dest`` left behind; returns how many.
 
-    A temp file of a writer that is still alive (another worker given the same shard)
-    is left alone: deleting it would fail that worker for nothing.
+    A staging file of a writer that is still alive (another worker given the same
+    shard) is left alone: deleting it would fail that worker for nothing.
     """
     removed = 0
-    for temp in dest.parent.glob(f".{dest.name}.*.tmp"):
+    for temp in staging_folder(dest).glob(f".{PurePosixPath(dest).name}.*.tmp"):
         if _writer_is_gone(temp):
             temp.unlink(missing_ok=True)
             removed += 1
     return removed
 
 
-@contextmanager
-def atomic_output(dest: str) -> Iterator[Path]:
-    """Yield a temp path to write completely; on success it becomes ``dest`` in one rename.
+class Staged:
+    """A staging file being written; ``published`` says whether it became the destination
+    (False: another writer had already published it, and theirs was kept)."""
 
-    A crash at any point leaves either the old state or the whole new file, never a
-    partial ``dest``. On error the temp file is removed.
-    """
-    final = local_path(dest)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name_for(final)
+    def __init__(self, dest: str):
+        self.dest = dest
+        self.path = temp_name_for(dest)
+        self.published = False
+
+
+@contextmanager
+def atomic_output(dest: str, overwrite: bool = True) -> Iterator[Staged]:
+    """Yield a staging file to write completely; on success it is published to ``dest``
+    in one step. With ``overwrite=False`` an existing ``dest`` is kept (exactly-once).
+    On error nothing is published and the staging file is removed."""
+    staged = Staged(dest)
     try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, final)
-        _fsync(final.parent)
+        yield staged
+        _fsync(staged.path)
+        staged.published = backend_for(dest).publish(staged.path, dest, overwrite)
     finally:
-        tmp.unlink(missing_ok=True)
+        staged.path.unlink(missing_ok=True)

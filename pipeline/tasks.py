@@ -7,7 +7,6 @@ a shard that exists is done, so rerunning the same command resumes.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import luigi
 
@@ -18,7 +17,8 @@ from .errors import PipelineError, install_one_line_errors
 from .sample import ensure_sample_corpus
 from .shard_job import run_shard, shard_path
 from .shards import shard_metadata, settings_mismatch
-from .storage import atomic_output, ensure_writable_dir, local_path, target
+from . import storage
+from .storage import target
 from .summary import run_summary
 
 config.apply_environment()
@@ -35,7 +35,7 @@ class LocationParameter(luigi.Parameter):
     def normalize(self, value):
         value = super().normalize(value)
         if value:
-            local_path(value)
+            storage.backend_for(value)  # unknown scheme or missing credentials: say so now
         return value
 
 
@@ -74,7 +74,11 @@ class RunParameters:
         return cls(**{**shared, **kwargs})
 
     def corpus_location(self) -> str:
-        return str(local_path(self.corpus).resolve()) if self.corpus else ensure_sample_corpus()
+        if not self.corpus:
+            return ensure_sample_corpus()
+        if storage.is_remote(self.corpus):
+            return self.corpus.rstrip("/")
+        return str(storage.local_path(self.corpus).resolve())
 
     def manifest_path(self) -> str:
         return f"{self.output_location}/manifest.parquet"
@@ -93,7 +97,7 @@ class CorpusManifest(RunParameters, luigi.Task):
         return target(self.manifest_path())
 
     def run(self):
-        ensure_writable_dir(self.output_location)
+        storage.ensure_writable_dir(self.output_location)
         count = write_manifest(self.corpus_location(), self.pattern, self.docs_per_shard, self.manifest_path())
         self.set_status_message(f"{count} documents in {-(-count // self.docs_per_shard)} shards")
 
@@ -154,10 +158,10 @@ class EmbedAll(RunParameters, luigi.Task):
         """Done when ``_SUCCESS.json`` exists and records these parameters. A rerun with
         other settings is not 'done': it runs, and the settings check explains why it
         cannot go on, instead of exiting 0 having done nothing."""
-        summary = Path(self.output().path)
-        if not summary.exists():
+        path = self.output().path
+        if not storage.exists(path):
             return False
-        return json.loads(summary.read_text(encoding="utf-8")).get("parameters") == self.defining_parameters()
+        return json.loads(storage.read_text(path)).get("parameters") == self.defining_parameters()
 
     def run(self):
         total = self._check_output_matches_settings()
@@ -167,8 +171,8 @@ class EmbedAll(RunParameters, luigi.Task):
         self.set_progress_percentage(int(100 * done / total))
         yield shards
         summary = run_summary(self.output_location, total, self.defining_parameters())
-        with atomic_output(self.output().path) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with storage.atomic_output(self.output().path) as staged:
+            staged.path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         self.set_status_message(
             f"{total}/{total} shards, {summary['documents']} documents ({summary['rejected_documents']} rejected), "
             f"{summary['chunks']} chunks, {summary['tokens_per_second']:.0f} tokens/s"
@@ -180,9 +184,10 @@ class EmbedAll(RunParameters, luigi.Task):
         info = manifest_info(self.manifest_path())
         wanted = {"corpus": self.corpus_location(), "pattern": self.pattern, "docs_per_shard": str(self.docs_per_shard)}
         problems = settings_mismatch(info, wanted, wanted)
-        existing = sorted(Path(local_path(self.output_location), "shards").glob("shard-*.parquet"))
-        if existing:
-            problems += settings_mismatch(shard_metadata(str(existing[0])), self.embedder().settings(), SHARED_SETTINGS)
+        first_shard = next(storage.list_files(f"{self.output_location}/shards", "shard-*.parquet"), None)
+        if first_shard:
+            existing = shard_metadata(f"{self.output_location}/shards/{first_shard.relative}")
+            problems += settings_mismatch(existing, self.embedder().settings(), SHARED_SETTINGS)
         if problems:
             raise PipelineError(
                 f"output {self.output_location} was made with other settings ({'; '.join(problems)}); "

@@ -1,6 +1,10 @@
+import os
+
 import pytest
 
-from helpers import SHARED_CORPUS, write_corpus
+from helpers import NO_METADATA_PROBES, SHARED_CORPUS, write_corpus
+
+os.environ.update(NO_METADATA_PROBES)
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +25,107 @@ def shared_corpus():
     if not (SHARED_CORPUS.is_dir() and any(SHARED_CORPUS.rglob("*.md"))):
         pytest.skip("../shared/corpus is not present")
     return SHARED_CORPUS
+
+
+# ---------------------------------------------------------------------------------------
+# Storage servers on loopback
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    from storage_servers import FakeGCS
+
+    server = FakeGCS()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from storage_servers import MotoS3
+
+    server = MotoS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fast_retries():
+    """Retry waits of tens of milliseconds, so fault tests take seconds, not minutes."""
+    import luigi
+
+    config = luigi.configuration.get_config()
+    saved = {name: config.get("pipeline", name, None) for name in ("storage_retries", "storage_retry_max_wait")}
+    config.set("pipeline", "storage_retries", "6")
+    config.set("pipeline", "storage_retry_max_wait", "0.05")
+    yield {"PIPELINE_STORAGE_RETRIES": "6", "PIPELINE_STORAGE_RETRY_MAX_WAIT": "0.05"}
+    for name, value in saved.items():
+        if value is None:
+            config.remove_option("pipeline", name)
+        else:
+            config.set("pipeline", name, value)
+
+
+class Bucket:
+    """A fresh bucket on one of the servers, with the environment that reaches it."""
+
+    counter = 0
+
+    def __init__(self, kind, server, monkeypatch, url=None):
+        import pipeline.storage
+
+        Bucket.counter += 1
+        self.kind = kind
+        self.name = f"test-bucket-{Bucket.counter}-{os.getpid()}"
+        self.env = server.env(url)
+        self.server = server
+        for key, value in self.env.items():
+            monkeypatch.setenv(key, value)
+        pipeline.storage._backend.cache_clear()  # clients read their endpoint when made
+        self.scheme = "gs" if kind == "gcs" else "s3"
+        self.url = f"{self.scheme}://{self.name}"
+        if kind == "gcs":
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
+            # Set-up talks to the server directly, never through a test's fault proxy.
+            self.client = storage.Client(
+                credentials=AnonymousCredentials(), project="test", client_options={"api_endpoint": server.url}
+            )
+            self.client.create_bucket(self.name)
+        else:
+            import boto3
+
+            self.client = boto3.client("s3", endpoint_url=server.url)
+            self.client.create_bucket(Bucket=self.name)
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.kind == "gcs":
+            self.client.bucket(self.name).blob(key).upload_from_string(data)
+        else:
+            self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+    def get(self, key: str) -> bytes:
+        if self.kind == "gcs":
+            return self.client.bucket(self.name).blob(key).download_as_bytes()
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def keys(self, prefix: str = "") -> list[str]:
+        if self.kind == "gcs":
+            return sorted(b.name for b in self.client.list_blobs(self.name, prefix=prefix))
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def upload_folder(self, folder, prefix: str) -> None:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.put(f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+
+
+@pytest.fixture(params=["gcs", "s3"])
+def bucket(request, monkeypatch):
+    server = request.getfixturevalue("gcs_server" if request.param == "gcs" else "s3_server")
+    yield Bucket(request.param, server, monkeypatch)
+    import pipeline.storage
+
+    pipeline.storage._backend.cache_clear()

@@ -34,9 +34,25 @@ def write_corpus(folder: Path, documents: int = 12, words: int = 250, seed: int 
     return folder
 
 
+# Cloud SDKs look for credentials on metadata servers (169.254.169.254) when none are
+# configured; tests only ever talk to 127.0.0.1, so those probes are switched off.
+NO_METADATA_PROBES = {"NO_GCE_CHECK": "true", "AWS_EC2_METADATA_DISABLED": "true"}
+CLOUD_CREDENTIAL_VARIABLES = (
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "STORAGE_EMULATOR_HOST",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL",
+)
+
+
 def luigi_env(**extra: str) -> dict[str, str]:
-    """The environment for a luigi subprocess: no PIPELINE_* leaking in from outside."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    """The environment for a luigi subprocess: no PIPELINE_* or cloud credentials leaking
+    in from outside, no metadata-server probes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_") and k not in CLOUD_CREDENTIAL_VARIABLES}
+    env.update(NO_METADATA_PROBES)
     env.update(extra)
     return env
 

@@ -1,6 +1,7 @@
 """Listing, decoding, front matter and the manifest."""
 
 import codecs
+import hashlib
 
 import pyarrow.parquet as pq
 import pytest
@@ -91,15 +92,25 @@ def test_listing_is_sorted_matches_the_pattern_and_skips_hidden(tmp_path):
     for name in ["b/2.md", "a/1.md", "a/notes.txt", ".git/x.md", "a/.hidden.md", "c.md"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
-    assert list_documents(str(tmp_path), "*.md") == ["a/1.md", "b/2.md", "c.md"]
-    assert list_documents(str(tmp_path), "*.txt") == ["a/notes.txt"]
+    assert [d.relative for d in list_documents(str(tmp_path), "*.md")] == ["a/1.md", "b/2.md", "c.md"]
+    assert [d.relative for d in list_documents(str(tmp_path), "*.txt")] == ["a/notes.txt"]
+
+
+def test_local_listing_is_in_the_byte_order_a_bucket_lists_in(tmp_path):
+    names = ["a/b.md", "a-c.md", "a.md", "ab/x.md", "a/a/z.md", "Z.md", "é.md"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    listed = list(list_documents(str(tmp_path), "*.md"))
+    assert [d.relative for d in listed] == sorted(names, key=lambda n: n.encode("utf-8"))
+    assert all(d.content_hash == hashlib.md5(d.relative.encode()).hexdigest() and d.size == len(d.relative.encode()) for d in listed)
 
 
 def test_missing_corpus_and_empty_corpus_are_clear_errors(tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
-        list_documents(str(tmp_path / "nope"), "*.md")
+        list(list_documents(str(tmp_path / "nope"), "*.md"))
     with pytest.raises(PipelineError, match="no files matching"):
-        list_documents(str(tmp_path), "*.md")
+        list(list_documents(str(tmp_path), "*.md"))
 
 
 def test_manifest_has_stable_order_shards_and_hashes(tmp_path, small_corpus):

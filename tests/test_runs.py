@@ -117,24 +117,25 @@ def test_sigkill_in_the_middle_of_a_shard_then_rerun_resumes_and_matches(tmp_pat
         ("missing", "corpus path {corpus} does not exist", 30),
         ("empty", "corpus {corpus} has no files matching '*.md'", 30),
         ("unwritable", "cannot write to output {output}: Not a directory", 30),
-        ("bucket", "{output}: bucket paths are not supported yet; use a local folder", 40),
+        ("gs-without-credentials", "no Google Cloud credentials for gs:// paths: set GOOGLE_APPLICATION_CREDENTIALS", 40),
+        ("s3-without-credentials", "no AWS credentials for s3:// paths: set AWS_ACCESS_KEY_ID", 40),
+        ("unknown-scheme", "{output}: unsupported location; use a local folder, gs://bucket/prefix or s3://bucket/prefix", 40),
     ],
 )
 def test_bad_corpus_or_output_gives_one_clear_line_and_nonzero_exit(tmp_path, case, expected, exit_code):
     corpus, output = tmp_path / "corpus", tmp_path / "out"
     if case == "empty":
         corpus.mkdir()
-    if case in ("unwritable", "bucket"):
+    if case != "missing" and case != "empty":
         write_corpus(corpus, documents=1)
     if case == "unwritable":
         (tmp_path / "a-file").write_text("not a folder")
         output = tmp_path / "a-file" / "out"
-    if case == "bucket":
-        output = "gs://some-bucket/out"
-    result = run_luigi(*embed_args(corpus, output), "--local-scheduler")
+    output = {"gs-without-credentials": "gs://some-bucket/out", "s3-without-credentials": "s3://some-bucket/out", "unknown-scheme": "ftp://host/out"}.get(case, output)
+    result = run_luigi(*embed_args(corpus, output), "--local-scheduler", HOME=str(tmp_path))  # no ~/.aws, no gcloud
     assert result.returncode == exit_code  # luigi.cfg [retcode]: task_failed 30, unhandled_exception 40
-    lines = [line.strip() for line in result.stderr.splitlines()]
-    assert "ERROR: " + expected.format(corpus=corpus, output=output) in lines
+    lines = [line.strip() for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(lines) == 1 and lines[0].startswith("ERROR: " + expected.format(corpus=corpus, output=output)), lines
     assert "Traceback" not in result.stderr
 
 

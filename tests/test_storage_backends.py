@@ -1,0 +1,128 @@
+"""The gs:// and s3:// backends against real servers on loopback, with injected faults."""
+
+import pytest
+
+from conftest import Bucket
+from pipeline import storage
+from pipeline.corpus import list_documents, write_manifest
+from pipeline.errors import PipelineError
+from pipeline.storage import StorageError, atomic_output
+from storage_servers import FaultProxy
+
+
+def publish(dest, data, overwrite=False):
+    with atomic_output(dest, overwrite=overwrite) as staged:
+        staged.path.write_bytes(data)
+    return staged.published
+
+
+def test_publish_is_exactly_once_and_overwrite_replaces(bucket):
+    dest = f"{bucket.url}/out/shards/shard-000000.parquet"
+    assert publish(dest, b"first writer") is True
+    assert publish(dest, b"second writer") is False  # it notices, and succeeds without overwriting
+    assert bucket.get("out/shards/shard-000000.parquet") == b"first writer"
+    assert publish(f"{bucket.url}/out/_SUCCESS.json", b"v1", overwrite=True)
+    assert publish(f"{bucket.url}/out/_SUCCESS.json", b"v2", overwrite=True)
+    assert bucket.get("out/_SUCCESS.json") == b"v2"
+    assert storage.exists(dest) and not storage.exists(f"{bucket.url}/out/shards/shard-000001.parquet")
+
+
+def test_listing_pages_filters_and_hashes(bucket):
+    import hashlib
+
+    names = [f"corpus/part-{i % 3}/doc-{i:05d}.md" for i in range(2300)]
+    for name in names[:2300]:
+        bucket.put(name, name.encode())
+    bucket.put("corpus/notes.txt", b"not markdown")
+    bucket.put("corpus/.hidden/x.md", b"hidden")
+    listed = list(list_documents(f"{bucket.url}/corpus", "*.md"))
+    assert [d.relative for d in listed] == sorted(n[len("corpus/") :] for n in names)
+    assert all(d.content_hash == hashlib.md5(f"corpus/{d.relative}".encode()).hexdigest() for d in listed)
+
+
+def test_missing_bucket_and_empty_prefix_are_clear_errors(bucket):
+    with pytest.raises(PipelineError, match="no files matching"):
+        list(list_documents(f"{bucket.url}/nothing-here", "*.md"))
+    with pytest.raises(PipelineError, match="no-such-bucket"):
+        list(list_documents(f"{bucket.scheme}://no-such-bucket-{bucket.name}/corpus", "*.md"))
+    with pytest.raises(PipelineError, match="cannot write to output"):
+        storage.ensure_writable_dir(f"{bucket.scheme}://no-such-bucket-{bucket.name}/out")
+    storage.ensure_writable_dir(f"{bucket.url}/out")
+    assert bucket.keys("out") == []  # the write probe cleaned up after itself
+
+
+def test_reading_a_missing_object_is_file_not_found(bucket):
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{bucket.url}/missing.md")
+
+
+def test_manifest_in_a_bucket_from_a_corpus_in_a_bucket(bucket, small_corpus):
+    bucket.upload_folder(small_corpus, "corpus")
+    manifest = f"{bucket.url}/out/manifest.parquet"
+    assert write_manifest(f"{bucket.url}/corpus", "*.md", 5, manifest) == 12
+    from pipeline.corpus import manifest_info, manifest_rows
+
+    info = manifest_info(manifest)
+    assert (info["documents"], info["shards"], info["corpus"]) == ("12", "3", f"{bucket.url}/corpus")
+    assert [r["shard"] for r in manifest_rows(manifest, 2)] == [2, 2]
+
+
+@pytest.fixture(params=["gcs", "s3"])
+def proxied_bucket(request, monkeypatch, fast_retries):
+    """A bucket reached through a fault-injecting proxy (the plan is set by each test)."""
+    server = request.getfixturevalue("gcs_server" if request.param == "gcs" else "s3_server")
+    proxy = FaultProxy(server.port)
+    yield Bucket(request.param, server, monkeypatch, url=proxy.url), proxy
+    proxy.stop()
+    storage._backend.cache_clear()
+
+
+def test_transient_errors_are_retried_until_the_call_succeeds(proxied_bucket):
+    bucket, proxy = proxied_bucket
+    faults = iter(["503", "429", "reset", "500", "reset-mid-body"])
+    proxy.plan = lambda method, path, number: next(faults, None)
+    dest = f"{bucket.url}/out/shards/shard-000007.parquet"
+    assert publish(dest, b"x" * 100_000) is True
+    assert [fault for _, _, fault in proxy.faults()] == ["503", "429", "reset", "500", "reset-mid-body"]
+    assert bucket.get("out/shards/shard-000007.parquet") == b"x" * 100_000
+
+
+def test_an_upload_that_never_completes_leaves_no_object(proxied_bucket):
+    bucket, proxy = proxied_bucket
+    proxy.plan = lambda method, path, number: "reset-mid-body" if method in ("POST", "PUT") else None
+    with pytest.raises(StorageError, match="gave up after 6 attempts"):
+        publish(f"{bucket.url}/out/shards/shard-000001.parquet", b"y" * 200_000)
+    proxy.plan = lambda method, path, number: None
+    assert bucket.keys("out") == []
+
+
+@pytest.mark.parametrize("status", ["403", "400"])
+def test_permanent_errors_fail_at_once_naming_path_and_cause(proxied_bucket, status):
+    bucket, proxy = proxied_bucket
+    proxy.plan = lambda method, path, number: status
+    path = f"{bucket.url}/corpus/doc.md"
+    with pytest.raises(StorageError) as caught:
+        storage.read_bytes(path)
+    assert str(caught.value).startswith(f"reading {path}: HTTP {status}")
+    attempts = [entry for entry in proxy.log if "doc.md" in entry[1]]
+    assert len(attempts) == 1, "a permanent error was retried"
+
+
+def test_listing_resumes_from_its_page_after_a_fault(proxied_bucket):
+    bucket, proxy = proxied_bucket
+    for i in range(2100):
+        bucket.put(f"corpus/doc-{i:05d}.md", b"x")
+    list_requests = []
+
+    def fail_the_second_page_twice(method, path, number):
+        if method == "GET" and "prefix=corpus" in path:
+            list_requests.append(path)
+            return "503" if len(list_requests) in (2, 3) else None
+        return None
+
+    proxy.plan = fail_the_second_page_twice
+    listed = [d.relative for d in list_documents(f"{bucket.url}/corpus", "*.md")]
+    assert listed == [f"doc-{i:05d}.md" for i in range(2100)]
+    assert len(proxy.faults()) == 2
+    assert list_requests[1] == list_requests[2] == list_requests[3], "the retry did not ask for the same page"
+    assert len(list_requests) == 5  # three pages, two of them asked again
