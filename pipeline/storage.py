@@ -405,7 +405,7 @@ class S3Backend:
                 "no AWS credentials for s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                 "or AWS_PROFILE (and AWS_ENDPOINT_URL for an S3-compatible server)"
             )
-        self.client = session.client("s3", config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+        self.client = session.client("s3", config=Config(retries={"total_max_attempts": 1, "mode": "standard"}))
 
     def _code(self, exc) -> str:
         return getattr(exc, "response", {}).get("Error", {}).get("Code", "")

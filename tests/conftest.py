@@ -122,10 +122,24 @@ class Bucket:
                 self.put(f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
 
 
-@pytest.fixture(params=["gcs", "s3"])
-def bucket(request, monkeypatch):
-    server = request.getfixturevalue("gcs_server" if request.param == "gcs" else "s3_server")
-    yield Bucket(request.param, server, monkeypatch)
+def _bucket(kind, request, monkeypatch):
+    server = request.getfixturevalue("gcs_server" if kind == "gcs" else "s3_server")
+    yield Bucket(kind, server, monkeypatch)
     import pipeline.storage
 
     pipeline.storage._backend.cache_clear()
+
+
+@pytest.fixture(params=["gcs", "s3"])
+def bucket(request, monkeypatch):
+    yield from _bucket(request.param, request, monkeypatch)
+
+
+@pytest.fixture
+def gcs_bucket(request, monkeypatch):
+    yield from _bucket("gcs", request, monkeypatch)
+
+
+@pytest.fixture
+def s3_bucket(request, monkeypatch):
+    yield from _bucket("s3", request, monkeypatch)
