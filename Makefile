@@ -14,7 +14,7 @@ SCHEDULER_PORT ?= 8082
 EMBED_ARGS ?= --output output/sample --docs-per-shard 25
 LUIGI_STATE := var/luigi
 
-.PHONY: embed test luigid luigid-stop setup clean
+.PHONY: embed test bench luigid luigid-stop setup clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ embed: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks print figures side by side in one run; they are never timed tests.
+bench: $(STAMP)
+	$(BIN)/python tests/benchmarks/manifest_memory.py
 
 # Central scheduler with its web view at http://127.0.0.1:8082; state and task
 # history (sqlite) under var/luigi. Stop it with `make luigid-stop`.

@@ -31,7 +31,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("shard", pa.int32()),
     ]
 )
-_ROWS_PER_WRITE = 10_000
+_ROWS_PER_WRITE = 5_000
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?\n)?(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.S)
 

@@ -11,6 +11,7 @@ names the path and the cause.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import io
 import logging
@@ -307,22 +308,32 @@ class GCSBackend:
         return retrying("reading", path, lambda: self._blob(path).download_as_bytes(start=start, end=end - 1, retry=None, checksum=None))
 
     def list(self, root: str, pattern: str) -> Iterator[Listed]:
-        """Page by page, resuming from the last page token after a transient error."""
+        """Page by page, resuming from the last page token after a transient error.
+
+        Memory stays flat: only the four fields the manifest needs are asked for and
+        copied out of each page, and the page's objects (the library's pages and blobs
+        reference each other, so only a full collection frees them) are collected
+        before the next page is fetched.
+        """
         bucket, prefix = split_bucket(root)
         prefix = f"{prefix}/" if prefix else ""
         token = None
         while True:
 
             def page(token=token):
-                iterator = self.client.list_blobs(bucket, prefix=prefix, page_token=token, max_results=None, page_size=LIST_PAGE_SIZE, retry=None)
-                blobs = list(next(iterator.pages, []))
-                return blobs, iterator.next_page_token
+                iterator = self.client.list_blobs(
+                    bucket, prefix=prefix, page_token=token, page_size=LIST_PAGE_SIZE, retry=None,
+                    fields="items(name,size,md5Hash,crc32c),nextPageToken",
+                )
+                found = [(blob.name, blob.size, _gcs_hash(blob)) for blob in next(iterator.pages, [])]
+                return found, iterator.next_page_token
 
-            blobs, token = retrying("listing", root, page)
-            for blob in blobs:
-                relative = blob.name[len(prefix) :]
-                if not blob.name.endswith("/") and _is_document(relative, pattern):
-                    yield Listed(relative, blob.size, _gcs_hash(blob))
+            found, token = retrying("listing", root, page)
+            gc.collect()
+            for name, size, content_hash in found:
+                relative = name[len(prefix) :]
+                if not name.endswith("/") and _is_document(relative, pattern):
+                    yield Listed(relative, size, content_hash)
             if not token:
                 return
 

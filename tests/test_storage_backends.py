@@ -126,3 +126,26 @@ def test_listing_resumes_from_its_page_after_a_fault(proxied_bucket):
     assert len(proxy.faults()) == 2
     assert list_requests[1] == list_requests[2] == list_requests[3], "the retry did not ask for the same page"
     assert len(list_requests) == 5  # three pages, two of them asked again
+
+
+def test_a_manifest_of_twenty_thousand_objects_pages_through_the_bucket(tmp_path, monkeypatch):
+    """Listing at scale: 20,000 objects, 20 pages, streamed into the manifest.
+    (How flat its memory stays is measured in benchmarks/manifest_memory.py.)"""
+    import pyarrow.parquet as pq
+
+    from storage_servers import preloaded_gcs
+
+    server = preloaded_gcs(tmp_path / "gcs", 20_000)
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        storage._backend.cache_clear()
+        manifest = tmp_path / "manifest.parquet"
+        assert write_manifest("gs://big/corpus", "*.md", 1000, str(manifest)) == 20_000
+        table = pq.read_table(manifest)
+        paths = table.column("path").to_pylist()
+        assert paths == sorted(paths) and len(set(table.column("doc_id").to_pylist())) == 20_000
+        assert table.column("shard").to_pylist() == [i // 1000 for i in range(20_000)]
+    finally:
+        server.stop()
+        storage._backend.cache_clear()
