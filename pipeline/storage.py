@@ -417,6 +417,7 @@ class S3Backend:
                 "or AWS_PROFILE (and AWS_ENDPOINT_URL for an S3-compatible server)"
             )
         self.client = session.client("s3", config=Config(retries={"total_max_attempts": 1, "mode": "standard"}))
+        self.conditional_writes = True
 
     def _code(self, exc) -> str:
         return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
@@ -477,17 +478,26 @@ class S3Backend:
                 return
 
     def publish(self, local: Path, dest: str, overwrite: bool) -> bool:
-        """One PUT of the complete file; ``If-None-Match: *`` makes it exactly-once."""
+        """One PUT of the complete file; ``If-None-Match: *`` makes it exactly-once.
+
+        A server without conditional writes (501) gets a check, then the PUT: two racing
+        writers may then both write, but each writes a whole, identical shard."""
         bucket, key = split_bucket(dest)
-        extra = {} if overwrite else {"IfNoneMatch": "*"}
 
         def put():
+            conditional = not overwrite and self.conditional_writes
+            if not overwrite and not conditional and self.exists(dest):
+                return False
             with open(local, "rb") as body:
                 try:
-                    self.client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+                    self.client.put_object(Bucket=bucket, Key=key, Body=body, **({"IfNoneMatch": "*"} if conditional else {}))
                 except Exception as exc:
                     if _status_of(exc) == 412:
                         return False
+                    if _status_of(exc) == 501 and conditional:
+                        log.warning("%s: the server has no conditional writes; checking before each upload instead", dest)
+                        self.conditional_writes = False
+                        return put()
                     raise
             return True
 

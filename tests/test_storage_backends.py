@@ -149,3 +149,18 @@ def test_a_manifest_of_twenty_thousand_objects_pages_through_the_bucket(tmp_path
     finally:
         server.stop()
         storage._backend.cache_clear()
+
+
+def test_s3_without_conditional_writes_falls_back_to_check_then_put(s3_server, monkeypatch, fast_retries):
+    proxy = FaultProxy(s3_server.port)
+    try:
+        bucket = Bucket("s3", s3_server, monkeypatch, url=proxy.url)
+        proxy.plan = lambda method, path, number: "501" if method == "PUT" and number == 1 else None
+        dest = f"{bucket.url}/out/shards/shard-000000.parquet"
+        assert publish(dest, b"first") is True
+        assert publish(dest, b"second") is False
+        assert bucket.get("out/shards/shard-000000.parquet") == b"first"
+        assert [fault for _, _, fault in proxy.faults()] == ["501"]
+    finally:
+        proxy.stop()
+        storage._backend.cache_clear()
