@@ -224,7 +224,15 @@ class LocalBackend:
                 os.link(local, final)  # fails if ``final`` exists: exactly-once
             except FileExistsError:
                 return False
-            local.unlink()
+            except OSError:
+                # A filesystem without hard links: check, then rename. Two racing writers
+                # may both rename, but each renames a whole, identical file; the name is
+                # never seen pointing at a partial one.
+                if final.exists():
+                    return False
+                os.replace(local, final)
+            else:
+                local.unlink()
         _fsync(final.parent)
         return True
 

@@ -54,3 +54,17 @@ def test_active_seconds_skip_pauses_and_do_not_double_count_parallel_shards():
     assert active_seconds([(t(0), t(10)), (t(5), t(12)), (t(100), t(110))]) == 22
     assert active_seconds([(t(0), t(10))]) == 10
     assert active_seconds([]) == 0
+
+
+def test_exactly_once_publish_works_where_hard_links_are_refused(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise PermissionError("hard links not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    dest = tmp_path / "shard-000000.parquet"
+    with atomic_output(str(dest), overwrite=False) as first:
+        first.path.write_bytes(b"first")
+    with atomic_output(str(dest), overwrite=False) as second:
+        second.path.write_bytes(b"second")
+    assert (first.published, second.published) == (True, False)
+    assert dest.read_bytes() == b"first"

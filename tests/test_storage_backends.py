@@ -164,3 +164,18 @@ def test_s3_without_conditional_writes_falls_back_to_check_then_put(s3_server, m
     finally:
         proxy.stop()
         storage._backend.cache_clear()
+
+
+def test_a_large_shard_is_published_whole_and_exactly_once(bucket):
+    """Over 8 MB google-cloud-storage switches to a resumable upload; the precondition
+    and the one-object-or-none guarantee must hold there too."""
+    import os as _os
+
+    data = _os.urandom(20 * 2**20)
+    dest = f"{bucket.url}/out/shards/shard-000042.parquet"
+    assert publish(dest, data) is True
+    assert publish(dest, b"late writer") is False
+    assert bucket.get("out/shards/shard-000042.parquet") == data
+    reader = storage.open_for_reading(dest)
+    reader.seek(-16, 2)
+    assert reader.read() == data[-16:]
