@@ -1,0 +1,302 @@
+"""Runpod pods: start (with GPU fallback), watch, stop, terminate, sweep, and a ledger.
+
+Built on the runpod SDK, which has no retries of its own: a 5xx or 429 without a
+GraphQL error comes back as a body the SDK then fails to read (``KeyError: 'data'``
+or a JSON decode error). Every call here is retried with backoff. A pod is written to
+the ledger the moment its creation returns, and a creation that failed in transit is
+looked up by its unique name before it is tried again, so no pod is ever orphaned.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from . import storage
+from .errors import PipelineError
+
+log = logging.getLogger("luigi-interface")
+
+DEFAULT_GPU_TYPES = ("NVIDIA GeForce RTX 4090", "NVIDIA RTX A6000", "NVIDIA L40S")
+POD_NAME_PREFIX = "embedding-pipeline-"
+_NO_CAPACITY = re.compile(r"no longer any instances available|not enough free gpus|no available", re.I)
+_SAFE_ENV_VALUE = re.compile(r'^[^"\\\n\r]*$')
+
+
+class PodError(PipelineError):
+    """A pod could not be started, watched or ended; the message says which and why."""
+
+
+class NoCapacity(PodError):
+    """No GPU of any preferred type was free for the whole capacity wait."""
+
+
+class PodStuck(PodError):
+    """A pod did not start running before the provisioning deadline (it was terminated)."""
+
+
+@dataclass
+class PodSettings:
+    image: str
+    gpu_types: tuple[str, ...] = DEFAULT_GPU_TYPES  # in order of preference
+    cloud_type: str = "ALL"  # ALL, COMMUNITY or SECURE
+    gpu_count: int = 1
+    container_disk_gb: int = 40
+    env: dict[str, str] = field(default_factory=dict)
+    docker_args: str = ""
+    provisioning_timeout: float = 1200  # image pulls of big images take 10+ minutes
+    capacity_timeout: float = 1800  # how long to keep looking for a free GPU
+    capacity_retry_wait: float = 30  # first wait between rounds of the GPU list; doubles
+    poll_interval: float = 10
+    api_attempts: int = 6
+    api_max_wait: float = 30
+
+
+def encode_env(env: dict[str, str]) -> dict[str, str]:
+    """The SDK pastes env values into its GraphQL text unescaped, so a quote, backslash
+    or newline (a service-account JSON) would break the query. Such values travel
+    base64-encoded as ``NAME_B64``; ``decode_env`` restores them inside the pod."""
+    encoded = {}
+    for key, value in env.items():
+        if _SAFE_ENV_VALUE.match(value):
+            encoded[key] = value
+        else:
+            encoded[f"{key}_B64"] = base64.b64encode(value.encode()).decode()
+    return encoded
+
+
+def decode_env(environ: dict[str, str]) -> dict[str, str]:
+    """The variables ``encode_env`` encoded, decoded (for the pod's entrypoint)."""
+    return {key[: -len("_B64")]: base64.b64decode(value).decode() for key, value in environ.items() if key.endswith("_B64")}
+
+
+def _now_iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
+
+
+class PodLedger:
+    """Every pod of an output: ``{output}/_runs/pods/{pod_id}.json`` with its GPU type,
+    hourly price, start and stop, so "what has this cost" is a read, not a guess."""
+
+    def __init__(self, output: str):
+        self.folder = f"{output}/_runs/pods"
+
+    def record(self, pod: dict[str, Any]) -> None:
+        with storage.atomic_output(f"{self.folder}/{pod['pod_id']}.json") as staged:
+            staged.path.write_text(json.dumps(pod, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    def get(self, pod_id: str) -> dict[str, Any]:
+        return json.loads(storage.read_text(f"{self.folder}/{pod_id}.json"))
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(storage.read_text(f"{self.folder}/{item.relative}")) for item in storage.list_files(self.folder, "*.json")]
+
+    @staticmethod
+    def dollars(pod: dict[str, Any], now: Optional[float] = None) -> float:
+        end = pod["stopped_at_epoch"] or (now if now is not None else time.time())
+        return max(end - pod["started_at_epoch"], 0) / 3600 * pod["price_per_hour"]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """The SDK's ways of saying 'try again': a body without data (5xx, 429), a body
+    that is not JSON (a proxy's error page), a dropped connection or a timeout."""
+    if isinstance(exc, (KeyError, json.JSONDecodeError, ConnectionError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"ConnectionError", "Timeout", "ChunkedEncodingError", "JSONDecodeError"}:
+        return True
+    return "QueryError" in names and bool(re.search(r"rate limit|too many requests|try again later", str(exc), re.I))
+
+
+class RunpodOrchestrator:
+    """Start, watch and end pods for one run; every pod it starts is in the ledger."""
+
+    def __init__(
+        self,
+        settings: PodSettings,
+        ledger: PodLedger,
+        api_key: Optional[str] = None,
+        run_id: Optional[str] = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        import runpod
+
+        key = api_key or os.environ.get("RUNPOD_API_KEY")
+        if not key:
+            raise PipelineError("RUNPOD_API_KEY is not set: put your Runpod API key in the environment or in .env")
+        runpod.api_key = key  # the SDK does not read it from the environment itself
+        self.runpod = runpod
+        self.settings = settings
+        self.ledger = ledger
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.clock = clock
+        self.sleep = sleep
+        self._pods_started = 0
+
+    # -- calls ------------------------------------------------------------------------
+
+    def _call(self, action: str, function: Callable, *args, **kwargs):
+        def before_sleep(state) -> None:
+            log.warning("runpod: %s: %s; retry %d in %.1fs", action, _describe(state.outcome.exception()), state.attempt_number, state.next_action.sleep)
+
+        retryer = Retrying(
+            retry=retry_if_exception(_is_transient),
+            wait=wait_random_exponential(multiplier=self.settings.api_max_wait / 32, max=self.settings.api_max_wait),
+            stop=stop_after_attempt(self.settings.api_attempts),
+            before_sleep=before_sleep,
+            reraise=True,
+            sleep=self.sleep,
+        )
+        try:
+            return retryer(function, *args, **kwargs)
+        except PipelineError:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "AuthenticationError":
+                raise PodError(f"runpod: {action}: the API key was refused ({exc})") from exc
+            raise PodError(f"runpod: {action}: {_describe(exc)}") from exc
+
+    def gpu_price(self, gpu_type: str) -> float:
+        """The hourly price of one GPU of this type in this cloud, read at run time."""
+        gpu = self._call(f"reading the price of {gpu_type}", self.runpod.get_gpu, gpu_type)
+        prices = {"COMMUNITY": gpu.get("communityPrice"), "SECURE": gpu.get("securePrice")}
+        if self.settings.cloud_type != "ALL":
+            prices = {self.settings.cloud_type: prices[self.settings.cloud_type]}
+        known = [p for p in prices.values() if p]
+        return (min(known) if known else 0.0) * self.settings.gpu_count
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start_pod(self, gpu_type: Optional[str] = None) -> str:
+        """Start one pod, trying the preferred GPU types in order, in rounds, until one
+        has capacity or ``capacity_timeout`` passes. Returns the pod id."""
+        types = (gpu_type,) if gpu_type else self.settings.gpu_types
+        deadline = self.clock() + self.settings.capacity_timeout
+        wait = self.settings.capacity_retry_wait
+        while True:
+            for gpu in types:
+                pod_id = self._try_create(gpu)
+                if pod_id:
+                    return pod_id
+            if self.clock() + wait > deadline:
+                raise NoCapacity(f"runpod: no capacity for {', '.join(types)} in cloud {self.settings.cloud_type} for {self.settings.capacity_timeout:.0f}s")
+            log.warning("runpod: no capacity for %s; trying again in %.0fs", ", ".join(types), wait)
+            self.sleep(wait)
+            wait = min(wait * 2, 300)
+
+    def _try_create(self, gpu_type: str) -> Optional[str]:
+        price = self.gpu_price(gpu_type)
+        self._pods_started += 1
+        name = f"{POD_NAME_PREFIX}{self.run_id}-{self._pods_started}"
+        s = self.settings
+        arguments = dict(
+            name=name, image_name=s.image, gpu_type_id=gpu_type, cloud_type=s.cloud_type, gpu_count=s.gpu_count,
+            container_disk_in_gb=s.container_disk_gb, docker_args=s.docker_args, env=encode_env(s.env),
+            support_public_ip=False, start_ssh=False,
+        )
+        for attempt in range(1, s.api_attempts + 1):
+            try:
+                pod = self.runpod.create_pod(**arguments)
+                break
+            except Exception as exc:
+                if "QueryError" in type(exc).__name__ and _NO_CAPACITY.search(str(exc)):
+                    log.info("runpod: no %s free: %s", gpu_type, exc)
+                    return None
+                if not _is_transient(exc) or attempt == s.api_attempts:
+                    if type(exc).__name__ == "AuthenticationError":
+                        raise PodError(f"runpod: creating a pod: the API key was refused ({exc})") from exc
+                    raise PodError(f"runpod: creating a {gpu_type} pod: {_describe(exc)}") from exc
+                # The pod may exist although the answer was lost: look before trying again.
+                self.sleep(min(s.api_max_wait, 2**attempt * s.api_max_wait / 32))
+                pod = self._find_by_name(name)
+                if pod:
+                    log.warning("runpod: creating %s failed in transit but the pod exists; keeping it", name)
+                    break
+                log.warning("runpod: creating a %s pod: %s; retry %d", gpu_type, _describe(exc), attempt)
+        record = {
+            "pod_id": pod["id"], "name": name, "run_id": self.run_id, "gpu_type": gpu_type, "gpu_count": s.gpu_count,
+            "cloud_type": s.cloud_type, "price_per_hour": price, "image": s.image,
+            "started_at": _now_iso(self.clock()), "started_at_epoch": self.clock(),
+            "stopped_at": None, "stopped_at_epoch": None, "end_reason": None,
+        }
+        try:
+            self.ledger.record(record)
+        except Exception:
+            # A pod nobody has written down is a pod nobody will stop: end it now.
+            self._call(f"terminating unrecorded pod {pod['id']}", self.runpod.terminate_pod, pod["id"])
+            raise
+        log.info("runpod: started pod %s (%s, $%.3f/h)", pod["id"], gpu_type, price)
+        return pod["id"]
+
+    def _find_by_name(self, name: str) -> Optional[dict]:
+        return next((p for p in self._call("listing pods", self.runpod.get_pods) if p.get("name") == name), None)
+
+    def get_pod_status(self, pod_id: str) -> Optional[dict]:
+        """The pod as the API shows it, or None once it is gone (terminated)."""
+        return self._call(f"reading pod {pod_id}", self.runpod.get_pod, pod_id)
+
+    def wait_until_running(self, pod_id: str) -> dict:
+        """Poll until the pod's container runs; past the provisioning deadline (a stuck
+        image pull, a broken host) the pod is terminated and PodStuck raised."""
+        deadline = self.clock() + self.settings.provisioning_timeout
+        while True:
+            pod = self.get_pod_status(pod_id)
+            if pod is None:
+                raise PodError(f"runpod: pod {pod_id} disappeared while starting")
+            if pod.get("runtime"):
+                return pod
+            if self.clock() >= deadline:
+                self.terminate_pod(pod_id, reason="stuck provisioning")
+                raise PodStuck(f"runpod: pod {pod_id} was not running after {self.settings.provisioning_timeout:.0f}s; terminated it")
+            self.sleep(self.settings.poll_interval)
+
+    def stop_pod(self, pod_id: str) -> None:
+        """Stop without terminating: the pod's disk is kept and still billed. Teardown
+        uses terminate_pod; this exists for the seed's contract."""
+        self._call(f"stopping pod {pod_id}", self.runpod.stop_pod, pod_id)
+
+    def terminate_pod(self, pod_id: str, reason: str = "done") -> None:
+        """End the pod and its billing; safe to call twice (a gone pod is done)."""
+        try:
+            self._call(f"terminating pod {pod_id}", self.runpod.terminate_pod, pod_id)
+        except PodError as exc:
+            if "not found" not in str(exc).lower():
+                raise
+        try:
+            record = self.ledger.get(pod_id)
+        except FileNotFoundError:
+            return
+        if record["stopped_at_epoch"] is None:
+            now = self.clock()
+            record.update(stopped_at=_now_iso(now), stopped_at_epoch=now, end_reason=reason)
+            self.ledger.record(record)
+        log.info("runpod: terminated pod %s (%s)", pod_id, reason)
+
+    def sweep(self, run_only: bool = True) -> list[str]:
+        """Terminate every pod named by this pipeline (this run's, or all of them):
+        the last line of defence against a pod left running."""
+        prefix = f"{POD_NAME_PREFIX}{self.run_id}-" if run_only else POD_NAME_PREFIX
+        ended = []
+        for pod in self._call("listing pods", self.runpod.get_pods):
+            if pod.get("name", "").startswith(prefix):
+                self.terminate_pod(pod["id"], reason="sweep")
+                ended.append(pod["id"])
+        return ended
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return "the API answered without data (a server error or rate limit)"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]

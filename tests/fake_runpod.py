@@ -1,0 +1,215 @@
+"""A fake Runpod API on 127.0.0.1 for driving the real runpod SDK in tests.
+
+It speaks what runpod 1.12's SDK sends: one POST of ``{"query": …}`` to ``/graphql``
+with ``Authorization: Bearer <key>``. The query text is parsed with graphql-core (a
+query the SDK broke, say with an unescaped quote in an env value, is a syntax error
+here as it is there) and answered with exactly the fields it selects. It keeps a
+ledger of pods on its own clock, so tests can check that no pod is left running and
+what each one cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+from graphql import FieldNode, GraphQLSyntaxError, parse, value_from_ast_untyped
+
+NO_CAPACITY = "There are no longer any instances available with the requested specifications. Please refresh and try again."
+
+GPU_TYPES = {
+    "NVIDIA GeForce RTX 4090": {"displayName": "RTX 4090", "memoryInGb": 24, "communityPrice": 0.34, "securePrice": 0.69},
+    "NVIDIA RTX A6000": {"displayName": "RTX A6000", "memoryInGb": 48, "communityPrice": 0.33, "securePrice": 0.49},
+    "NVIDIA L40S": {"displayName": "L40S", "memoryInGb": 48, "communityPrice": 0.79, "securePrice": 0.86},
+}
+
+
+@dataclass
+class FakePod:
+    id: str
+    name: str
+    image_name: str
+    gpu_type_id: str
+    cloud_type: str
+    cost_per_hr: float
+    env: dict
+    docker_args: str
+    created_at: float
+    provisioned_at: Optional[float]  # None: stuck pulling its image forever
+    stopped_at: Optional[float] = None
+    terminated_at: Optional[float] = None
+
+    @property
+    def running(self) -> bool:
+        return self.terminated_at is None and self.stopped_at is None
+
+    def dollars(self, now: float) -> float:
+        end = self.terminated_at or self.stopped_at or now
+        return (end - self.created_at) / 3600 * self.cost_per_hr
+
+
+@dataclass
+class FakeRunpod:
+    api_key: str = "test-key"
+    capacity: dict = field(default_factory=lambda: {gpu: 10 for gpu in GPU_TYPES})
+    provisioning_seconds: float = 0.2
+    stuck_provisioning: bool = False
+    # Queued faults, one per request: 500, 429, "non-json", or "after-500" (the request
+    # is carried out, then the answer is lost as a 500).
+    failures: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.pods: dict[str, FakePod] = {}
+        self.requests: list[str] = []
+        self._lock = threading.Lock()
+        self._ids = (f"fakepod{n:04d}" for n in itertools.count(1))
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, payload = fake.handle(self.path, self.headers.get("Authorization", ""), body)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- the ledger -------------------------------------------------------------------
+
+    def running_pods(self) -> list[FakePod]:
+        with self._lock:
+            return [p for p in self.pods.values() if p.running]
+
+    def dollars(self, pod_id: str) -> float:
+        return self.pods[pod_id].dollars(time.time())
+
+    # -- the API ----------------------------------------------------------------------
+
+    def handle(self, path: str, authorization: str, body: bytes) -> tuple[int, Any]:
+        if path != "/graphql":
+            return 404, {"message": "not found"}
+        if authorization != f"Bearer {self.api_key}":
+            return 401, {"message": "unauthorized"}
+        with self._lock:
+            fault = self.failures.pop(0) if self.failures else None
+        if fault == "non-json":
+            return 502, b"<html>Bad Gateway</html>"
+        if fault and not str(fault).startswith("after-"):
+            return int(fault), {"message": "injected failure"}
+        query = json.loads(body)["query"]
+        try:
+            document = parse(query)
+        except GraphQLSyntaxError as exc:
+            return 400, {"errors": [{"message": f"Syntax Error: {exc.message}"}]}
+        data = {}
+        for operation in document.definitions:
+            for node in operation.selection_set.selections:
+                name = node.name.value
+                self.requests.append(name)
+                args = {arg.name.value: value_from_ast_untyped(arg.value) for arg in node.arguments or ()}
+                try:
+                    value = getattr(self, f"_{name}")(args.get("input") or {})
+                except LookupError as exc:
+                    return 200, {"errors": [{"message": str(exc)}], "data": None}
+                data[node.alias.value if node.alias else name] = select(value, node)
+        if fault:
+            return int(str(fault)[len("after-") :]), {"message": "injected failure after the work was done"}
+        return 200, {"data": data}
+
+    def _gpuTypes(self, query: dict) -> list[dict]:
+        ids = [query["id"]] if "id" in query else list(GPU_TYPES)
+        return [{"id": gpu, **GPU_TYPES[gpu], "maxGpuCount": 8, "lowestPrice": {"minimumBidPrice": None, "uninterruptablePrice": GPU_TYPES[gpu]["communityPrice"]}} for gpu in ids if gpu in GPU_TYPES]
+
+    def _podFindAndDeployOnDemand(self, spec: dict) -> dict:
+        gpu = spec["gpuTypeId"]
+        with self._lock:
+            if self.capacity.get(gpu, 0) < 1:
+                raise LookupError(NO_CAPACITY)
+            self.capacity[gpu] -= 1
+            cloud = spec.get("cloudType", "ALL")
+            price = GPU_TYPES[gpu]["securePrice" if cloud == "SECURE" else "communityPrice"]
+            now = time.time()
+            pod = FakePod(
+                id=next(self._ids), name=spec["name"], image_name=spec["imageName"], gpu_type_id=gpu, cloud_type=cloud,
+                cost_per_hr=price, env={e["key"]: e["value"] for e in spec.get("env") or []},
+                docker_args=spec.get("dockerArgs") or "", created_at=now,
+                provisioned_at=None if self.stuck_provisioning else now + self.provisioning_seconds,
+            )
+            self.pods[pod.id] = pod
+        return self._pod_view(pod)
+
+    def _pod(self, query: dict) -> Optional[dict]:
+        pod = self.pods.get(query["podId"])
+        return None if pod is None or pod.terminated_at else self._pod_view(pod)
+
+    def _myself(self, _query: dict) -> dict:
+        return {"pods": [self._pod_view(p) for p in self.pods.values() if not p.terminated_at]}
+
+    def _podStop(self, query: dict) -> dict:
+        pod = self._existing(query["podId"])
+        pod.stopped_at = pod.stopped_at or time.time()
+        return self._pod_view(pod)
+
+    def _podTerminate(self, query: dict) -> None:
+        pod = self._existing(query["podId"])
+        with self._lock:
+            if not pod.terminated_at:
+                pod.terminated_at = time.time()
+                self.capacity[pod.gpu_type_id] += 1
+        return None
+
+    def _existing(self, pod_id: str) -> FakePod:
+        pod = self.pods.get(pod_id)
+        if pod is None or pod.terminated_at:
+            raise LookupError(f"pod {pod_id} not found")
+        return pod
+
+    def _pod_view(self, pod: FakePod) -> dict:
+        now = time.time()
+        provisioned = pod.provisioned_at is not None and now >= pod.provisioned_at and pod.running
+        return {
+            "id": pod.id,
+            "name": pod.name,
+            "imageName": pod.image_name,
+            "env": [f"{k}={v}" for k, v in pod.env.items()],
+            "dockerArgs": pod.docker_args,
+            "desiredStatus": "RUNNING" if pod.running else "EXITED",
+            "costPerHr": pod.cost_per_hr,
+            "gpuCount": 1,
+            "machineId": f"machine-{pod.id}",
+            "machine": {"podHostId": f"host-{pod.id}", "gpuDisplayName": GPU_TYPES[pod.gpu_type_id]["displayName"]},
+            "lastStatusChange": "Rented by User",
+            "uptimeSeconds": int(now - pod.provisioned_at) if provisioned else 0,
+            "runtime": {"uptimeInSeconds": int(now - pod.provisioned_at), "ports": []} if provisioned else None,
+        }
+
+
+def select(value: Any, node: FieldNode) -> Any:
+    """The parts of ``value`` that the query's selection set asks for."""
+    if node.selection_set is None or value is None:
+        return value
+    if isinstance(value, list):
+        return [select(item, node) for item in value]
+    return {
+        (child.alias.value if child.alias else child.name.value): select(value.get(child.name.value), child)
+        for child in node.selection_set.selections
+    }

@@ -1,0 +1,133 @@
+"""RunpodOrchestrator driving the real runpod SDK against a fake Runpod API on loopback.
+
+Every scenario ends with the fake's ledger showing no pod left running."""
+
+import json
+import threading
+
+import pytest
+
+from fake_runpod import GPU_TYPES, FakeRunpod
+from pipeline.errors import PipelineError
+from pipeline.pods import NoCapacity, PodError, PodLedger, PodSettings, PodStuck, RunpodOrchestrator, decode_env
+
+FAST = dict(provisioning_timeout=5, capacity_timeout=3, capacity_retry_wait=0.05, poll_interval=0.05, api_attempts=5, api_max_wait=0.05)
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    api = FakeRunpod()
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", api.url)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.runpod/config.toml from the machine
+    yield api
+    try:
+        assert api.running_pods() == [], "a pod was left running"
+    finally:
+        api.stop()
+
+
+def orchestrator(tmp_path, fake, **settings):
+    return RunpodOrchestrator(PodSettings(image="registry.local/embedding:abc123", **{**FAST, **settings}), PodLedger(str(tmp_path / "out")), api_key=fake.api_key)
+
+
+def test_happy_path_start_wait_terminate_and_the_ledger_matches_the_fake(tmp_path, fake):
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    record = pods.ledger.get(pod_id)  # written the moment create returned
+    assert record["gpu_type"] == "NVIDIA GeForce RTX 4090" and record["stopped_at"] is None
+    assert record["price_per_hour"] == GPU_TYPES["NVIDIA GeForce RTX 4090"]["communityPrice"]
+    running = pods.wait_until_running(pod_id)
+    assert running["runtime"] and running["desiredStatus"] == "RUNNING"
+    pods.terminate_pod(pod_id)
+    pods.terminate_pod(pod_id)  # twice is fine
+    record = pods.ledger.get(pod_id)
+    assert record["end_reason"] == "done"
+    assert PodLedger.dollars(record) == pytest.approx(fake.dollars(pod_id), abs=1e-6)
+    assert fake.requests.count("podTerminate") >= 1
+
+
+def test_no_4090_capacity_falls_back_to_the_next_gpu_type(tmp_path, fake):
+    fake.capacity["NVIDIA GeForce RTX 4090"] = 0
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    assert fake.pods[pod_id].gpu_type_id == "NVIDIA RTX A6000" == pods.ledger.get(pod_id)["gpu_type"]
+    pods.terminate_pod(pod_id)
+
+
+def test_waits_for_capacity_in_rounds_then_starts(tmp_path, fake):
+    for gpu in fake.capacity:
+        fake.capacity[gpu] = 0
+    threading.Timer(0.3, lambda: fake.capacity.__setitem__("NVIDIA L40S", 1)).start()
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    assert fake.pods[pod_id].gpu_type_id == "NVIDIA L40S"
+    pods.terminate_pod(pod_id)
+
+
+def test_no_capacity_at_all_fails_clearly_and_starts_nothing(tmp_path, fake):
+    for gpu in fake.capacity:
+        fake.capacity[gpu] = 0
+    with pytest.raises(NoCapacity, match="no capacity for NVIDIA GeForce RTX 4090, NVIDIA RTX A6000, NVIDIA L40S"):
+        orchestrator(tmp_path, fake, capacity_timeout=0.3).start_pod()
+    assert fake.pods == {}
+
+
+def test_a_pod_stuck_provisioning_is_terminated_at_the_deadline(tmp_path, fake):
+    fake.stuck_provisioning = True
+    pods = orchestrator(tmp_path, fake, provisioning_timeout=0.3)
+    pod_id = pods.start_pod()
+    with pytest.raises(PodStuck, match="terminated it"):
+        pods.wait_until_running(pod_id)
+    assert pods.ledger.get(pod_id)["end_reason"] == "stuck provisioning"
+
+
+def test_server_errors_and_rate_limits_are_retried(tmp_path, fake):
+    fake.failures = [500, 429, "non-json", 503]
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    assert len(fake.pods) == 1
+    pods.terminate_pod(pod_id)
+    assert fake.failures == []
+
+
+def test_a_create_whose_answer_was_lost_is_found_not_duplicated(tmp_path, fake):
+    """The orphan-pod post-mortem: the pod was created, the answer was a 500."""
+    pods = orchestrator(tmp_path, fake)
+    # Requests: our price lookup, the SDK's own gpuTypes check, then the create mutation,
+    # which the fake carries out before answering 500.
+    fake.failures = [None, None, "after-500"]
+    pod_id = pods.start_pod()
+    assert fake.requests[:4] == ["gpuTypes", "gpuTypes", "podFindAndDeployOnDemand", "myself"]
+    assert list(fake.pods) == [pod_id], "a second pod was created"
+    assert pods.ledger.get(pod_id)["pod_id"] == pod_id
+    pods.terminate_pod(pod_id)
+
+
+def test_env_values_that_would_break_the_query_travel_encoded(tmp_path, fake):
+    service_account = json.dumps({"type": "service_account", "private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----\n"}, indent=1)
+    pods = orchestrator(tmp_path, fake, env={"GOOGLE_CREDENTIALS_JSON": service_account, "PIPELINE_OUTPUT": "gs://b/out"})
+    pod_id = pods.start_pod()
+    env = fake.pods[pod_id].env
+    assert env["PIPELINE_OUTPUT"] == "gs://b/out" and "GOOGLE_CREDENTIALS_JSON" not in env
+    assert decode_env(env) == {"GOOGLE_CREDENTIALS_JSON": service_account}
+    pods.terminate_pod(pod_id)
+
+
+def test_sweep_ends_this_runs_leftover_pods_only(tmp_path, fake):
+    ours = orchestrator(tmp_path, fake)
+    theirs = orchestrator(tmp_path / "other", fake)
+    leftovers = [ours.start_pod(), ours.start_pod()]
+    other = theirs.start_pod()
+    assert sorted(ours.sweep()) == sorted(leftovers)
+    assert [p.id for p in fake.running_pods()] == [other]
+    theirs.terminate_pod(other)
+
+
+def test_missing_or_refused_api_key_is_one_clear_error(tmp_path, fake, monkeypatch):
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    with pytest.raises(PipelineError, match="RUNPOD_API_KEY is not set"):
+        RunpodOrchestrator(PodSettings(image="x"), PodLedger(str(tmp_path)))
+    pods = RunpodOrchestrator(PodSettings(image="x", **FAST), PodLedger(str(tmp_path)), api_key="wrong-key")
+    with pytest.raises(PodError, match="API key was refused"):
+        pods.start_pod()
+    assert fake.pods == {}
