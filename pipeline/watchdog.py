@@ -1,0 +1,168 @@
+"""The pod's entrypoint: run the shard work, then terminate this pod, whatever happens.
+
+A launcher on a laptop can die (lid closed, SIGKILL), and Runpod's own stop timers
+cannot be relied on, so the pod ends itself: when its work finishes or fails, when no
+shard has appeared for ``PIPELINE_WATCHDOG_IDLE_SECONDS``, past
+``PIPELINE_WATCHDOG_MAX_SECONDS`` of runtime or ``PIPELINE_WATCHDOG_MAX_DOLLARS`` of
+spend, and on SIGTERM/SIGINT. Inside a pod Runpod sets ``RUNPOD_POD_ID`` and a
+pod-scoped ``RUNPOD_API_KEY``.
+
+    python -m pipeline.watchdog [extra luigi arguments]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .pods import decode_env
+
+log = logging.getLogger("pipeline.watchdog")
+
+
+@dataclass
+class Limits:
+    idle_seconds: float = 3600  # no new shard for this long: something is wrong
+    max_seconds: float = 7 * 24 * 3600
+    max_dollars: float = float("inf")
+    price_per_hour: float = 0.0  # read from the API when 0
+    check_every: float = 30
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> "Limits":
+        def number(name: str, default: float) -> float:
+            value = env.get(f"PIPELINE_WATCHDOG_{name}")
+            return float(value) if value not in (None, "") else default
+
+        defaults = cls()
+        return cls(
+            idle_seconds=number("IDLE_SECONDS", defaults.idle_seconds),
+            max_seconds=number("MAX_SECONDS", defaults.max_seconds),
+            max_dollars=number("MAX_DOLLARS", defaults.max_dollars),
+            price_per_hour=number("PRICE_PER_HOUR", defaults.price_per_hour),
+            check_every=number("CHECK_SECONDS", defaults.check_every),
+        )
+
+
+def count_shards(output: str) -> int:
+    from . import storage
+
+    return sum(1 for _ in storage.list_files(f"{output}/shards", "shard-*.parquet"))
+
+
+def terminate_own_pod(env: dict[str, str]) -> bool:
+    """Terminate the pod this runs in; retried, and never raises (it is the last word)."""
+    pod_id, key = env.get("RUNPOD_POD_ID"), env.get("RUNPOD_API_KEY")
+    if not pod_id or not key:
+        log.warning("watchdog: RUNPOD_POD_ID or RUNPOD_API_KEY missing: not in a pod, nothing to terminate")
+        return False
+    import runpod
+
+    runpod.api_key = key
+    for attempt in range(1, 9):
+        try:
+            runpod.terminate_pod(pod_id)
+            log.info("watchdog: terminated pod %s", pod_id)
+            return True
+        except Exception as exc:  # keep trying: a pod left running costs money every second
+            log.warning("watchdog: terminating pod %s failed (%s); attempt %d of 8", pod_id, exc, attempt)
+            time.sleep(min(2**attempt, 30))
+    return False
+
+
+def _price_per_hour(env: dict[str, str], limits: Limits) -> float:
+    if limits.price_per_hour:
+        return limits.price_per_hour
+    try:
+        import runpod
+
+        runpod.api_key = env["RUNPOD_API_KEY"]
+        return float(runpod.get_pod(env["RUNPOD_POD_ID"])["costPerHr"])
+    except Exception as exc:
+        log.warning("watchdog: could not read this pod's price (%s); the dollar budget is not enforced", exc)
+        return 0.0
+
+
+def supervise(
+    command: list[str],
+    env: dict[str, str],
+    limits: Limits,
+    output: str,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[int, str]:
+    """Run ``command`` until it ends or a limit is passed; returns (exit code, reason)."""
+    started = clock()
+    price = _price_per_hour(env, limits)
+    child = subprocess.Popen(command, env=env)
+    stopping: list[str] = []
+
+    def on_signal(number, _frame):
+        stopping.append(f"signal {signal.Signals(number).name}")
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, on_signal)
+    shards, last_progress = None, clock()
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=limits.check_every)
+                return code, "finished" if code == 0 else f"the work failed (exit code {code})"
+            except subprocess.TimeoutExpired:
+                pass
+            now = clock()
+            if stopping:
+                reason = stopping[0]
+            elif now - started > limits.max_seconds:
+                reason = f"runtime passed {limits.max_seconds:g}s"
+            elif price and (now - started) / 3600 * price > limits.max_dollars:
+                reason = f"spend passed ${limits.max_dollars:.2f}"
+            elif not output:
+                continue
+            else:
+                try:
+                    current = count_shards(output)
+                except Exception as exc:  # a storage hiccup is not idleness
+                    log.warning("watchdog: could not count shards (%s)", exc)
+                    current = shards
+                if current != shards:
+                    shards, last_progress = current, now
+                if now - last_progress > limits.idle_seconds:
+                    reason = f"no new shard for {limits.idle_seconds:g}s"
+                else:
+                    continue
+            log.error("watchdog: stopping the work: %s", reason)
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            return 1, reason
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    env = {**os.environ, **decode_env(dict(os.environ))}
+    output = env.get("PIPELINE_OUTPUT", "")
+    command = [sys.executable, "-m", "luigi", "--module", "pipeline", "EmbedAll", "--local-scheduler", *(argv if argv is not None else sys.argv[1:])]
+    code, reason = 1, "the watchdog itself failed"
+    try:
+        code, reason = supervise(command, env, Limits.from_env(env), output)
+    finally:
+        log.info("watchdog: work ended (%s); ending this pod", reason)
+        terminate_own_pod(env)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

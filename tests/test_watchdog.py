@@ -1,0 +1,97 @@
+"""The pod's watchdog entrypoint, run as a real process against the fake Runpod API:
+whatever ends the work, the pod is terminated."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fake_runpod import FakeRunpod
+from helpers import ROOT, luigi_env, write_corpus
+from pipeline.pods import PodLedger, PodSettings, RunpodOrchestrator
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pod(monkeypatch, tmp_path):
+    """A started pod on the fake API, and the environment Runpod gives its container."""
+    api = FakeRunpod(provisioning_seconds=0)
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", api.url)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    orchestrator = RunpodOrchestrator(PodSettings(image="img"), PodLedger(str(tmp_path / "ledger")), api_key=api.api_key)
+    pod_id = orchestrator.start_pod()
+    env = luigi_env(
+        HOME=str(tmp_path), RUNPOD_API_BASE_URL=api.url, RUNPOD_POD_ID=pod_id, RUNPOD_API_KEY=api.api_key,
+        PIPELINE_CORPUS=str(write_corpus(tmp_path / "corpus", documents=8, words=200)),
+        PIPELINE_OUTPUT=str(tmp_path / "out"), PIPELINE_DOCS_PER_SHARD="2", PIPELINE_DEVICE="cpu",
+        PIPELINE_WATCHDOG_CHECK_SECONDS="0.2",
+    )
+    yield api, pod_id, env, tmp_path / "out"
+    try:
+        assert api.running_pods() == [], "a pod was left running"
+    finally:
+        orchestrator.sweep()
+        api.stop()
+
+
+def watchdog(env, **extra):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.watchdog"], cwd=ROOT, env={**env, **extra},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=300):
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def test_finished_work_ends_the_pod(pod):
+    api, pod_id, env, output = pod
+    code, log = finish(watchdog(env))
+    assert code == 0, log[-3000:]
+    assert json.loads((output / "_SUCCESS.json").read_text())["documents"] == 8
+    assert api.pods[pod_id].terminated_at is not None
+    assert "work ended (finished); ending this pod" in log
+
+
+def test_failed_work_ends_the_pod_and_exits_nonzero(pod, tmp_path):
+    api, pod_id, env, output = pod
+    code, log = finish(watchdog(env, PIPELINE_CORPUS=str(tmp_path / "no-such-corpus")))
+    assert code != 0
+    assert "the work failed" in log and api.pods[pod_id].terminated_at is not None
+
+
+def test_runtime_limit_stops_the_work_and_ends_the_pod(pod):
+    api, pod_id, env, output = pod
+    code, log = finish(watchdog(env, PIPELINE_WATCHDOG_MAX_SECONDS="1"))
+    assert code == 1 and "runtime passed 1s" in log
+    assert not (output / "_SUCCESS.json").exists()
+    assert api.pods[pod_id].terminated_at is not None
+
+
+def test_no_new_shard_for_too_long_stops_the_work_and_ends_the_pod(pod):
+    api, pod_id, env, output = pod
+    code, log = finish(watchdog(env, PIPELINE_WATCHDOG_IDLE_SECONDS="0.5"))
+    assert code == 1 and "no new shard for 0.5s" in log
+    assert api.pods[pod_id].terminated_at is not None
+
+
+def test_dollar_budget_stops_the_work_and_ends_the_pod(pod):
+    api, pod_id, env, output = pod
+    # $3600/h spends a dollar a second: a $1 budget ends the work within about a second.
+    code, log = finish(watchdog(env, PIPELINE_WATCHDOG_MAX_DOLLARS="1", PIPELINE_WATCHDOG_PRICE_PER_HOUR="3600"))
+    assert code == 1 and "spend passed $1.00" in log
+    assert api.pods[pod_id].terminated_at is not None
+
+
+def test_sigterm_stops_the_work_and_ends_the_pod(pod):
+    api, pod_id, env, output = pod
+    process = watchdog(env)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    code, log = finish(process)
+    assert code == 1 and "signal SIGTERM" in log
+    assert api.pods[pod_id].terminated_at is not None
