@@ -300,3 +300,22 @@ def _describe(exc: BaseException) -> str:
         return "the API answered without data (a server error or rate limit)"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+def cost_report(output: str, now: Optional[float] = None) -> dict[str, Any]:
+    """Dollars per pod, per run and in total, from the ledger (running pods up to now)."""
+    pods = sorted(PodLedger(output).records(), key=lambda p: p["started_at_epoch"])
+    runs: dict[str, dict[str, Any]] = {}
+    for pod in pods:
+        pod["dollars"] = round(PodLedger.dollars(pod, now), 6)
+        pod["hours"] = round(((pod["stopped_at_epoch"] or (now or time.time())) - pod["started_at_epoch"]) / 3600, 6)
+        run = runs.setdefault(pod["run_id"], {"run_id": pod["run_id"], "pods": 0, "dollars": 0.0, "running": 0})
+        run["pods"] += 1
+        run["dollars"] = round(run["dollars"] + pod["dollars"], 6)
+        run["running"] += pod["stopped_at_epoch"] is None
+    return {
+        "pods": pods,
+        "runs": list(runs.values()),
+        "dollars": round(sum(p["dollars"] for p in pods), 6),
+        "running": sum(p["stopped_at_epoch"] is None for p in pods),
+    }

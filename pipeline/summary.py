@@ -72,4 +72,13 @@ def run_summary(output: str, total_shards: int, parameters: dict[str, Any]) -> d
         "chunks_per_second": round(total["chunks"] / wall, 3),
         "tokens_per_second": round(total["tokens"] / wall, 1),
         "pipeline_version": settings["version"],
+        "cost": _cost(output),
     }
+
+
+def _cost(output: str) -> dict[str, Any]:
+    """Dollars spent on Runpod pods for this output (zero for a local run)."""
+    from .pods import cost_report
+
+    report = cost_report(output)
+    return {"dollars": report["dollars"], "pods": len(report["pods"]), "runs": len(report["runs"])}

@@ -131,3 +131,29 @@ def test_missing_or_refused_api_key_is_one_clear_error(tmp_path, fake, monkeypat
     with pytest.raises(PodError, match="API key was refused"):
         pods.start_pod()
     assert fake.pods == {}
+
+
+def test_cost_report_adds_up_per_pod_per_run_and_in_total(tmp_path, fake):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, luigi_env
+    from pipeline.pods import cost_report
+
+    first = orchestrator(tmp_path, fake)
+    a, b = first.start_pod(), first.start_pod()
+    second = orchestrator(tmp_path, fake)  # another run into the same output
+    c = second.start_pod()
+    for orch, pod_id in ((first, a), (first, b), (second, c)):
+        orch.terminate_pod(pod_id)
+    report = cost_report(str(tmp_path / "out"))
+    assert [p["pod_id"] for p in report["pods"]] == [a, b, c]
+    for pod in report["pods"]:
+        assert pod["dollars"] == pytest.approx(fake.dollars(pod["pod_id"]), abs=1e-6)
+    by_run = {r["run_id"]: r for r in report["runs"]}
+    assert by_run[first.run_id]["pods"] == 2 and by_run[second.run_id]["pods"] == 1
+    assert report["dollars"] == pytest.approx(sum(fake.dollars(p) for p in (a, b, c)), abs=1e-5)
+    assert report["running"] == 0
+    printed = subprocess.run([sys.executable, "-m", "pipeline", "cost", str(tmp_path / "out")], cwd=ROOT,
+                             env=luigi_env(), capture_output=True, text=True, check=True).stdout
+    assert f"run {first.run_id}: 2 pod(s)" in printed and printed.strip().splitlines()[-1] == f"total: ${report['dollars']:.4f}"

@@ -1,0 +1,48 @@
+"""``python -m pipeline …``: helpers around the Luigi tasks.
+
+    python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import PipelineError
+
+
+def cost(output: str, as_json: bool) -> None:
+    from .pods import cost_report
+
+    report = cost_report(output)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if not report["pods"]:
+        print(f"{output}: no pods in the ledger ({output}/_runs/pods/): nothing was spent on Runpod")
+        return
+    print(f"{'pod':<16} {'run':<10} {'gpu':<26} {'$/h':>7} {'hours':>8} {'dollars':>9}  state")
+    for pod in report["pods"]:
+        state = f"ended: {pod['end_reason']}" if pod["stopped_at_epoch"] else "RUNNING"
+        print(f"{pod['pod_id']:<16} {pod['run_id']:<10} {pod['gpu_type']:<26} {pod['price_per_hour']:>7.3f} "
+              f"{pod['hours']:>8.3f} {pod['dollars']:>9.4f}  {state}")
+    for run in report["runs"]:
+        print(f"run {run['run_id']}: {run['pods']} pod(s), ${run['dollars']:.4f}" + (f", {run['running']} still running" if run["running"] else ""))
+    print(f"total: ${report['dollars']:.4f}" + (f"; {report['running']} pod(s) still running" if report["running"] else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Helpers around the embedding pipeline's tasks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cost_parser = commands.add_parser("cost", help="dollars spent on Runpod pods for an output")
+    cost_parser.add_argument("output", help="the output folder or bucket prefix")
+    cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "cost":
+            cost(args.output, args.json)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
