@@ -29,6 +29,13 @@ DEFAULTS = {
     "max_tokens": "0",  # 0: the profile's default
     "batch_tokens": "16384",
     "device": "auto",
+    # Runpod (RunpodEmbedAll): the image `make image` pushed, GPU types in order of
+    # preference, the cloud, and the most a run may spend before its pod ends itself.
+    "image": "",
+    "gpu_types": "NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA L40S",
+    "cloud_type": "ALL",
+    "max_dollars": "25",
+    "poll_seconds": "30",
     # Storage calls: attempts per call, and the most seconds to wait between two.
     "storage_retries": "8",
     "storage_retry_max_wait": "30",

@@ -153,6 +153,12 @@ def supervise(
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     env = {**os.environ, **decode_env(dict(os.environ))}
+    if env.get("GOOGLE_CREDENTIALS_JSON"):
+        # A service-account key passed in the pod's env: to a private file, never logged.
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "gcp-credentials.json")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(env.pop("GOOGLE_CREDENTIALS_JSON"))
+        env["GOOGLE_APPLICATION_CREDENTIALS"] = path
     output = env.get("PIPELINE_OUTPUT", "")
     command = [sys.executable, "-m", "luigi", "--module", "pipeline", "EmbedAll", "--local-scheduler", *(argv if argv is not None else sys.argv[1:])]
     code, reason = 1, "the watchdog itself failed"

@@ -62,8 +62,15 @@ class FakeRunpod:
     # Queued faults, one per request: 500, 429, "non-json", or "after-500" (the request
     # is carried out, then the answer is lost as a 500).
     failures: list = field(default_factory=list)
+    # When set, each pod runs this command as a local process with the pod's env and
+    # Runpod's own variables, and terminating the pod kills it: the container's
+    # entrypoint and watchdog run for real, without an image.
+    pod_command: Optional[list] = None
+    pod_base_env: dict = field(default_factory=dict)
+    pod_cwd: Optional[str] = None
 
     def __post_init__(self):
+        self.processes: dict = {}
         self.pods: dict[str, FakePod] = {}
         self.requests: list[str] = []
         self._lock = threading.Lock()
@@ -89,15 +96,12 @@ class FakeRunpod:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
     # -- the ledger -------------------------------------------------------------------
 
     def running_pods(self) -> list[FakePod]:
+        """Pods still billed: not terminated (an exited pod's disk is billed too)."""
         with self._lock:
-            return [p for p in self.pods.values() if p.running]
+            return [p for p in self.pods.values() if p.terminated_at is None]
 
     def dollars(self, pod_id: str) -> float:
         return self.pods[pod_id].dollars(time.time())
@@ -155,7 +159,27 @@ class FakeRunpod:
                 provisioned_at=None if self.stuck_provisioning else now + self.provisioning_seconds,
             )
             self.pods[pod.id] = pod
+        if self.pod_command:
+            import subprocess
+
+            from pipeline.pods import decode_env
+
+            env = {**self.pod_base_env, **pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
+                   "RUNPOD_API_KEY": self.api_key, "RUNPOD_API_BASE_URL": self.url}
+            self.processes[pod.id] = subprocess.Popen(self.pod_command, env=env, cwd=self.pod_cwd,
+                                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self._pod_view(pod)
+
+    def crash(self, pod_id: str) -> None:
+        """The container dies (SIGKILL); the pod shows as exited, still billed until terminated."""
+        self.processes[pod_id].kill()
+        self.processes[pod_id].wait()
+        self.pods[pod_id].stopped_at = time.time()
+
+    def _reap(self, pod: FakePod) -> None:
+        process = self.processes.get(pod.id)
+        if process and process.poll() is not None and pod.running:
+            pod.stopped_at = time.time()  # the container exited; the pod is EXITED
 
     def _pod(self, query: dict) -> Optional[dict]:
         pod = self.pods.get(query["podId"])
@@ -175,7 +199,19 @@ class FakeRunpod:
             if not pod.terminated_at:
                 pod.terminated_at = time.time()
                 self.capacity[pod.gpu_type_id] += 1
+        process = self.processes.get(pod.id)
+        if process and process.poll() is None:
+            process.kill()  # the platform ends the container with the pod
+            process.wait()
         return None
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.server.shutdown()
+        self.server.server_close()
 
     def _existing(self, pod_id: str) -> FakePod:
         pod = self.pods.get(pod_id)
@@ -184,6 +220,7 @@ class FakeRunpod:
         return pod
 
     def _pod_view(self, pod: FakePod) -> dict:
+        self._reap(pod)
         now = time.time()
         provisioned = pod.provisioned_at is not None and now >= pod.provisioned_at and pod.running
         return {

@@ -1,0 +1,145 @@
+"""RunpodEmbedAll: run EmbedAll on a Runpod GPU pod and never leave the pod running.
+
+The launcher builds the manifest itself (a listing: cheap), starts a pod whose
+container runs ``python -m pipeline.watchdog`` (EmbedAll, then the pod ends itself),
+follows progress by the shard targets appearing, and terminates the pod when the work
+is done, when it fails, and on SIGINT/SIGTERM. Its output is EmbedAll's
+``_SUCCESS.json``, so it is complete exactly when the work is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import luigi
+
+from . import config, storage
+from .pods import PodLedger, PodSettings, RunpodOrchestrator, cost_report
+from .progress import format_duration
+from .tasks import CorpusManifest, EmbedAll, RunParameters
+from .watchdog import count_shards
+
+log = logging.getLogger("luigi-interface")
+
+# Passed to the pod when set on the launcher: bucket endpoints and credentials.
+PASSED_THROUGH = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+    "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "PIPELINE_STORAGE_RETRIES", "PIPELINE_STORAGE_RETRY_MAX_WAIT",
+)
+
+
+class PodEnded(Exception):
+    """The pod stopped before the work was done (a crash, a watchdog limit)."""
+
+
+class RunpodEmbedAll(RunParameters, luigi.Task):
+    """EmbedAll on a Runpod GPU pod; ``--image`` is what ``make image`` pushed."""
+
+    image = luigi.Parameter(default=config.setting("image"), description="container image for the pod")
+    gpu_types = luigi.Parameter(default=config.setting("gpu_types"), description="comma-separated, in order of preference")
+    cloud_type = luigi.Parameter(default=config.setting("cloud_type"), description="ALL, COMMUNITY or SECURE")
+    max_dollars = luigi.FloatParameter(default=float(config.setting("max_dollars")), description="the pod ends itself past this spend")
+    poll_seconds = luigi.FloatParameter(default=float(config.setting("poll_seconds")), significant=False)
+
+    def requires(self):
+        return self.clone(CorpusManifest)
+
+    def output_target(self):
+        return self.clone(EmbedAll).output()
+
+    def complete(self):
+        return self.clone(EmbedAll).complete()
+
+    def pod_env(self) -> dict[str, str]:
+        env = {
+            "PIPELINE_CORPUS": self.corpus_location(),
+            "PIPELINE_OUTPUT": self.output_location,
+            "PIPELINE_PATTERN": self.pattern,
+            "PIPELINE_DOCS_PER_SHARD": str(self.docs_per_shard),
+            "PIPELINE_MODEL": self.model,
+            "PIPELINE_MAX_TOKENS": str(self.max_tokens),
+            "PIPELINE_BATCH_TOKENS": str(self.batch_tokens),
+            "PIPELINE_DEVICE": self.device,
+            "PIPELINE_WATCHDOG_MAX_DOLLARS": str(self.max_dollars),
+        }
+        if self.model_path:
+            env["PIPELINE_MODEL_PATH"] = self.model_path
+        env.update({k: os.environ[k] for k in PASSED_THROUGH if os.environ.get(k)})
+        for name in ("PIPELINE_WATCHDOG_IDLE_SECONDS", "PIPELINE_WATCHDOG_MAX_SECONDS", "PIPELINE_WATCHDOG_CHECK_SECONDS"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if key_file and Path(key_file).is_file():
+            env["GOOGLE_CREDENTIALS_JSON"] = Path(key_file).read_text()
+        return env
+
+    def orchestrator(self) -> RunpodOrchestrator:
+        settings = PodSettings(
+            image=self.image,
+            gpu_types=tuple(g.strip() for g in self.gpu_types.split(",") if g.strip()),
+            cloud_type=self.cloud_type,
+            env=self.pod_env(),
+            poll_interval=self.poll_seconds,
+        )
+        return RunpodOrchestrator(settings, PodLedger(self.output_location))
+
+    def run(self):
+        if not self.image:
+            from .errors import PipelineError
+
+            raise PipelineError("no --image: build and push one with `make image`, then pass it or set PIPELINE_IMAGE")
+        self._orchestrator = self.orchestrator()
+        self._pods: list[str] = []
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            pod_id = self._orchestrator.start_pod()
+            self._pods.append(pod_id)
+            self._orchestrator.wait_until_running(pod_id)
+            self._follow(pod_id)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            self._end_pods("launcher finished" if self.complete() else "launcher stopped")
+
+    def _follow(self, pod_id: str) -> None:
+        total = int(self.clone(EmbedAll).total_shards())
+        started, first_done = time.monotonic(), None
+        while not self.complete():
+            done = count_shards(self.output_location)
+            first_done = first_done if first_done is not None else done
+            elapsed = time.monotonic() - started
+            rate = (done - first_done) / elapsed * 3600 if elapsed > 0 else 0.0
+            eta = format_duration((total - done) / rate * 3600) if rate > 0 else "unknown"
+            dollars = cost_report(self.output_location)["dollars"]
+            self.set_status_message(f"pod {pod_id}: {done}/{total} shards, {rate:.1f} shards/h, ETA {eta}, ${dollars:.2f} spent")
+            self.set_progress_percentage(int(100 * done / total) if total else 0)
+            status = self._orchestrator.get_pod_status(pod_id)
+            if status is None or status.get("desiredStatus") not in ("RUNNING", "CREATED"):
+                if self.complete():
+                    break
+                raise PodEnded(f"pod {pod_id} ended before the work was done ({done}/{total} shards); rerun to resume")
+            time.sleep(self.poll_seconds)
+
+    def _end_pods(self, reason: str) -> None:
+        orchestrator = getattr(self, "_orchestrator", None)
+        if orchestrator is None:
+            return
+        for pod_id in getattr(self, "_pods", []):
+            orchestrator.terminate_pod(pod_id, reason=reason)
+        orchestrator.sweep()
+
+    def _on_signal(self, number, _frame):
+        self._end_pods(f"launcher got {signal.Signals(number).name}")
+        raise KeyboardInterrupt(f"launcher got {signal.Signals(number).name}")
+
+    def on_success(self):
+        self._end_pods("done")
+
+    def on_failure(self, exception):
+        self._end_pods(f"failed: {exception}")
+        return super().on_failure(exception)
+

@@ -1,0 +1,121 @@
+"""RunpodEmbedAll against the fake Runpod API, whose pods run the container's
+entrypoint (the watchdog) as local processes. Every scenario ends with no pod billed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import luigi
+import pytest
+
+from fake_runpod import FakeRunpod
+from helpers import ROOT, luigi_command, luigi_env, write_corpus
+from pipeline import RunpodEmbedAll
+from pipeline.pods import PodLedger, cost_report
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    pod_env = luigi_env(HOME=str(tmp_path), PIPELINE_WATCHDOG_CHECK_SECONDS="0.2")
+    api = FakeRunpod(provisioning_seconds=0.1, pod_command=[sys.executable, "-m", "pipeline.watchdog"], pod_base_env=pod_env, pod_cwd=str(ROOT))
+    for key, value in {"RUNPOD_API_BASE_URL": api.url, "RUNPOD_API_KEY": api.api_key, "HOME": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    yield api
+    try:
+        deadline = time.monotonic() + 60
+        while api.running_pods() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert api.running_pods() == [], "a pod was left running"
+    finally:
+        api.stop()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus", documents=12, words=300)
+
+
+def task(corpus, output, **extra):
+    return RunpodEmbedAll(corpus=str(corpus), output=str(output), docs_per_shard=3, image="registry.local/embedding:test", poll_seconds=0.2, **extra)
+
+
+def launcher_env(fake):
+    return luigi_env(RUNPOD_API_BASE_URL=fake.url, RUNPOD_API_KEY=fake.api_key, HOME=os.environ["HOME"])
+
+
+def launcher_args(corpus, output):
+    return ["RunpodEmbedAll", "--local-scheduler", "--corpus", str(corpus), "--output", str(output), "--docs-per-shard", "3",
+            "--image", "registry.local/embedding:test", "--poll-seconds", "0.2"]
+
+
+def wait_for(condition, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_happy_path_embeds_on_the_pod_and_ends_it(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    assert (output / "_SUCCESS.json").exists() and len(list((output / "shards").glob("*.parquet"))) == 4
+    [pod] = fake.pods.values()
+    assert pod.env["PIPELINE_OUTPUT"] == str(output) and pod.image_name == "registry.local/embedding:test"
+    wait_for(lambda: not fake.running_pods())
+    report = cost_report(str(output))
+    assert report["running"] == 0 and report["dollars"] == pytest.approx(fake.dollars(pod.id), abs=1e-5)
+
+
+def test_a_failure_inside_the_pod_fails_the_task_and_ends_the_pod(fake, corpus, tmp_path):
+    fake.pod_base_env["PIPELINE_MODEL_PATH"] = str(tmp_path / "no-model-here")
+    assert not luigi.build([task(corpus, tmp_path / "out")], local_scheduler=True, log_level="WARNING")
+    assert not (tmp_path / "out" / "_SUCCESS.json").exists()
+
+
+def test_ctrl_c_of_the_launcher_ends_the_pod(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: fake.pods)
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    [record] = PodLedger(str(output)).records()
+    assert record["end_reason"] == "launcher got SIGINT" and fake.pods[record["pod_id"]].terminated_at
+
+
+def test_a_launcher_killed_outright_leaves_the_pod_to_finish_and_end_itself(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: fake.pods)
+    launcher.kill()
+    launcher.wait()
+    wait_for(lambda: not fake.running_pods(), timeout=180)  # the watchdog ended it
+    assert (output / "_SUCCESS.json").exists()
+
+
+def test_a_crashed_container_fails_the_run_and_a_rerun_resumes(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list((output / "shards").glob("*.parquet"))) >= 1 if (output / "shards").exists() else False)
+    [pod_id] = fake.pods
+    fake.crash(pod_id)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and "ended before the work was done" in stderr
+    assert fake.pods[pod_id].terminated_at, "the launcher did not terminate the crashed pod"
+    before = {p.name: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}
+
+    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    assert (output / "_SUCCESS.json").exists() and len(fake.pods) == 2
+    assert all((output / "shards" / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+    assert len(PodLedger(str(output)).records()) == 2
