@@ -14,7 +14,7 @@ SCHEDULER_PORT ?= 8082
 EMBED_ARGS ?= --output output/sample --docs-per-shard 25
 LUIGI_STATE := var/luigi
 
-.PHONY: embed test bench luigid luigid-stop setup clean
+.PHONY: embed test bench image luigid luigid-stop setup clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test: $(STAMP)
 # Benchmarks print figures side by side in one run; they are never timed tests.
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/manifest_memory.py
+
+# Build the pod's image and push it to PIPELINE_REGISTRY (.env), tagged with the git
+# revision; needs a Docker engine. Prints the reference to pass as --image.
+image: $(STAMP)
+	$(BIN)/python -m pipeline image
 
 # Central scheduler with its web view at http://127.0.0.1:8082; state and task
 # history (sqlite) under var/luigi. Stop it with `make luigid-stop`.

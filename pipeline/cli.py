@@ -1,13 +1,17 @@
 """``python -m pipeline …``: helpers around the Luigi tasks.
 
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
+    python -m pipeline image [--no-push]       build and push the pod's image
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from dotenv import find_dotenv, load_dotenv
 
 from .errors import PipelineError
 
@@ -38,10 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     cost_parser = commands.add_parser("cost", help="dollars spent on Runpod pods for an output")
     cost_parser.add_argument("output", help="the output folder or bucket prefix")
     cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    image_parser = commands.add_parser("image", help="build the pod's image and push it to PIPELINE_REGISTRY")
+    image_parser.add_argument("--base-image", default=os.environ.get("PIPELINE_BASE_IMAGE", ""), help="a CUDA PyTorch image")
+    image_parser.add_argument("--no-push", action="store_true", help="build only")
     args = parser.parse_args(argv)
+    load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
         if args.command == "cost":
             cost(args.output, args.json)
+        elif args.command == "image":
+            import logging
+
+            from .image import build_and_push
+
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            print(build_and_push(os.environ.get("PIPELINE_REGISTRY", ""), args.base_image, push=not args.no_push))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

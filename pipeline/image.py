@@ -1,0 +1,76 @@
+"""``make image``: build this project's container and push it, tagged with the git revision.
+
+The registry comes from ``PIPELINE_REGISTRY`` (for example ``ghcr.io/you``); log in
+with ``docker login`` first, or set ``PIPELINE_REGISTRY_USERNAME`` and
+``PIPELINE_REGISTRY_PASSWORD``. Secrets are never build arguments: they cannot end
+up in the image's layers or history.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from .errors import PipelineError
+
+log = logging.getLogger("pipeline.image")
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_NAME = "embedding-pipeline"
+
+
+def revision(root: Path = ROOT) -> str:
+    """The short git revision, with ``-dirty`` when the working tree has changes, so a
+    tag always names exactly what is in the image."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        short = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        raise PipelineError(f"cannot read the git revision to tag the image: {exc}") from exc
+    return f"{short}-dirty" if dirty else short
+
+
+def image_reference(registry: str, root: Path = ROOT) -> str:
+    if not registry:
+        raise PipelineError("PIPELINE_REGISTRY is not set: name the registry to push to (for example ghcr.io/you) in .env")
+    return f"{registry.rstrip('/')}/{IMAGE_NAME}:{revision(root)}"
+
+
+def build_and_push(registry: str, base_image: str = "", push: bool = True) -> str:
+    """Build containers/Dockerfile with the docker SDK, push it, return the reference."""
+    import docker
+    from docker.errors import APIError, BuildError, DockerException
+
+    reference = image_reference(registry)
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException as exc:
+        raise PipelineError(f"no Docker engine reachable (is dockerd running? DOCKER_HOST?): {exc}") from exc
+    build_args = {"BASE_IMAGE": base_image} if base_image else {}
+    log.info("building %s", reference)
+    try:
+        _, logs = client.images.build(path=str(ROOT), dockerfile="containers/Dockerfile", tag=reference, buildargs=build_args, rm=True)
+        for line in logs:
+            if "stream" in line and line["stream"].strip():
+                log.info("%s", line["stream"].rstrip())
+    except BuildError as exc:
+        raise PipelineError(f"the image build failed: {exc.msg}") from exc
+    if not push:
+        return reference
+    username, password = os.environ.get("PIPELINE_REGISTRY_USERNAME"), os.environ.get("PIPELINE_REGISTRY_PASSWORD")
+    if username and password:
+        client.login(username=username, password=password, registry=registry.split("/")[0])
+    repository, tag = reference.rsplit(":", 1)
+    try:
+        for line in client.images.push(repository, tag=tag, stream=True, decode=True):
+            if "error" in line:
+                raise PipelineError(f"pushing {reference} failed: {line['error']}")
+    except APIError as exc:
+        raise PipelineError(f"pushing {reference} failed: {exc.explanation or exc}") from exc
+    log.info("pushed %s", reference)
+    return reference

@@ -1,0 +1,53 @@
+"""The pod's container: the Dockerfile lints clean, secrets stay out of the build
+context, and the image is tagged with exactly the revision it holds."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, luigi_env
+from pipeline.image import image_reference, revision
+
+
+def test_the_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
+    result = subprocess.run([hadolint, str(ROOT / "containers" / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_secrets_and_local_state_stay_out_of_the_build_context():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".env", ".venv", ".git", "output", "var"):
+        assert path in ignored
+
+
+def test_the_dockerfile_runs_the_watchdog_and_bakes_the_model_in():
+    dockerfile = (ROOT / "containers" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["python", "-m", "pipeline.watchdog"]' in dockerfile
+    assert "ARG BASE_IMAGE=" in dockerfile and "HF_HUB_OFFLINE=1" in dockerfile
+    assert "SentenceTransformer" in dockerfile  # loaded once at build time, offline after
+
+
+def test_the_image_tag_is_the_git_revision_marked_dirty_when_changed(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("one")
+    git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert revision(tmp_path) == head
+    assert image_reference("ghcr.io/you/", tmp_path) == f"ghcr.io/you/embedding-pipeline:{head}"
+    (tmp_path / "a.txt").write_text("two")
+    assert revision(tmp_path) == f"{head}-dirty"
+
+
+def test_make_image_without_a_registry_or_engine_says_what_is_missing(tmp_path):
+    env = luigi_env(HOME=str(tmp_path), DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    env.pop("PIPELINE_REGISTRY", None)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "image"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "PIPELINE_REGISTRY is not set" in result.stderr
+    env["PIPELINE_REGISTRY"] = "registry.local:5000/team"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "image"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "no Docker engine reachable" in result.stderr
