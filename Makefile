@@ -14,7 +14,7 @@ SCHEDULER_PORT ?= 8082
 EMBED_ARGS ?= --output output/sample --docs-per-shard 25
 LUIGI_STATE := var/luigi
 
-.PHONY: embed test bench image luigid luigid-stop setup clean
+.PHONY: embed test bench image cost-estimate luigid luigid-stop setup clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ bench: $(STAMP)
 # revision; needs a Docker engine. Prints the reference to pass as --image.
 image: $(STAMP)
 	$(BIN)/python -m pipeline image
+
+# What a corpus will cost on Runpod before any pod starts: make cost-estimate CORPUS=gs://b/p
+cost-estimate: $(STAMP)
+	$(BIN)/python -m pipeline estimate $(if $(CORPUS),--corpus $(CORPUS))
 
 # Central scheduler with its web view at http://127.0.0.1:8082; state and task
 # history (sqlite) under var/luigi. Stop it with `make luigid-stop`.

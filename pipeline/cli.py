@@ -2,6 +2,7 @@
 
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
     python -m pipeline image [--no-push]       build and push the pod's image
+    python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
 """
 
 from __future__ import annotations
@@ -45,11 +46,25 @@ def main(argv: list[str] | None = None) -> int:
     image_parser = commands.add_parser("image", help="build the pod's image and push it to PIPELINE_REGISTRY")
     image_parser.add_argument("--base-image", default=os.environ.get("PIPELINE_BASE_IMAGE", ""), help="a CUDA PyTorch image")
     image_parser.add_argument("--no-push", action="store_true", help="build only")
+    estimate_parser = commands.add_parser("estimate", help="estimate a corpus's cost on Runpod before any pod starts")
+    estimate_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
+    estimate_parser.add_argument("--pattern", default="*.md")
+    estimate_parser.add_argument("--model", default="nomic", help="profile whose tokenizer counts the tokens")
+    estimate_parser.add_argument("--sample", type=int, default=200, help="documents read and chunked")
+    estimate_parser.add_argument("--gpu-types", default="NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA L40S")
+    estimate_parser.add_argument("--tokens-per-second", type=float, default=None, help="a measured throughput to use")
     args = parser.parse_args(argv)
     load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
         if args.command == "cost":
             cost(args.output, args.json)
+        elif args.command == "estimate":
+            from .estimate import estimate
+            from .sample import ensure_sample_corpus
+
+            corpus = args.corpus or ensure_sample_corpus()
+            gpus = [g.strip() for g in args.gpu_types.split(",") if g.strip()]
+            print(estimate(corpus, args.pattern, args.model, gpus, args.sample, args.tokens_per_second))
         elif args.command == "image":
             import logging
 
