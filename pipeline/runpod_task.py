@@ -39,7 +39,7 @@ class PodEnded(Exception):
 class RunpodEmbedAll(RunParameters, luigi.Task):
     """EmbedAll on a Runpod GPU pod; ``--image`` is what ``make image`` pushed."""
 
-    image = luigi.Parameter(default=config.setting("image"), description="container image for the pod")
+    image = luigi.Parameter(default=config.setting("image"), description="the pod's image; empty: build and push one now")
     gpu_types = luigi.Parameter(default=config.setting("gpu_types"), description="comma-separated, in order of preference")
     cloud_type = luigi.Parameter(default=config.setting("cloud_type"), description="ALL, COMMUNITY or SECURE")
     max_dollars = luigi.FloatParameter(default=float(config.setting("max_dollars")), description="the pod ends itself past this spend")
@@ -89,9 +89,10 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
 
     def run(self):
         if not self.image:
-            from .errors import PipelineError
+            # Build and ship this revision's container first (what `make image` does).
+            from .image import build_and_push
 
-            raise PipelineError("no --image: build and push one with `make image`, then pass it or set PIPELINE_IMAGE")
+            self.image = build_and_push(os.environ.get("PIPELINE_REGISTRY", ""))
         self._orchestrator = self.orchestrator()
         self._pods: list[str] = []
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -119,3 +119,11 @@ def test_a_crashed_container_fails_the_run_and_a_rerun_resumes(fake, corpus, tmp
     assert (output / "_SUCCESS.json").exists() and len(fake.pods) == 2
     assert all((output / "shards" / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
     assert len(PodLedger(str(output)).records()) == 2
+
+
+def test_without_an_image_it_builds_one_first_and_says_what_is_missing(fake, corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv("PIPELINE_REGISTRY", raising=False)
+    launcher = subprocess.run(luigi_command(*[a for a in launcher_args(corpus, tmp_path / "out") if a not in ("--image", "registry.local/embedding:test")]),
+                              cwd=ROOT, env=launcher_env(fake), capture_output=True, text=True, timeout=120)
+    assert launcher.returncode == 30 and "ERROR: PIPELINE_REGISTRY is not set" in launcher.stderr
+    assert fake.pods == {}
