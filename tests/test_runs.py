@@ -17,6 +17,7 @@ import pytest
 
 from helpers import ROOT, free_port, luigi_command, luigi_env, read_output_rows, run_luigi, write_corpus
 from pipeline.shards import shard_stats
+from storage_servers import stop
 
 pytestmark = pytest.mark.slow
 
@@ -165,12 +166,7 @@ def luigid(tmp_path):
                 time.sleep(0.2)
         yield port, folder
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def api(port, method, **data):
