@@ -95,9 +95,6 @@ def run_shard(
     """Embed one shard and publish it with its rejects; returns the shard's stats."""
     rows = manifest_rows(manifest, shard)
     destination = shard_path(output, shard)
-    stale = storage.remove_stale_temps(destination)
-    if stale:
-        log.info("shard %d: removed %d temp file(s) left by an interrupted run", shard, stale)
     started_at, clock = _now(), time.monotonic()
     rejects: list[dict[str, Any]] = []
     counts = Counter()
@@ -156,7 +153,7 @@ def run_shard(
     finally:
         progress.close()
     if not staged.published:
-        log.info("shard %d was published by another worker first; kept theirs (same rows)", shard)
+        log.info("shard %d already existed (another worker's, or this upload's whose answer was lost); kept it", shard)
     return stats
 
 

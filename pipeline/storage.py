@@ -99,10 +99,11 @@ def _status_of(exc: BaseException) -> Optional[int]:
     code = getattr(exc, "code", None)  # google.api_core exceptions
     if isinstance(code, int):
         return code
-    response = getattr(exc, "response", None)  # botocore ClientError
-    if isinstance(response, dict):
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
         return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return None
+    status = getattr(response, "status_code", None)  # google-resumable-media's InvalidResponse
+    return status if isinstance(status, int) else None
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -124,8 +125,7 @@ def is_transient(exc: BaseException) -> bool:
         "ReadTimeoutError",
         "ConnectTimeoutError",
         "ResponseStreamingError",
-        "DataChecksumError",  # google-resumable-media: a truncated download
-        "InvalidResponse",
+        "DataCorruption",  # google-cloud-storage: a download that failed its checksum
     }
     return bool(names & transient_names)
 
@@ -372,12 +372,14 @@ class GCSBackend:
         _probe_write(self, root)
 
     def check_readable(self, root: str) -> None:
-        bucket, _ = split_bucket(root)
+        """One object listing (objects.list is what reading the corpus needs anyway;
+        buckets.get would need more than a reader's role)."""
+        bucket, prefix = split_bucket(root)
         from google.api_core.exceptions import NotFound
 
         def probe():
             try:
-                self.client.get_bucket(bucket, retry=None)
+                list(self.client.list_blobs(bucket, prefix=prefix, max_results=1, retry=None))
             except NotFound:
                 raise PipelineError(f"corpus {root}: bucket {bucket} does not exist") from None
 
@@ -417,9 +419,14 @@ class S3Backend:
     def __init__(self):
         import boto3
         from botocore.config import Config
+        from botocore.exceptions import ProfileNotFound
 
-        session = boto3.session.Session()
-        if session.get_credentials() is None:
+        try:
+            session = boto3.session.Session()
+            credentials = session.get_credentials()
+        except ProfileNotFound as exc:
+            raise PipelineError(f"AWS_PROFILE names a profile that does not exist: {exc}") from None
+        if credentials is None:
             raise PipelineError(
                 "no AWS credentials for s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                 "or AWS_PROFILE (and AWS_ENDPOINT_URL for an S3-compatible server)"
@@ -479,8 +486,9 @@ class S3Backend:
             for item in page.get("Contents", []):
                 relative = item["Key"][len(prefix) :]
                 if not item["Key"].endswith("/") and _is_document(relative, pattern):
-                    etag = item["ETag"].strip('"')
-                    yield Listed(relative, item["Size"], f"etag:{etag}" if "-" in etag else etag)
+                    # Not an MD5 for multipart uploads or SSE-KMS/SSE-C objects, so kept
+                    # as an opaque ETag (never a false "changed" rejection).
+                    yield Listed(relative, item["Size"], "etag:" + item["ETag"].strip('"'))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -711,6 +719,9 @@ def atomic_output(dest: str, overwrite: bool = True) -> Iterator[Staged]:
     """Yield a staging file to write completely; on success it is published to ``dest``
     in one step. With ``overwrite=False`` an existing ``dest`` is kept (exactly-once).
     On error nothing is published and the staging file is removed."""
+    stale = remove_stale_temps(dest)
+    if stale:
+        log.info("%s: removed %d staging file(s) left by an interrupted run", dest, stale)
     staged = Staged(dest)
     try:
         yield staged

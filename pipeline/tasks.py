@@ -36,6 +36,8 @@ class LocationParameter(luigi.Parameter):
         value = super().normalize(value)
         if value:
             storage.backend_for(value)  # unknown scheme or missing credentials: say so now
+            if len(value) > 1:
+                value = value.rstrip("/")  # "out/" and "out" are one output, never "out//shards"
         return value
 
 

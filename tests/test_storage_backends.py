@@ -37,7 +37,9 @@ def test_listing_pages_filters_and_hashes(bucket):
     bucket.put("corpus/.hidden/x.md", b"hidden")
     listed = list(list_documents(f"{bucket.url}/corpus", "*.md"))
     assert [d.relative for d in listed] == sorted(n[len("corpus/") :] for n in names)
-    assert all(d.content_hash == hashlib.md5(f"corpus/{d.relative}".encode()).hexdigest() for d in listed)
+    md5 = {d.relative: hashlib.md5(f"corpus/{d.relative}".encode()).hexdigest() for d in listed}
+    # GCS reports the MD5; S3's ETag is kept opaque (it is no MD5 under SSE-KMS or multipart).
+    assert all(d.content_hash == (md5[d.relative] if bucket.kind == "gcs" else f"etag:{md5[d.relative]}") for d in listed)
 
 
 def test_missing_bucket_and_empty_prefix_are_clear_errors(bucket):
@@ -115,7 +117,7 @@ def test_listing_resumes_from_its_page_after_a_fault(proxied_bucket):
     list_requests = []
 
     def fail_the_second_page_twice(method, path, number):
-        if method == "GET" and "prefix=corpus" in path:
+        if method == "GET" and "prefix=corpus" in path and "maxResults=1&" not in path:  # not the readability probe
             list_requests.append(path)
             return "503" if len(list_requests) in (2, 3) else None
         return None

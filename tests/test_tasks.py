@@ -110,6 +110,20 @@ def settings_seen(cwd, *args, **env):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout.split()
 
 
+def test_a_trailing_slash_names_the_same_output(tmp_path, monkeypatch):
+    import pipeline.storage
+
+    assert EmbedAll(output=str(tmp_path) + "/").output_location == str(tmp_path)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # anonymous client, no call made
+    pipeline.storage._backend.cache_clear()
+    try:
+        task = EmbedAll(output="gs://bucket/out/", corpus="gs://bucket/corpus/")
+        assert (task.output_location, task.corpus) == ("gs://bucket/out", "gs://bucket/corpus")
+        assert task.output().path == "gs://bucket/out/_SUCCESS.json"
+    finally:
+        pipeline.storage._backend.cache_clear()
+
+
 def test_settings_come_from_luigi_cfg_then_env_then_command_line(tmp_path):
     assert settings_seen(tmp_path) == ["output", "1000", "minilm", "auto"]
     (tmp_path / ".env").write_text("PIPELINE_OUTPUT=from-dotenv\nPIPELINE_DEVICE=cpu\n")
