@@ -166,8 +166,38 @@ def main(argv: Optional[list[str]] = None) -> int:
         code, reason = supervise(command, env, Limits.from_env(env), output)
     finally:
         log.info("watchdog: work ended (%s); ending this pod", reason)
-        terminate_own_pod(env)
+        pod_id = env.get("RUNPOD_POD_ID", "")
+        # Into the ledger first: a terminated pod's container is killed at once, so
+        # nothing after a successful terminate runs. The launcher may be gone.
+        ledger_updated = bool(pod_id and output) and record_end(output, pod_id, f"watchdog: {reason}")
+        if not terminate_own_pod(env) and ledger_updated:
+            record_end(output, pod_id, None)  # it is still running after all: say so
     return code
+
+
+def record_end(output: str, pod_id: str, reason: Optional[str]) -> bool:
+    """Mark the pod ended now in the ledger (``reason`` None: running again)."""
+    from .pods import PodLedger
+
+    try:
+        ledger = PodLedger(output)
+        record = ledger.get(pod_id)
+        if reason is None:
+            record.update(stopped_at=None, stopped_at_epoch=None, end_reason="watchdog could not terminate it")
+        elif record["stopped_at_epoch"] is None:
+            now = time.time()
+            record.update(stopped_at=_iso(now), stopped_at_epoch=now, end_reason=reason)
+        ledger.record(record)
+        return True
+    except Exception as exc:  # a missing record is no reason not to end the pod
+        log.warning("watchdog: could not update the pod's ledger record: %s", exc)
+        return False
+
+
+def _iso(seconds: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ def fake(monkeypatch, tmp_path):
         while api.running_pods() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert api.running_pods() == [], "a pod was left running"
+        for pod in api.pods.values():  # the ledger knows every pod ended, and what it cost
+            record = PodLedger(pod.env["PIPELINE_OUTPUT"]).get(pod.id)
+            assert record["stopped_at_epoch"] is not None, f"the ledger shows {pod.id} as running"
+            assert PodLedger.dollars(record) == pytest.approx(api.dollars(pod.id), abs=1e-4)
     finally:
         api.stop()
 
