@@ -32,6 +32,7 @@ DEFAULTS = {
     # Runpod (RunpodEmbedAll): the image `make image` pushed, GPU types in order of
     # preference, the cloud, and the most a run may spend before its pod ends itself.
     "image": "",
+    "pod_model": "nomic",
     "gpu_types": "NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA L40S",
     "cloud_type": "ALL",
     "max_dollars": "25",

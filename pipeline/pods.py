@@ -84,6 +84,17 @@ def _now_iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
 
 
+def ledger_record(pod_id: str, name: str, run_id: str, gpu_type: str, gpu_count: int, cloud_type: str,
+                  price: float, image: str, started: float) -> dict[str, Any]:
+    """One pod's ledger entry (the launcher writes it; the watchdog if the launcher died)."""
+    return {
+        "pod_id": pod_id, "name": name, "run_id": run_id, "gpu_type": gpu_type, "gpu_count": gpu_count,
+        "cloud_type": cloud_type, "price_per_hour": price, "image": image,
+        "started_at": _now_iso(started), "started_at_epoch": started,
+        "stopped_at": None, "stopped_at_epoch": None, "end_reason": None,
+    }
+
+
 class PodLedger:
     """Every pod of an output: ``{output}/_runs/pods/{pod_id}.json`` with its GPU type,
     hourly price, start and stop, so "what has this cost" is a read, not a guess."""
@@ -143,6 +154,9 @@ class RunpodOrchestrator:
         self.clock = clock
         self.sleep = sleep
         self._pods_started = 0
+        # Creates in flight, by pod name: what the ledger needs if the pod must be
+        # swept before its record was written (a signal between create and record).
+        self._creating: dict[str, tuple[str, float, float]] = {}
 
     # -- calls ------------------------------------------------------------------------
 
@@ -202,9 +216,13 @@ class RunpodOrchestrator:
         s = self.settings
         arguments = dict(
             name=name, image_name=s.image, gpu_type_id=gpu_type, cloud_type=s.cloud_type, gpu_count=s.gpu_count,
-            container_disk_in_gb=s.container_disk_gb, docker_args=s.docker_args, env=encode_env(s.env),
+            container_disk_in_gb=s.container_disk_gb, docker_args=s.docker_args,
+            # The watchdog's budget counts from creation (provisioning is billed) at this
+            # price, and it can write the pod's ledger record if the launcher dies first.
+            env=encode_env({**s.env, **self._pod_identity(name, gpu_type, price)}),
             support_public_ip=False, start_ssh=False,
         )
+        self._creating[name] = (gpu_type, price, self.clock())  # billing starts no earlier
         for attempt in range(1, s.api_attempts + 1):
             try:
                 pod = self.runpod.create_pod(**arguments)
@@ -216,6 +234,7 @@ class RunpodOrchestrator:
                 if not _is_transient(exc) or attempt == s.api_attempts:
                     if type(exc).__name__ == "AuthenticationError":
                         raise PodError(f"runpod: creating a pod: the API key was refused ({exc})") from exc
+                    self._end_if_created(name)  # the server may have made it all the same
                     raise PodError(f"runpod: creating a {gpu_type} pod: {_describe(exc)}") from exc
                 # The pod may exist although the answer was lost: look before trying again.
                 self.sleep(min(s.api_max_wait, 2**attempt * s.api_max_wait / 32))
@@ -224,20 +243,41 @@ class RunpodOrchestrator:
                     log.warning("runpod: creating %s failed in transit but the pod exists; keeping it", name)
                     break
                 log.warning("runpod: creating a %s pod: %s; retry %d", gpu_type, _describe(exc), attempt)
-        record = {
-            "pod_id": pod["id"], "name": name, "run_id": self.run_id, "gpu_type": gpu_type, "gpu_count": s.gpu_count,
-            "cloud_type": s.cloud_type, "price_per_hour": price, "image": s.image,
-            "started_at": _now_iso(self.clock()), "started_at_epoch": self.clock(),
-            "stopped_at": None, "stopped_at_epoch": None, "end_reason": None,
-        }
+        record = self._record_for(pod["id"], name)
         try:
             self.ledger.record(record)
         except Exception:
             # A pod nobody has written down is a pod nobody will stop: end it now.
             self._call(f"terminating unrecorded pod {pod['id']}", self.runpod.terminate_pod, pod["id"])
             raise
+        self._creating.pop(name, None)
         log.info("runpod: started pod %s (%s, $%.3f/h)", pod["id"], gpu_type, price)
         return pod["id"]
+
+    def _record_for(self, pod_id: str, name: str) -> dict[str, Any]:
+        gpu_type, price, started = self._creating[name]
+        s = self.settings
+        return ledger_record(pod_id, name, self.run_id, gpu_type, s.gpu_count, s.cloud_type, price, s.image, started)
+
+    def _pod_identity(self, name: str, gpu_type: str, price: float) -> dict[str, str]:
+        return {
+            "PIPELINE_WATCHDOG_PRICE_PER_HOUR": str(price),
+            "PIPELINE_WATCHDOG_CREATED_AT": str(self.clock()),
+            "PIPELINE_POD_NAME": name,
+            "PIPELINE_POD_RUN_ID": self.run_id,
+            "PIPELINE_POD_GPU_TYPE": gpu_type,
+            "PIPELINE_POD_CLOUD_TYPE": self.settings.cloud_type,
+            "PIPELINE_POD_IMAGE": self.settings.image,
+        }
+
+    def _end_if_created(self, name: str) -> None:
+        try:
+            pod = self._find_by_name(name)
+        except PodError:
+            return
+        if pod:
+            log.warning("runpod: a failed create left pod %s; terminating it", pod["id"])
+            self.terminate_pod(pod["id"], reason="create failed")
 
     def _find_by_name(self, name: str) -> Optional[dict]:
         return next((p for p in self._call("listing pods", self.runpod.get_pods) if p.get("name") == name), None)
@@ -267,12 +307,21 @@ class RunpodOrchestrator:
         self._call(f"stopping pod {pod_id}", self.runpod.stop_pod, pod_id)
 
     def terminate_pod(self, pod_id: str, reason: str = "done") -> None:
-        """End the pod and its billing; safe to call twice (a gone pod is done)."""
-        try:
-            self._call(f"terminating pod {pod_id}", self.runpod.terminate_pod, pod_id)
-        except PodError as exc:
-            if "not found" not in str(exc).lower():
-                raise
+        """End the pod and its billing, confirmed: the SDK's terminate_pod returns
+        normally even when the API answered 5xx or 429, so only a pod the API no longer
+        shows counts as ended. Safe to call twice."""
+        for attempt in range(1, self.settings.api_attempts + 1):
+            try:
+                self._call(f"terminating pod {pod_id}", self.runpod.terminate_pod, pod_id)
+            except PodError as exc:
+                if "not found" not in str(exc).lower():
+                    raise
+            if self.get_pod_status(pod_id) is None:
+                break
+            log.warning("runpod: pod %s still exists after terminate; attempt %d", pod_id, attempt)
+            self.sleep(min(self.settings.api_max_wait, 2**attempt * self.settings.api_max_wait / 32))
+        else:
+            raise PodError(f"runpod: pod {pod_id} is still there after {self.settings.api_attempts} terminations: end it in the Runpod console")
         try:
             record = self.ledger.get(pod_id)
         except FileNotFoundError:
@@ -289,7 +338,13 @@ class RunpodOrchestrator:
         prefix = f"{POD_NAME_PREFIX}{self.run_id}-" if run_only else POD_NAME_PREFIX
         ended = []
         for pod in self._call("listing pods", self.runpod.get_pods):
-            if pod.get("name", "").startswith(prefix):
+            name = pod.get("name", "")
+            if name.startswith(prefix):
+                if name in self._creating:  # created, but its record was never written
+                    try:
+                        self.ledger.get(pod["id"])
+                    except FileNotFoundError:
+                        self.ledger.record(self._record_for(pod["id"], name))
                 self.terminate_pod(pod["id"], reason="sweep")
                 ended.append(pod["id"])
         return ended

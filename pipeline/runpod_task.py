@@ -39,6 +39,8 @@ class PodEnded(Exception):
 class RunpodEmbedAll(RunParameters, luigi.Task):
     """EmbedAll on a Runpod GPU pod; ``--image`` is what ``make image`` pushed."""
 
+    # On a GPU pod the production model is the default, not the offline CPU one.
+    model = luigi.Parameter(default=config.setting("pod_model"), description="model profile on the pod")
     image = luigi.Parameter(default=config.setting("image"), description="the pod's image; empty: build and push one now")
     gpu_types = luigi.Parameter(default=config.setting("gpu_types"), description="comma-separated, in order of preference")
     cloud_type = luigi.Parameter(default=config.setting("cloud_type"), description="ALL, COMMUNITY or SECURE")
@@ -102,9 +104,11 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             self._orchestrator.wait_until_running(pod_id)
             self._follow(pod_id)
         finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-            self._end_pods("launcher finished" if self.complete() else "launcher stopped")
+            try:
+                self._end_pods("launcher finished" if self.complete() else "launcher stopped")
+            finally:
+                for number, handler in previous.items():
+                    signal.signal(number, handler)
 
     def _follow(self, pod_id: str) -> None:
         total = int(self.clone(EmbedAll).total_shards())
@@ -126,12 +130,28 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             time.sleep(self.poll_seconds)
 
     def _end_pods(self, reason: str) -> None:
+        """Terminate every pod of this run, then sweep by name; one failure never stops
+        the rest, and signals wait until it is done."""
         orchestrator = getattr(self, "_orchestrator", None)
         if orchestrator is None:
             return
-        for pod_id in getattr(self, "_pods", []):
-            orchestrator.terminate_pod(pod_id, reason=reason)
-        orchestrator.sweep()
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        errors = []
+        try:
+            for pod_id in getattr(self, "_pods", []):
+                try:
+                    orchestrator.terminate_pod(pod_id, reason=reason)
+                except Exception as exc:
+                    errors.append(exc)
+            try:
+                orchestrator.sweep()
+            except Exception as exc:
+                errors.append(exc)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        if errors:
+            raise errors[0]
 
     def _on_signal(self, number, _frame):
         self._end_pods(f"launcher got {signal.Signals(number).name}")

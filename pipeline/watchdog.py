@@ -56,8 +56,10 @@ def count_shards(output: str) -> int:
     return sum(1 for _ in storage.list_files(f"{output}/shards", "shard-*.parquet"))
 
 
-def terminate_own_pod(env: dict[str, str]) -> bool:
-    """Terminate the pod this runs in; retried, and never raises (it is the last word)."""
+def terminate_own_pod(env: dict[str, str], max_wait: float = 60) -> bool:
+    """Terminate the pod this runs in, and keep at it until the API no longer shows it:
+    the SDK's terminate returns normally on a 5xx, and a pod left running costs money
+    every second. Never raises. (A successful terminate kills this very process.)"""
     pod_id, key = env.get("RUNPOD_POD_ID"), env.get("RUNPOD_API_KEY")
     if not pod_id or not key:
         log.warning("watchdog: RUNPOD_POD_ID or RUNPOD_API_KEY missing: not in a pod, nothing to terminate")
@@ -65,15 +67,18 @@ def terminate_own_pod(env: dict[str, str]) -> bool:
     import runpod
 
     runpod.api_key = key
-    for attempt in range(1, 9):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             runpod.terminate_pod(pod_id)
-            log.info("watchdog: terminated pod %s", pod_id)
-            return True
-        except Exception as exc:  # keep trying: a pod left running costs money every second
-            log.warning("watchdog: terminating pod %s failed (%s); attempt %d of 8", pod_id, exc, attempt)
-            time.sleep(min(2**attempt, 30))
-    return False
+            if runpod.get_pod(pod_id) is None:
+                log.info("watchdog: terminated pod %s", pod_id)
+                return True
+            log.warning("watchdog: pod %s still exists after terminate (attempt %d)", pod_id, attempt)
+        except Exception as exc:
+            log.warning("watchdog: terminating pod %s failed (%s); attempt %d", pod_id, exc, attempt)
+        time.sleep(min(2**attempt, max_wait))
 
 
 def _price_per_hour(env: dict[str, str], limits: Limits) -> float:
@@ -97,16 +102,18 @@ def supervise(
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[int, str]:
     """Run ``command`` until it ends or a limit is passed; returns (exit code, reason)."""
-    started = clock()
-    price = _price_per_hour(env, limits)
-    child = subprocess.Popen(command, env=env)
     stopping: list[str] = []
 
     def on_signal(number, _frame):
         stopping.append(f"signal {signal.Signals(number).name}")
 
-    for number in (signal.SIGTERM, signal.SIGINT):
+    for number in (signal.SIGTERM, signal.SIGINT):  # first: a signal during start-up still ends the pod
         signal.signal(number, on_signal)
+    # Runtime and spend count from the pod's creation (provisioning is billed too).
+    created = float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or time.time())
+    started = clock() - max(time.time() - created, 0)
+    price = _price_per_hour(env, limits)
+    child = subprocess.Popen(command, env=env)
     shards, last_progress = None, clock()
     try:
         while True:
@@ -152,36 +159,51 @@ def supervise(
 
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    env = {**os.environ, **decode_env(dict(os.environ))}
-    if env.get("GOOGLE_CREDENTIALS_JSON"):
-        # A service-account key passed in the pod's env: to a private file, never logged.
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "gcp-credentials.json")
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(env.pop("GOOGLE_CREDENTIALS_JSON"))
-        env["GOOGLE_APPLICATION_CREDENTIALS"] = path
+    env = dict(os.environ)
     output = env.get("PIPELINE_OUTPUT", "")
-    command = [sys.executable, "-m", "luigi", "--module", "pipeline", "EmbedAll", "--local-scheduler", *(argv if argv is not None else sys.argv[1:])]
     code, reason = 1, "the watchdog itself failed"
-    try:
+    try:  # everything inside: whatever fails, the finally ends the pod
+        env.update(decode_env(env))
+        if env.get("GOOGLE_CREDENTIALS_JSON"):
+            # A service-account key passed in the pod's env: to a private file, never logged.
+            path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "gcp-credentials.json")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(env.pop("GOOGLE_CREDENTIALS_JSON"))
+            env["GOOGLE_APPLICATION_CREDENTIALS"] = path
+        output = env.get("PIPELINE_OUTPUT", "")
+        command = [sys.executable, "-m", "luigi", "--module", "pipeline", "EmbedAll", "--local-scheduler", *(argv if argv is not None else sys.argv[1:])]
         code, reason = supervise(command, env, Limits.from_env(env), output)
+    except Exception as exc:
+        log.error("watchdog: %s", exc)
     finally:
         log.info("watchdog: work ended (%s); ending this pod", reason)
         pod_id = env.get("RUNPOD_POD_ID", "")
+        import runpod  # noqa: F401  (imported now, so the ledger's stop time is the real one)
+
         # Into the ledger first: a terminated pod's container is killed at once, so
         # nothing after a successful terminate runs. The launcher may be gone.
-        ledger_updated = bool(pod_id and output) and record_end(output, pod_id, f"watchdog: {reason}")
+        ledger_updated = bool(pod_id and output) and record_end(output, pod_id, f"watchdog: {reason}", env)
         if not terminate_own_pod(env) and ledger_updated:
-            record_end(output, pod_id, None)  # it is still running after all: say so
+            record_end(output, pod_id, None, env)  # it is still running after all: say so
     return code
 
 
-def record_end(output: str, pod_id: str, reason: Optional[str]) -> bool:
-    """Mark the pod ended now in the ledger (``reason`` None: running again)."""
-    from .pods import PodLedger
+def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, str]) -> bool:
+    """Mark the pod ended now in the ledger (``reason`` None: running again). Writes the
+    whole record from the pod's env if the launcher died before writing it."""
+    from .pods import PodLedger, ledger_record
 
     try:
         ledger = PodLedger(output)
-        record = ledger.get(pod_id)
+        try:
+            record = ledger.get(pod_id)
+        except FileNotFoundError:
+            record = ledger_record(
+                pod_id, env.get("PIPELINE_POD_NAME", ""), env.get("PIPELINE_POD_RUN_ID", "unrecorded"),
+                env.get("PIPELINE_POD_GPU_TYPE", ""), 1, env.get("PIPELINE_POD_CLOUD_TYPE", ""),
+                float(env.get("PIPELINE_WATCHDOG_PRICE_PER_HOUR") or 0), env.get("PIPELINE_POD_IMAGE", ""),
+                float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or time.time()),
+            )
         if reason is None:
             record.update(stopped_at=None, stopped_at_epoch=None, end_reason="watchdog could not terminate it")
         elif record["stopped_at_epoch"] is None:

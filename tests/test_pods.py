@@ -42,7 +42,7 @@ def test_happy_path_start_wait_terminate_and_the_ledger_matches_the_fake(tmp_pat
     pods.terminate_pod(pod_id)  # twice is fine
     record = pods.ledger.get(pod_id)
     assert record["end_reason"] == "done"
-    assert PodLedger.dollars(record) == pytest.approx(fake.dollars(pod_id), abs=1e-6)
+    assert PodLedger.dollars(record) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
     assert fake.requests.count("podTerminate") >= 1
 
 
@@ -149,11 +149,37 @@ def test_cost_report_adds_up_per_pod_per_run_and_in_total(tmp_path, fake):
     report = cost_report(str(tmp_path / "out"))
     assert [p["pod_id"] for p in report["pods"]] == [a, b, c]
     for pod in report["pods"]:
-        assert pod["dollars"] == pytest.approx(fake.dollars(pod["pod_id"]), abs=1e-6)
+        assert pod["dollars"] == pytest.approx(fake.dollars(pod["pod_id"]), abs=1e-4)  # within a second of GPU time
     by_run = {r["run_id"]: r for r in report["runs"]}
     assert by_run[first.run_id]["pods"] == 2 and by_run[second.run_id]["pods"] == 1
-    assert report["dollars"] == pytest.approx(sum(fake.dollars(p) for p in (a, b, c)), abs=1e-5)
+    assert report["dollars"] == pytest.approx(sum(fake.dollars(p) for p in (a, b, c)), abs=3e-4)
     assert report["running"] == 0
     printed = subprocess.run([sys.executable, "-m", "pipeline", "cost", str(tmp_path / "out")], cwd=ROOT,
                              env=luigi_env(), capture_output=True, text=True, check=True).stdout
     assert f"run {first.run_id}: 2 pod(s)" in printed and printed.strip().splitlines()[-1] == f"total: ${report['dollars']:.4f}"
+
+
+def test_a_terminate_answered_with_a_server_error_is_confirmed_and_retried(tmp_path, fake):
+    """The SDK's terminate_pod returns normally on a 5xx: only the API's word counts."""
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    fake.failures = [500, 503]  # the first two terminate attempts are lost
+    pods.terminate_pod(pod_id)
+    assert fake.pods[pod_id].terminated_at is not None
+    assert fake.requests.count("podTerminate") == 1 and fake.failures == []
+    assert pods.ledger.get(pod_id)["end_reason"] == "done"
+
+
+def test_a_pod_swept_before_its_record_was_written_still_lands_in_the_ledger(tmp_path, fake):
+    """A signal between create returning and the ledger write: the sweep records it."""
+    pods = orchestrator(tmp_path, fake)
+    real_record = pods.ledger.record
+    pods.ledger.record = lambda record: (_ for _ in ()).throw(KeyboardInterrupt("Ctrl-C before the record"))
+    with pytest.raises(KeyboardInterrupt):
+        pods.start_pod()
+    pods.ledger.record = real_record
+    [pod_id] = list(fake.pods)
+    assert pods.sweep() == [pod_id]
+    record = pods.ledger.get(pod_id)
+    assert record["end_reason"] == "sweep"
+    assert PodLedger.dollars(record) == pytest.approx(fake.dollars(pod_id), abs=1e-4)

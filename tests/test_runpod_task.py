@@ -44,7 +44,8 @@ def corpus(tmp_path):
 
 
 def task(corpus, output, **extra):
-    return RunpodEmbedAll(corpus=str(corpus), output=str(output), docs_per_shard=3, image="registry.local/embedding:test", poll_seconds=0.2, **extra)
+    return RunpodEmbedAll(corpus=str(corpus), output=str(output), docs_per_shard=3, image="registry.local/embedding:test",
+                          poll_seconds=0.2, model="minilm", **extra)
 
 
 def launcher_env(fake):
@@ -53,7 +54,7 @@ def launcher_env(fake):
 
 def launcher_args(corpus, output):
     return ["RunpodEmbedAll", "--local-scheduler", "--corpus", str(corpus), "--output", str(output), "--docs-per-shard", "3",
-            "--image", "registry.local/embedding:test", "--poll-seconds", "0.2"]
+            "--image", "registry.local/embedding:test", "--poll-seconds", "0.2", "--model", "minilm"]
 
 
 def wait_for(condition, timeout=120):
@@ -80,7 +81,18 @@ def test_a_failure_inside_the_pod_fails_the_task_and_ends_the_pod(fake, corpus, 
     assert not (tmp_path / "out" / "_SUCCESS.json").exists()
 
 
+def test_the_launcher_ends_a_pod_whose_container_would_linger(fake, corpus, tmp_path):
+    """The work finishes but the container never ends itself: only the launcher can."""
+    work = " ".join(luigi_command("EmbedAll", "--local-scheduler"))
+    fake.pod_command = ["sh", "-c", f"{work} && exec sleep 600"]
+    output = tmp_path / "out"
+    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    [record] = PodLedger(str(output)).records()
+    assert record["end_reason"] in ("done", "launcher finished") and fake.pods[record["pod_id"]].terminated_at
+
+
 def test_ctrl_c_of_the_launcher_ends_the_pod(fake, corpus, tmp_path):
+    fake.pod_command = [sys.executable, "-c", "import time; time.sleep(600)"]  # a pod that never ends itself
     output = tmp_path / "out"
     launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
