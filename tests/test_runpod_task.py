@@ -112,9 +112,11 @@ def test_a_launcher_killed_outright_leaves_the_pod_to_finish_and_end_itself(fake
     output = tmp_path / "out"
     launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: fake.pods)
-    launcher.kill()
-    launcher.wait()
+    try:
+        wait_for(lambda: fake.pods)
+    finally:
+        launcher.kill()
+        launcher.wait()
     wait_for(lambda: not fake.running_pods(), timeout=180)  # the watchdog ended it
     assert (output / "_SUCCESS.json").exists()
 
@@ -123,10 +125,15 @@ def test_a_crashed_container_fails_the_run_and_a_rerun_resumes(fake, corpus, tmp
     output = tmp_path / "out"
     launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(list((output / "shards").glob("*.parquet"))) >= 1 if (output / "shards").exists() else False)
-    [pod_id] = fake.pods
-    fake.crash(pod_id)
-    _, stderr = launcher.communicate(timeout=120)
+    try:
+        wait_for(lambda: len(list((output / "shards").glob("*.parquet"))) >= 1 if (output / "shards").exists() else False)
+        [pod_id] = fake.pods
+        fake.crash(pod_id)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
     assert launcher.returncode != 0 and "ended before the work was done" in stderr
     assert fake.pods[pod_id].terminated_at, "the launcher did not terminate the crashed pod"
     before = {p.name: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}

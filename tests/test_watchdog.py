@@ -44,7 +44,12 @@ def watchdog(env, **extra):
 
 
 def finish(process, timeout=300):
-    output, _ = process.communicate(timeout=timeout)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:  # a test that times out leaves nothing running
+            process.kill()
+            process.wait()
     return process.returncode, output
 
 
