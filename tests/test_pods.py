@@ -183,3 +183,16 @@ def test_a_pod_swept_before_its_record_was_written_still_lands_in_the_ledger(tmp
     record = pods.ledger.get(pod_id)
     assert record["end_reason"] == "sweep"
     assert PodLedger.dollars(record) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
+
+
+def test_terminating_a_pod_the_api_no_longer_knows_is_done_whatever_the_error_says(tmp_path, fake, monkeypatch):
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    pods.terminate_pod(pod_id)
+
+    def unknown_wording(_pod_id):
+        raise RuntimeError("Something unexpected about this pod")
+
+    monkeypatch.setattr(pods.runpod, "terminate_pod", unknown_wording)
+    pods.terminate_pod(pod_id, reason="again")  # the launcher's last word after the watchdog's
+    assert pods.ledger.get(pod_id)["end_reason"] == "done"
