@@ -41,6 +41,10 @@ class Chunk:
     heading_path: tuple[str, ...]
 
 
+# Tokens a window repeats from the one before it, when a long block is split.
+CHUNK_OVERLAP_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class ChunkerSettings:
     max_tokens: int  # budget for the chunk text itself, prefix and special tokens excluded
@@ -48,6 +52,13 @@ class ChunkerSettings:
 
     def as_metadata(self) -> dict[str, str]:
         return {"chunk_max_tokens": str(self.max_tokens), "chunk_overlap_tokens": str(self.overlap_tokens)}
+
+
+def chunk_budget(tokenizer: Tokenizer, model_max_tokens: int, prefix: str) -> tuple[ChunkerSettings, int]:
+    """The chunker's settings for a model, and the tokens each chunk adds beyond its
+    text: special tokens and the prefix count against the model's limit."""
+    reserved = tokenizer.num_special_tokens_to_add(False) + len(tokenizer.encode(prefix, add_special_tokens=False).ids)
+    return ChunkerSettings(max_tokens=model_max_tokens - reserved, overlap_tokens=CHUNK_OVERLAP_TOKENS), reserved
 
 
 def plain_tokenizer(tokenizer: Tokenizer) -> Tokenizer:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import luigi
@@ -150,6 +149,3 @@ def profile(name: str) -> ModelProfile:
     except KeyError:
         raise PipelineError(f"unknown model profile {name!r}; choose one of {sorted(PROFILES)}") from None
 
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent

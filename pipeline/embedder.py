@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .chunking import ChunkerSettings, plain_tokenizer
+from .chunking import chunk_budget, plain_tokenizer
 from .config import ModelProfile, profile
 from .errors import PipelineError
 
@@ -22,8 +22,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("luigi-interface")
-
-CHUNK_OVERLAP_TOKENS = 32
 
 
 def _pick_device(device: str) -> str:
@@ -73,11 +71,7 @@ class Embedder:
         self.model.max_seq_length = wanted
         self.batch_tokens = batch_tokens
         self.tokenizer = plain_tokenizer(self.model.tokenizer.backend_tokenizer)
-        # Special tokens and the prefix count against the model's limit, not the chunk's text.
-        self.reserved_tokens = self.tokenizer.num_special_tokens_to_add(False) + len(
-            self.tokenizer.encode(model_profile.prefix, add_special_tokens=False).ids
-        )
-        self.chunker = ChunkerSettings(max_tokens=wanted - self.reserved_tokens, overlap_tokens=CHUNK_OVERLAP_TOKENS)
+        self.chunker, self.reserved_tokens = chunk_budget(self.tokenizer, wanted, model_profile.prefix)
 
     @property
     def dimension(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import storage
-from .chunking import ChunkerSettings, chunk_document, plain_tokenizer
+from .chunking import chunk_budget, chunk_document, plain_tokenizer
 from .corpus import Rejected, decode, list_documents, split_front_matter
 
 # End-to-end tokens/s for nomic-embed-text-v1.5 in fp16, assumed: a BERT-base-sized
@@ -83,9 +83,7 @@ def sample_corpus(corpus: str, pattern: str, model: str, sample_size: int = 200,
         elif (slot := rng.randrange(documents)) < sample_size:
             reservoir[slot] = listed
     tokenizer, name, chosen = _tokenizer(model)
-    max_tokens = chosen.max_tokens or 256
-    reserved = tokenizer.num_special_tokens_to_add(False) + len(tokenizer.encode(chosen.prefix, add_special_tokens=False).ids)
-    settings = ChunkerSettings(max_tokens=max_tokens - reserved, overlap_tokens=32)
+    settings, reserved = chunk_budget(tokenizer, chosen.max_tokens or 256, chosen.prefix)
     tokens = chunks = sampled_bytes = 0
     for listed in reservoir:
         data = storage.read_bytes(storage.join(corpus, listed.relative))

@@ -106,6 +106,12 @@ class PodLedger:
         with storage.atomic_output(f"{self.folder}/{pod['pod_id']}.json") as staged:
             staged.path.write_text(json.dumps(pod, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+    @staticmethod
+    def mark_ended(record: dict[str, Any], reason: str, now: float) -> None:
+        """Set the stop time and reason of a record that has none yet."""
+        if record["stopped_at_epoch"] is None:
+            record.update(stopped_at=_now_iso(now), stopped_at_epoch=now, end_reason=reason)
+
     def get(self, pod_id: str) -> dict[str, Any]:
         return json.loads(storage.read_text(f"{self.folder}/{pod_id}.json"))
 
@@ -326,8 +332,7 @@ class RunpodOrchestrator:
         except FileNotFoundError:
             return
         if record["stopped_at_epoch"] is None:
-            now = self.clock()
-            record.update(stopped_at=_now_iso(now), stopped_at_epoch=now, end_reason=reason)
+            PodLedger.mark_ended(record, reason, self.clock())
             self.ledger.record(record)
         log.info("runpod: terminated pod %s (%s)", pod_id, reason)
 

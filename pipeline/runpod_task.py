@@ -17,7 +17,7 @@ from pathlib import Path
 
 import luigi
 
-from . import config, storage
+from . import config
 from .pods import PodLedger, PodSettings, RunpodOrchestrator, cost_report
 from .progress import format_duration
 from .tasks import CorpusManifest, EmbedAll, RunParameters
@@ -111,7 +111,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                     signal.signal(number, handler)
 
     def _follow(self, pod_id: str) -> None:
-        total = int(self.clone(EmbedAll).total_shards())
+        total = self.total_shards()
         started, first_done = time.monotonic(), None
         while not self.complete():
             done = count_shards(self.output_location)

@@ -178,16 +178,8 @@ class LocalBackend:
     def exists(self, path: str) -> bool:
         return local_path(path).exists()
 
-    def size(self, path: str) -> int:
-        return local_path(path).stat().st_size
-
     def read_bytes(self, path: str) -> bytes:
         return local_path(path).read_bytes()
-
-    def read_range(self, path: str, start: int, end: int) -> bytes:
-        with open(local_path(path), "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
 
     def list(self, root: str, pattern: str) -> Iterator[Listed]:
         """Files in full-path sorted order (the order a bucket lists in), streamed:
@@ -608,7 +600,8 @@ def ensure_writable_dir(root: str) -> None:
 
 class RangeReader(io.RawIOBase):
     """A seekable read-only file over ranged reads, so pyarrow can read a Parquet
-    footer from a bucket without downloading the whole shard."""
+    footer from a bucket without downloading the whole shard (bucket backends only:
+    a local file is opened as it is)."""
 
     def __init__(self, path: str):
         self.path = path

@@ -79,7 +79,7 @@ class RunParameters:
         if not self.corpus:
             return ensure_sample_corpus()
         if storage.is_remote(self.corpus):
-            return self.corpus.rstrip("/")
+            return self.corpus  # LocationParameter already dropped a trailing slash
         return str(storage.local_path(self.corpus).resolve())
 
     def manifest_path(self) -> str:

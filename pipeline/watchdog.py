@@ -206,20 +206,13 @@ def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, s
             )
         if reason is None:
             record.update(stopped_at=None, stopped_at_epoch=None, end_reason="watchdog could not terminate it")
-        elif record["stopped_at_epoch"] is None:
-            now = time.time()
-            record.update(stopped_at=_iso(now), stopped_at_epoch=now, end_reason=reason)
+        else:
+            PodLedger.mark_ended(record, reason, time.time())
         ledger.record(record)
         return True
     except Exception as exc:  # a missing record is no reason not to end the pod
         log.warning("watchdog: could not update the pod's ledger record: %s", exc)
         return False
-
-
-def _iso(seconds: float) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,5 @@
 """The markdown-aware, token-bounded chunker, with the real model's tokenizer."""
 
-from pathlib import Path
-
-import pytest
-
 from pipeline.chunking import MAX_BLOCK_CHARS, ChunkerSettings, blocks, chunk_document
 from pipeline.corpus import decode, split_front_matter
 

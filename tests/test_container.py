@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from helpers import ROOT, luigi_env
 from pipeline.image import image_reference, revision

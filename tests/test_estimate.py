@@ -1,6 +1,5 @@
 """make cost-estimate: counts tokens as the pipeline chunks them, prices from the API."""
 
-import pytest
 
 from fake_runpod import GPU_TYPES, FakeRunpod
 from pipeline.chunking import chunk_document

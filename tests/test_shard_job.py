@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from helpers import write_corpus
 from pipeline.corpus import write_manifest
