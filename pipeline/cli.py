@@ -3,6 +3,7 @@
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
+    python -m pipeline model PROFILE [--fetch] load a model offline (fetch it first)
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
     image_parser = commands.add_parser("image", help="build the pod's image and push it to PIPELINE_REGISTRY")
     image_parser.add_argument("--base-image", default=os.environ.get("PIPELINE_BASE_IMAGE", ""), help="a CUDA PyTorch image")
+    image_parser.add_argument("--model", default=os.environ.get("PIPELINE_POD_MODEL", "nomic"), help="model profile baked in")
     image_parser.add_argument("--no-push", action="store_true", help="build only")
+    model_parser = commands.add_parser("model", help="load a model profile offline and embed one text")
+    model_parser.add_argument("profile", help="model profile (nomic, minilm)")
+    model_parser.add_argument("--fetch", action="store_true", help="fetch it into the local cache first (HF_HUB_OFFLINE=0)")
     estimate_parser = commands.add_parser("estimate", help="estimate a corpus's cost on Runpod before any pod starts")
     estimate_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
     estimate_parser.add_argument("--pattern", default="*.md")
@@ -71,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             from .image import build_and_push
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-            print(build_and_push(os.environ.get("PIPELINE_REGISTRY", ""), args.base_image, push=not args.no_push))
+            print(build_and_push(os.environ.get("PIPELINE_REGISTRY", ""), args.base_image, push=not args.no_push, model=args.model))
+        elif args.command == "model":
+            from .embedder import check_model, fetch_model
+
+            if args.fetch:
+                print(f"{args.profile}: cached at {fetch_model(args.profile)}")
+            print(json.dumps(check_model(args.profile)))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -123,6 +123,33 @@ def load_embedder(profile_name: str, model_path: str, device: str, max_tokens: i
     return Embedder(profile(profile_name), model_path, device, max_tokens, batch_tokens)
 
 
+def fetch_model(profile_name: str) -> str:
+    """Image build step: put a profile's weights, tokenizer and any remote modelling
+    code into the local cache once, so pods load them offline and never pay GPU time
+    to download. Needs ``HF_HUB_OFFLINE=0``; this module switches the hub off by default."""
+    model_profile = profile(profile_name)
+    try:
+        return model_profile.locate()  # already here: shipped in a package, or cached
+    except PipelineError:
+        if os.environ.get("HF_HUB_OFFLINE") not in ("0", "false", "False"):
+            raise PipelineError(f"{model_profile.model_id} is not cached and the hub is off: run with HF_HUB_OFFLINE=0 to fetch it") from None
+    from sentence_transformers import SentenceTransformer
+
+    SentenceTransformer(model_profile.model_id, device="cpu", trust_remote_code=model_profile.trust_remote_code)
+    return model_profile.locate()
+
+
+def check_model(profile_name: str) -> dict:
+    """Load a profile offline, exactly as a worker does, and embed one text: the image
+    build's proof that a pod will find everything it needs without the network."""
+    embedder = Embedder(profile(profile_name), "", "cpu", 0, 4096)
+    [vector] = embedder.embed(["a test sentence"], [4])
+    norm = float(np.linalg.norm(vector))
+    if vector.shape != (embedder.dimension,) or not np.isfinite(norm) or abs(norm - 1) > 1e-3:
+        raise PipelineError(f"model {profile_name} gave a bad test vector (shape {vector.shape}, norm {norm})")
+    return {"profile": profile_name, "model_id": embedder.profile.model_id, "dimension": embedder.dimension}
+
+
 class NullEmbedder:
     """The real tokenizer and chunker with constant vectors instead of a model.
 

@@ -40,8 +40,11 @@ def image_reference(registry: str, root: Path = ROOT) -> str:
     return f"{registry.rstrip('/')}/{IMAGE_NAME}:{revision(root)}"
 
 
-def build_and_push(registry: str, base_image: str = "", push: bool = True) -> str:
-    """Build containers/Dockerfile with the docker SDK, push it, return the reference."""
+def build_and_push(registry: str, base_image: str = "", push: bool = True, model: str = "nomic", network_mode: str | None = None) -> str:
+    """Build containers/Dockerfile with the docker SDK, push it, return the reference.
+
+    ``model`` is the profile whose weights are baked in; ``network_mode`` is the build
+    steps' network (``host`` where the engine has no bridge network)."""
     import docker
     from docker.errors import APIError, BuildError, DockerException
 
@@ -51,10 +54,11 @@ def build_and_push(registry: str, base_image: str = "", push: bool = True) -> st
         client.ping()
     except DockerException as exc:
         raise PipelineError(f"no Docker engine reachable (is dockerd running? DOCKER_HOST?): {exc}") from exc
-    build_args = {"BASE_IMAGE": base_image} if base_image else {}
+    build_args = {"PIPELINE_MODEL": model, **({"BASE_IMAGE": base_image} if base_image else {})}
     log.info("building %s", reference)
     try:
-        _, logs = client.images.build(path=str(ROOT), dockerfile="containers/Dockerfile", tag=reference, buildargs=build_args, rm=True)
+        _, logs = client.images.build(path=str(ROOT), dockerfile="containers/Dockerfile", tag=reference, buildargs=build_args,
+                                      rm=True, network_mode=network_mode)
         for line in logs:
             if "stream" in line and line["stream"].strip():
                 log.info("%s", line["stream"].rstrip())

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
+import pytest
 from graphql import FieldNode, GraphQLSyntaxError, parse, value_from_ast_untyped
 
 NO_CAPACITY = "There are no longer any instances available with the requested specifications. Please refresh and try again."
@@ -62,15 +64,12 @@ class FakeRunpod:
     # Queued faults, one per request: 500, 429, "non-json", or "after-500" (the request
     # is carried out, then the answer is lost as a 500).
     failures: list = field(default_factory=list)
-    # When set, each pod runs this command as a local process with the pod's env and
-    # Runpod's own variables, and terminating the pod kills it: the container's
-    # entrypoint and watchdog run for real, without an image.
-    pod_command: Optional[list] = None
-    pod_base_env: dict = field(default_factory=dict)
-    pod_cwd: Optional[str] = None
+    # When set, each pod's container runs there (LocalProcesses, or real containers
+    # in tests/docker_engine.py) with the pod's env and Runpod's own variables, and
+    # terminating the pod kills it.
+    pod_runtime: Optional[Any] = None
 
     def __post_init__(self):
-        self.processes: dict = {}
         self.pods: dict[str, FakePod] = {}
         self.requests: list[str] = []
         self._lock = threading.Lock()
@@ -163,26 +162,21 @@ class FakeRunpod:
                 provisioned_at=None if self.stuck_provisioning else now + self.provisioning_seconds,
             )
             self.pods[pod.id] = pod
-        if self.pod_command:
-            import subprocess
-
+        if self.pod_runtime:
             from pipeline.pods import decode_env
 
-            env = {**self.pod_base_env, **pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
+            env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
                    "RUNPOD_API_KEY": self.api_key, "RUNPOD_API_BASE_URL": self.url}
-            self.processes[pod.id] = subprocess.Popen(self.pod_command, env=env, cwd=self.pod_cwd,
-                                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.pod_runtime.start(pod.id, env)
         return self._pod_view(pod)
 
     def crash(self, pod_id: str) -> None:
         """The container dies (SIGKILL); the pod shows as exited, still billed until terminated."""
-        self.processes[pod_id].kill()
-        self.processes[pod_id].wait()
+        self.pod_runtime.kill(pod_id)
         self.pods[pod_id].stopped_at = time.time()
 
     def _reap(self, pod: FakePod) -> None:
-        process = self.processes.get(pod.id)
-        if process and process.poll() is not None and pod.running:
+        if self.pod_runtime and pod.running and self.pod_runtime.exited(pod.id):
             pod.stopped_at = time.time()  # the container exited; the pod is EXITED
 
     def _pod(self, query: dict) -> Optional[dict]:
@@ -203,17 +197,13 @@ class FakeRunpod:
             if not pod.terminated_at:
                 pod.terminated_at = time.time()
                 self.capacity[pod.gpu_type_id] += 1
-        process = self.processes.get(pod.id)
-        if process and process.poll() is None:
-            process.kill()  # the platform ends the container with the pod
-            process.wait()
+        if self.pod_runtime:
+            self.pod_runtime.kill(pod.id)  # the platform ends the container with the pod
         return None
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        if self.pod_runtime:
+            self.pod_runtime.stop()
         self.server.shutdown()
         self.server.server_close()
 
@@ -242,6 +232,48 @@ class FakeRunpod:
             "uptimeSeconds": int(now - pod.provisioned_at) if provisioned else 0,
             "runtime": {"uptimeInSeconds": int(now - pod.provisioned_at), "ports": []} if provisioned else None,
         }
+
+
+def assert_no_pod_billed(api: FakeRunpod, timeout: float = 60) -> None:
+    """How every Runpod scenario ends: no pod still billed, and each pod's ledger record
+    says it ended and what it cost, to within a second of the fake's clock."""
+    from pipeline.pods import PodLedger
+
+    deadline = time.monotonic() + timeout
+    while api.running_pods() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert api.running_pods() == [], "a pod was left running"
+    for pod in api.pods.values():
+        record = PodLedger(pod.env["PIPELINE_OUTPUT"]).get(pod.id)
+        assert record["stopped_at_epoch"] is not None, f"the ledger shows {pod.id} as running"
+        assert PodLedger.dollars(record) == pytest.approx(api.dollars(pod.id), abs=1e-4)
+
+
+class LocalProcesses:
+    """Each pod's container as a local process: the entrypoint and watchdog run for
+    real, without an image. ``command`` and ``base_env`` may be changed per test."""
+
+    def __init__(self, command: list, base_env: Optional[dict] = None, cwd: Optional[str] = None):
+        self.command, self.base_env, self.cwd = command, dict(base_env or {}), cwd
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, pod_id: str, env: dict) -> None:
+        self.processes[pod_id] = subprocess.Popen(self.command, env={**self.base_env, **env}, cwd=self.cwd,
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def exited(self, pod_id: str) -> bool:
+        return self.processes[pod_id].poll() is not None
+
+    def kill(self, pod_id: str) -> None:
+        process = self.processes.get(pod_id)
+        if process and process.poll() is None:
+            process.kill()
+        if process:
+            process.wait()
+
+    def stop(self) -> None:
+        for pod_id in self.processes:
+            self.kill(pod_id)
 
 
 def select(value: Any, node: FieldNode) -> Any:

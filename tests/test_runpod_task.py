@@ -10,7 +10,7 @@ import time
 import luigi
 import pytest
 
-from fake_runpod import FakeRunpod
+from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
 from helpers import ROOT, luigi_command, luigi_env, write_corpus
 from pipeline import RunpodEmbedAll
 from pipeline.pods import PodLedger, cost_report
@@ -21,19 +21,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     pod_env = luigi_env(HOME=str(tmp_path), PIPELINE_WATCHDOG_CHECK_SECONDS="0.2")
-    api = FakeRunpod(provisioning_seconds=0.1, pod_command=[sys.executable, "-m", "pipeline.watchdog"], pod_base_env=pod_env, pod_cwd=str(ROOT))
+    api = FakeRunpod(provisioning_seconds=0.1, pod_runtime=LocalProcesses([sys.executable, "-m", "pipeline.watchdog"], pod_env, str(ROOT)))
     for key, value in {"RUNPOD_API_BASE_URL": api.url, "RUNPOD_API_KEY": api.api_key, "HOME": str(tmp_path)}.items():
         monkeypatch.setenv(key, value)
     yield api
     try:
-        deadline = time.monotonic() + 60
-        while api.running_pods() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert api.running_pods() == [], "a pod was left running"
-        for pod in api.pods.values():  # the ledger knows every pod ended, and what it cost
-            record = PodLedger(pod.env["PIPELINE_OUTPUT"]).get(pod.id)
-            assert record["stopped_at_epoch"] is not None, f"the ledger shows {pod.id} as running"
-            assert PodLedger.dollars(record) == pytest.approx(api.dollars(pod.id), abs=1e-4)
+        assert_no_pod_billed(api)
     finally:
         api.stop()
 
@@ -76,7 +69,7 @@ def test_happy_path_embeds_on_the_pod_and_ends_it(fake, corpus, tmp_path):
 
 
 def test_a_failure_inside_the_pod_fails_the_task_and_ends_the_pod(fake, corpus, tmp_path):
-    fake.pod_base_env["PIPELINE_MODEL_PATH"] = str(tmp_path / "no-model-here")
+    fake.pod_runtime.base_env["PIPELINE_MODEL_PATH"] = str(tmp_path / "no-model-here")
     assert not luigi.build([task(corpus, tmp_path / "out")], local_scheduler=True, log_level="WARNING")
     assert not (tmp_path / "out" / "_SUCCESS.json").exists()
 
@@ -84,7 +77,7 @@ def test_a_failure_inside_the_pod_fails_the_task_and_ends_the_pod(fake, corpus, 
 def test_the_launcher_ends_a_pod_whose_container_would_linger(fake, corpus, tmp_path):
     """The work finishes but the container never ends itself: only the launcher can."""
     work = " ".join(luigi_command("EmbedAll", "--local-scheduler"))
-    fake.pod_command = ["sh", "-c", f"{work} && exec sleep 600"]
+    fake.pod_runtime.command = ["sh", "-c", f"{work} && exec sleep 600"]
     output = tmp_path / "out"
     assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
     [record] = PodLedger(str(output)).records()
@@ -92,7 +85,7 @@ def test_the_launcher_ends_a_pod_whose_container_would_linger(fake, corpus, tmp_
 
 
 def test_ctrl_c_of_the_launcher_ends_the_pod(fake, corpus, tmp_path):
-    fake.pod_command = [sys.executable, "-c", "import time; time.sleep(600)"]  # a pod that never ends itself
+    fake.pod_runtime.command = [sys.executable, "-c", "import time; time.sleep(600)"]  # a pod that never ends itself
     output = tmp_path / "out"
     launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,0 +1,266 @@
+"""A real Docker engine for the container tests, all of it on this machine.
+
+- ``DockerEngine``: dockerd on a private socket (overlay2 or vfs storage, no bridge
+  network, no iptables), stopped by PID.
+- ``build_base_image``: no registry can be reached to pull the CUDA PyTorch base, so a
+  stand-in is built locally: a Debian rootfs (debootstrap, from the machine's own apt
+  mirror) with python3 and the CPU torch wheel, imported with ``docker import``.
+- ``LocalRegistry``: Debian's docker-registry on 127.0.0.1, so ``make image``'s push
+  and a pod's pull are real.
+- ``DockerContainers``: the fake Runpod's pod runtime that runs each pod as a real
+  container of the built image (host network: the fake API and storage servers are
+  on loopback).
+
+Anything missing raises ``Unavailable`` with the reason, which the tests turn into a
+skip that says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import docker
+
+BASE_TAG = "embedding-pipeline-test-base:bookworm"
+# The host's trust store goes into the stand-in base: pip in its build steps reaches
+# the package index the way this machine does.
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+class Unavailable(Exception):
+    """This machine cannot run the real-container tests; the message says why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM the process group (dockerd takes its containerd with it), then SIGKILL."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+class DockerEngine:
+    """dockerd with overlay2 where the kernel allows it, else vfs (every layer a full
+    copy: a build takes several times longer)."""
+
+    def __init__(self, workdir: Path, start_timeout: float = 60):
+        dockerd = shutil.which("dockerd")
+        if dockerd is None:
+            raise Unavailable("dockerd is not installed (Debian's docker.io; .ci/run installs it)")
+        if os.geteuid() != 0:
+            raise Unavailable("dockerd needs root")
+        self.workdir = workdir
+        self.url = f"unix://{workdir}/docker.sock"
+        self.log_path = workdir / "dockerd.log"
+        for driver in ("overlay2", "vfs"):
+            problem = self._start(dockerd, driver, start_timeout)
+            if problem is None:
+                self.driver = driver
+                return
+        raise Unavailable(f"dockerd did not start: {problem}")
+
+    def _start(self, dockerd: str, driver: str, timeout: float) -> str | None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [dockerd, f"--storage-driver={driver}", "--iptables=false", "--bridge=none", "--host", self.url,
+                 "--data-root", str(self.workdir / driver), "--exec-root", str(self.workdir / "exec"),
+                 "--pidfile", str(self.workdir / "dockerd.pid")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.client = None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client = docker.DockerClient(base_url=self.url, timeout=600)  # asks the engine its version
+                return None
+            except docker.errors.DockerException:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                    return f"{driver}: {' | '.join(tail)}"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.client is not None:
+            try:
+                for container in self.client.containers.list(all=True):
+                    container.remove(force=True)
+            except docker.errors.DockerException:
+                pass
+            self.client.close()
+        _stop(self.process)
+        # dockerd leaves its network namespace mounted; then gigabytes of layers go.
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for mount in reversed(mounts):
+            if mount.startswith(f"{self.workdir}/"):
+                subprocess.run(["umount", "--lazy", mount], check=False)
+        for name in ("overlay2", "vfs", "exec"):
+            shutil.rmtree(self.workdir / name, ignore_errors=True)
+
+
+def _debian_suite_and_mirror() -> tuple[str, str]:
+    """This machine's Debian release and the apt mirror it already uses."""
+    release = dict(
+        line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line
+    )
+    suite = release.get("VERSION_CODENAME", "").strip('"')
+    sources = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
+    for path in sources:
+        for stanza in path.read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
+            if suite in fields.get("Suites", "").split():
+                return suite, fields["URIs"].split()[0]
+    legacy = Path("/etc/apt/sources.list")
+    for line in legacy.read_text().splitlines() if legacy.exists() else []:
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "deb" and parts[2] == suite:
+            return suite, parts[1]
+    raise Unavailable(f"no Debian apt mirror found for {suite!r} in /etc/apt")
+
+
+def build_base_image(engine: DockerEngine, workdir: Path) -> str:
+    """A stand-in for the CUDA PyTorch runtime base: Debian's python3 with the CPU build
+    of the torch this venv has. Like the real base, its python takes ``pip install``."""
+    if engine.client.images.list(name=BASE_TAG):
+        return BASE_TAG
+    debootstrap = shutil.which("debootstrap")
+    if debootstrap is None:
+        raise Unavailable("debootstrap is not installed (Debian's package; .ci/run installs it)")
+    import torch
+
+    suite, mirror = _debian_suite_and_mirror()
+    rootfs, wheels = workdir / "rootfs", workdir / "wheels"
+    try:
+        subprocess.run([debootstrap, "--variant=minbase", "--include=python3,python3-pip,python-is-python3,ca-certificates",
+                        suite, str(rootfs), mirror], check=True, capture_output=True)
+    except subprocess.CalledProcessError as exc:
+        raise Unavailable(f"debootstrap {suite} failed: {exc.stderr.decode(errors='replace')[-300:]}") from None
+    # The same torch as here, the CPU build (the machine's pip finds it on disk).
+    version = torch.__version__.split("+")[0]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"torch=={version}", "-d", str(wheels)],
+                   check=True)
+    [wheel] = wheels.glob("torch-*.whl")
+    shutil.copy(HOST_CA_BUNDLE, rootfs / "etc/ssl/certs/ca-certificates.crt")
+    shutil.copy("/etc/resolv.conf", rootfs / "etc/resolv.conf")
+    shutil.copy(wheel, rootfs / "tmp" / wheel.name)
+    subprocess.run(["chroot", str(rootfs), "python3", "-m", "pip", "install", "--quiet", "--no-cache-dir",
+                    "--break-system-packages", f"/tmp/{wheel.name}"],
+                   env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}, check=True)
+    (rootfs / "tmp" / wheel.name).unlink()
+    (rootfs / "usr/lib/python3.11/EXTERNALLY-MANAGED").unlink(missing_ok=True)
+    tarball = workdir / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
+    shutil.rmtree(rootfs)
+    repository, tag = BASE_TAG.split(":")
+    engine.client.api.import_image_from_file(str(tarball), repository=repository, tag=tag)
+    tarball.unlink()
+    return BASE_TAG
+
+
+class LocalRegistry:
+    """Debian's docker-registry on 127.0.0.1; the engine trusts loopback registries
+    over plain HTTP."""
+
+    def __init__(self, workdir: Path):
+        binary = shutil.which("docker-registry")
+        if binary is None:
+            raise Unavailable("docker-registry is not installed (Debian's package; .ci/run installs it)")
+        self.address = f"127.0.0.1:{_free_port()}"
+        config = workdir / "registry.yml"
+        config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {workdir / 'blobs'}\n"
+                          f"http:\n  addr: {self.address}\n")
+        self.process = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2)
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise Unavailable("docker-registry did not start") from None
+                time.sleep(0.2)
+
+    def tags(self, repository: str) -> list[str]:
+        import json
+
+        with urllib.request.urlopen(f"http://{self.address}/v2/{repository}/tags/list", timeout=10) as answer:
+            return json.load(answer).get("tags") or []
+
+    def stop(self) -> None:
+        _stop(self.process, timeout=10)
+
+
+class DockerContainers:
+    """Each fake pod as a real container of ``image``, pulled from its registry first
+    as Runpod does. Starting is asynchronous (a pod provisions), as on Runpod."""
+
+    def __init__(self, client: docker.DockerClient, image: str, base_env: dict | None = None):
+        self.client, self.image, self.base_env = client, image, dict(base_env or {})
+        self.containers: dict = {}
+        self.starting: dict[str, threading.Thread] = {}
+        self.errors: dict[str, Exception] = {}
+
+    def start(self, pod_id: str, env: dict) -> None:
+        def run():
+            try:
+                repository, tag = self.image.rsplit(":", 1)
+                self.client.images.pull(repository, tag=tag)
+                self.containers[pod_id] = self.client.containers.run(
+                    self.image, name=pod_id, environment={**self.base_env, **env}, network_mode="host", detach=True)
+            except docker.errors.DockerException as exc:
+                self.errors[pod_id] = exc
+
+        self.starting[pod_id] = threading.Thread(target=run, daemon=True)
+        self.starting[pod_id].start()
+
+    def exited(self, pod_id: str) -> bool:
+        if self.starting[pod_id].is_alive():
+            return False
+        if pod_id in self.errors:
+            return True  # the container never started: the pod shows as exited
+        container = self.containers[pod_id]
+        container.reload()
+        return container.status in ("exited", "dead")
+
+    def exit_code(self, pod_id: str) -> int:
+        self.starting[pod_id].join()
+        return self.containers[pod_id].wait(timeout=300)["StatusCode"]
+
+    def logs(self, pod_id: str) -> str:
+        return self.containers[pod_id].logs().decode(errors="replace")
+
+    def kill(self, pod_id: str) -> None:
+        self.starting[pod_id].join()
+        container = self.containers.get(pod_id)
+        if container is None:
+            return
+        container.reload()
+        if container.status == "running":
+            try:
+                container.kill()
+            except docker.errors.APIError:
+                pass  # it ended on its own meanwhile
+
+    def stop(self) -> None:
+        for pod_id in list(self.starting):
+            self.kill(pod_id)

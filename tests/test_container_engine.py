@@ -1,0 +1,116 @@
+"""The pod's image for real, on a Docker engine started here: ``make image``'s build and
+push, then RunpodEmbedAll against the fake Runpod API whose pods are real containers of
+that image (CPU, the offline model, buckets on the GCS server on loopback), so the
+image, its entrypoint, the watchdog and teardown all run as they would on Runpod.
+
+Skipped, with the reason, where no engine can start (.ci/run installs one)."""
+
+import luigi
+import pytest
+
+from fake_runpod import FakeRunpod, assert_no_pod_billed
+from helpers import write_corpus
+from pipeline import RunpodEmbedAll
+from pipeline.image import IMAGE_NAME, build_and_push, revision
+from pipeline.pods import PodLedger
+
+# Building the image takes minutes (on vfs storage, where every layer is a full copy, ten or more).
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(3000)]
+
+
+def or_skip(make, what: str):
+    """``make()``, or a skip that says what this machine lacks."""
+    from docker_engine import Unavailable
+
+    try:
+        return make()
+    except Unavailable as exc:
+        pytest.skip(f"{what}, the real-container tests are skipped: {exc}")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from docker_engine import DockerEngine
+
+    engine = or_skip(lambda: DockerEngine(tmp_path_factory.mktemp("docker")), "no Docker engine")
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    from docker_engine import LocalRegistry
+
+    registry = or_skip(lambda: LocalRegistry(tmp_path_factory.mktemp("registry")), "no local registry")
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def image(engine, registry, tmp_path_factory):
+    """What ``make image`` builds and pushes, on the stand-in base, with the offline model."""
+    from docker_engine import build_base_image
+
+    base = or_skip(lambda: build_base_image(engine, tmp_path_factory.mktemp("base")), "no stand-in base image")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DOCKER_HOST", engine.url)
+        # The engine has no bridge network, so build steps use the host's.
+        return build_and_push(f"{registry.address}/team", base_image=base, model="minilm", network_mode="host")
+
+
+@pytest.fixture
+def fake(engine, image, monkeypatch, tmp_path):
+    from docker_engine import DockerContainers
+
+    runtime = DockerContainers(engine.client, image, {"PIPELINE_WATCHDOG_CHECK_SECONDS": "0.5"})
+    api = FakeRunpod(provisioning_seconds=0.1, pod_runtime=runtime)
+    for key, value in {"RUNPOD_API_BASE_URL": api.url, "RUNPOD_API_KEY": api.api_key, "HOME": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    yield api
+    try:
+        assert_no_pod_billed(api, timeout=300)
+    finally:
+        api.stop()
+        for container in engine.client.containers.list(all=True):
+            container.remove(force=True)
+
+
+def test_make_image_pushes_the_revision_tag_to_the_registry(image, registry):
+    assert image == f"{registry.address}/team/{IMAGE_NAME}:{revision()}"
+    assert revision() in registry.tags(f"team/{IMAGE_NAME}")
+
+
+def run_on_a_pod(gcs_bucket, tmp_path, image):
+    gcs_bucket.upload_folder(write_corpus(tmp_path / "corpus", documents=9, words=200), "corpus")
+    task = RunpodEmbedAll(corpus=f"{gcs_bucket.url}/corpus", output=f"{gcs_bucket.url}/out", docs_per_shard=3,
+                          image=image, model="minilm", poll_seconds=0.5)
+    return luigi.build([task], local_scheduler=True, log_level="WARNING")
+
+
+def test_a_run_on_a_real_container_embeds_into_the_bucket_and_the_pod_ends(fake, gcs_bucket, tmp_path, image):
+    assert run_on_a_pod(gcs_bucket, tmp_path, image)
+    assert [k for k in gcs_bucket.keys("out/shards/") if k.endswith(".parquet")] == [
+        f"out/shards/shard-{n:06d}.parquet" for n in range(3)]
+    assert "out/_SUCCESS.json" in gcs_bucket.keys("out/")
+    [pod_id] = fake.pods
+    assert "EmbedShard" in fake.pod_runtime.logs(pod_id)  # the container did the work, not the launcher
+
+
+def test_a_failure_in_the_container_ends_its_pod_and_fails_the_launcher(fake, gcs_bucket, tmp_path, image):
+    fake.pod_runtime.base_env["PIPELINE_MODEL_PATH"] = "/no/model/here"
+    assert not run_on_a_pod(gcs_bucket, tmp_path, image)
+    [pod_id] = fake.pods
+    logs = fake.pod_runtime.logs(pod_id)
+    assert "cannot load model" in logs and "watchdog: work ended (the work failed (exit code" in logs
+    assert "out/_SUCCESS.json" not in gcs_bucket.keys("out/")
+
+
+def test_the_entrypoint_exits_non_zero_when_the_work_fails(engine, image, tmp_path):
+    """Outside a pod (no RUNPOD_POD_ID) nothing kills the container, so its exit code shows."""
+    container = engine.client.containers.run(
+        image, environment={"PIPELINE_CORPUS": "/no/corpus/here", "PIPELINE_OUTPUT": "/tmp/out"}, network_mode="host", detach=True)
+    try:
+        assert container.wait(timeout=300)["StatusCode"] != 0
+        assert "corpus" in container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
