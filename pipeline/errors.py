@@ -1,4 +1,5 @@
-"""One exception type for problems a user can fix, shown as one clear line.
+"""One exception type for problems a user can fix, shown as one clear line, and the
+one retry policy for everything that fails transiently (buckets, the Runpod API).
 
 Luigi logs a full traceback for every failed task. For a missing corpus or an
 unwritable output that buries the one sentence that matters, so a logging filter
@@ -6,6 +7,10 @@ replaces the traceback of a ``PipelineError`` with its message.
 """
 
 import logging
+import time
+from typing import Callable
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 
 class PipelineError(Exception):
@@ -29,3 +34,22 @@ def install_one_line_errors() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _OneLineForPipelineErrors) for f in logger.filters):
             logger.addFilter(_OneLineForPipelineErrors())
+
+
+def backoff(
+    transient: Callable[[BaseException], bool],
+    attempts: int,
+    max_wait: float,
+    on_retry: Callable[[BaseException, int, float], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> Retrying:
+    """Jittered exponential backoff up to ``max_wait`` for errors ``transient`` accepts;
+    ``on_retry(error, attempt, wait)`` is told before each wait. The last error is raised."""
+    return Retrying(
+        retry=retry_if_exception(transient),
+        wait=wait_random_exponential(multiplier=max_wait / 32, max=max_wait),
+        stop=stop_after_attempt(attempts),
+        before_sleep=lambda state: on_retry(state.outcome.exception(), state.attempt_number, state.next_action.sleep),
+        reraise=True,
+        sleep=sleep,
+    )

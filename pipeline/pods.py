@@ -20,10 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
 from . import storage
-from .errors import PipelineError
+from .errors import PipelineError, backoff
 
 log = logging.getLogger("luigi-interface")
 
@@ -125,9 +123,13 @@ class PodLedger:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """The SDK's ways of saying 'try again': a body without data (5xx, 429), a body
-    that is not JSON (a proxy's error page), a dropped connection or a timeout."""
-    if isinstance(exc, (KeyError, json.JSONDecodeError, ConnectionError, TimeoutError)):
+    """The SDK's ways of saying 'try again': a body without data (5xx, 429: the SDK
+    indexes ``response["data"]`` and raises KeyError('data')), a body that is not JSON (a
+    proxy's error page), a dropped connection or a timeout. Any other KeyError is a
+    change in the API's shape and is not retried."""
+    if isinstance(exc, KeyError):
+        return exc.args == ("data",)
+    if isinstance(exc, (json.JSONDecodeError, ConnectionError, TimeoutError)):
         return True
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & {"ConnectionError", "Timeout", "ChunkedEncodingError", "JSONDecodeError"}:
@@ -167,17 +169,10 @@ class RunpodOrchestrator:
     # -- calls ------------------------------------------------------------------------
 
     def _call(self, action: str, function: Callable, *args, **kwargs):
-        def before_sleep(state) -> None:
-            log.warning("runpod: %s: %s; retry %d in %.1fs", action, _describe(state.outcome.exception()), state.attempt_number, state.next_action.sleep)
+        def on_retry(exc: BaseException, attempt: int, wait: float) -> None:
+            log.warning("runpod: %s: %s; retry %d in %.1fs", action, _describe(exc), attempt, wait)
 
-        retryer = Retrying(
-            retry=retry_if_exception(_is_transient),
-            wait=wait_random_exponential(multiplier=self.settings.api_max_wait / 32, max=self.settings.api_max_wait),
-            stop=stop_after_attempt(self.settings.api_attempts),
-            before_sleep=before_sleep,
-            reraise=True,
-            sleep=self.sleep,
-        )
+        retryer = backoff(_is_transient, self.settings.api_attempts, self.settings.api_max_wait, on_retry, self.sleep)
         try:
             return retryer(function, *args, **kwargs)
         except PipelineError:
@@ -301,11 +296,22 @@ class RunpodOrchestrator:
             if pod is None:
                 raise PodError(f"runpod: pod {pod_id} disappeared while starting")
             if pod.get("runtime"):
+                self._record_actual_price(pod)
                 return pod
             if self.clock() >= deadline:
                 self.terminate_pod(pod_id, reason="stuck provisioning")
                 raise PodStuck(f"runpod: pod {pod_id} was not running after {self.settings.provisioning_timeout:.0f}s; terminated it")
             self.sleep(self.settings.poll_interval)
+
+    def _record_actual_price(self, pod: dict) -> None:
+        """The ledger starts with the listed price; the pod's own ``costPerHr`` is what
+        is billed (with cloud ALL it may be the secure price, not the lower one)."""
+        actual = pod.get("costPerHr")
+        record = self.ledger.get(pod["id"])
+        if actual and abs(float(actual) - record["price_per_hour"]) > 1e-9:
+            log.info("runpod: pod %s is billed $%.3f/h (listed $%.3f/h)", pod["id"], float(actual), record["price_per_hour"])
+            record["price_per_hour"] = float(actual)
+            self.ledger.record(record)
 
     def stop_pod(self, pod_id: str) -> None:
         """Stop without terminating: the pod's disk is kept and still billed. Teardown
@@ -355,8 +361,10 @@ class RunpodOrchestrator:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KeyError):
+    if isinstance(exc, KeyError) and exc.args == ("data",):
         return "the API answered without data (a server error or rate limit)"
+    if isinstance(exc, KeyError):
+        return f"the API's answer lacks the field {exc.args[0]!r}: has the API changed? (runpod SDK out of date?)"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"[:300]
 

@@ -28,10 +28,9 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, TypeVar
 
 import luigi
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from . import config
-from .errors import PipelineError
+from .errors import PipelineError, backoff
 
 log = logging.getLogger("luigi-interface")
 T = TypeVar("T")
@@ -143,24 +142,10 @@ def retrying(action: str, path: str, call: Callable[[], T]) -> T:
     attempts = int(config.setting("storage_retries"))
     max_wait = float(config.setting("storage_retry_max_wait"))
 
-    def before_sleep(state) -> None:
-        log.warning(
-            "%s %s: %s; retry %d of %d in %.1fs",
-            action,
-            path,
-            describe(state.outcome.exception()),
-            state.attempt_number,
-            attempts - 1,
-            state.next_action.sleep,
-        )
+    def on_retry(exc: BaseException, attempt: int, wait: float) -> None:
+        log.warning("%s %s: %s; retry %d of %d in %.1fs", action, path, describe(exc), attempt, attempts - 1, wait)
 
-    retryer = Retrying(
-        retry=retry_if_exception(is_transient),
-        wait=wait_random_exponential(multiplier=max_wait / 32, max=max_wait),
-        stop=stop_after_attempt(attempts),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
+    retryer = backoff(is_transient, attempts, max_wait, on_retry)
     try:
         return retryer(call)
     except (FileNotFoundError, FileExistsError, PipelineError):

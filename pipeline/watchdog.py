@@ -31,7 +31,7 @@ class Limits:
     idle_seconds: float = 3600  # no new shard for this long: something is wrong
     max_seconds: float = 7 * 24 * 3600
     max_dollars: float = float("inf")
-    price_per_hour: float = 0.0  # read from the API when 0
+    price_per_hour: float = 0.0  # the launcher's; the API's costPerHr comes first
     check_every: float = 30
 
     @classmethod
@@ -82,14 +82,15 @@ def terminate_own_pod(env: dict[str, str], max_wait: float = 60) -> bool:
 
 
 def _price_per_hour(env: dict[str, str], limits: Limits) -> float:
-    if limits.price_per_hour:
-        return limits.price_per_hour
+    """This pod's own billed price from the API; else the launcher's listed price."""
     try:
         import runpod
 
         runpod.api_key = env["RUNPOD_API_KEY"]
         return float(runpod.get_pod(env["RUNPOD_POD_ID"])["costPerHr"])
     except Exception as exc:
+        if limits.price_per_hour:
+            return limits.price_per_hour
         log.warning("watchdog: could not read this pod's price (%s); the dollar budget is not enforced", exc)
         return 0.0
 

@@ -61,9 +61,12 @@ class FakeRunpod:
     capacity: dict = field(default_factory=lambda: {gpu: 10 for gpu in GPU_TYPES})
     provisioning_seconds: float = 0.2
     stuck_provisioning: bool = False
-    # Queued faults, one per request: 500, 429, "non-json", or "after-500" (the request
-    # is carried out, then the answer is lost as a 500).
+    # Queued faults, one per request: 500, 429, "non-json", "after-500" (the request
+    # is carried out, then the answer is lost as a 500), or "new-shape" (a 200 whose
+    # data lacks the field asked for, as after an API change).
     failures: list = field(default_factory=list)
+    # Where a cloud_type ALL pod lands, and so what it is billed.
+    all_cloud_lands_on: str = "COMMUNITY"
     # When set, each pod's container runs there (LocalProcesses, or real containers
     # in tests/docker_engine.py) with the pod's env and Runpod's own variables, and
     # terminating the pod kills it.
@@ -120,6 +123,8 @@ class FakeRunpod:
             fault = self.failures.pop(0) if self.failures else None
         if fault == "non-json":
             return 502, b"<html>Bad Gateway</html>"
+        if fault == "new-shape":
+            return 200, {"data": {}}
         if fault and not str(fault).startswith("after-"):
             return int(fault), {"message": "injected failure"}
         query = json.loads(body)["query"]
@@ -153,7 +158,8 @@ class FakeRunpod:
                 raise LookupError(NO_CAPACITY)
             self.capacity[gpu] -= 1
             cloud = spec.get("cloudType", "ALL")
-            price = GPU_TYPES[gpu]["securePrice" if cloud == "SECURE" else "communityPrice"]
+            landed = self.all_cloud_lands_on if cloud == "ALL" else cloud
+            price = GPU_TYPES[gpu]["securePrice" if landed == "SECURE" else "communityPrice"]
             now = time.time()
             pod = FakePod(
                 id=next(self._ids), name=spec["name"], image_name=spec["imageName"], gpu_type_id=gpu, cloud_type=cloud,

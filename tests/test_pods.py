@@ -90,6 +90,28 @@ def test_server_errors_and_rate_limits_are_retried(tmp_path, fake):
     assert fake.failures == []
 
 
+def test_an_answer_of_a_new_shape_fails_at_once_instead_of_being_retried(tmp_path, fake):
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    fake.failures = ["new-shape"]
+    asked = len(fake.requests)
+    with pytest.raises(PodError, match="lacks the field 'pod'"):
+        pods.get_pod_status(pod_id)
+    assert len(fake.requests) == asked, "a changed API shape was retried as if it were an outage"
+    pods.terminate_pod(pod_id)
+
+
+def test_a_pod_of_cloud_all_is_billed_at_its_own_price_not_the_lowest_listed(tmp_path, fake):
+    fake.all_cloud_lands_on = "SECURE"
+    pods = orchestrator(tmp_path, fake, cloud_type="ALL")
+    pod_id = pods.start_pod()
+    assert pods.ledger.get(pod_id)["price_per_hour"] == GPU_TYPES["NVIDIA GeForce RTX 4090"]["communityPrice"]
+    pods.wait_until_running(pod_id)
+    assert pods.ledger.get(pod_id)["price_per_hour"] == GPU_TYPES["NVIDIA GeForce RTX 4090"]["securePrice"]
+    pods.terminate_pod(pod_id)
+    assert PodLedger.dollars(pods.ledger.get(pod_id)) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
+
+
 def test_a_create_whose_answer_was_lost_is_found_not_duplicated(tmp_path, fake):
     """The orphan-pod post-mortem: the pod was created, the answer was a 500."""
     pods = orchestrator(tmp_path, fake)

@@ -86,8 +86,10 @@ def test_no_new_shard_for_too_long_stops_the_work_and_ends_the_pod(pod):
 
 def test_dollar_budget_stops_the_work_and_ends_the_pod(pod):
     api, pod_id, env, output = pod
-    # $3600/h spends a dollar a second: a $1 budget ends the work within about a second.
-    code, log = finish(watchdog(env, PIPELINE_WATCHDOG_MAX_DOLLARS="1", PIPELINE_WATCHDOG_PRICE_PER_HOUR="3600"))
+    # The API bills this pod $3600/h, a dollar a second: a $1 budget ends the work within
+    # about a second. The pod's own price counts, not the lower one the launcher listed.
+    api.pods[pod_id].cost_per_hr = 3600
+    code, log = finish(watchdog(env, PIPELINE_WATCHDOG_MAX_DOLLARS="1", PIPELINE_WATCHDOG_PRICE_PER_HOUR="0.34"))
     assert code == 1 and "spend passed $1.00" in log
     assert api.pods[pod_id].terminated_at is not None
 
