@@ -14,10 +14,12 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Mapping
 
 import luigi
 
 from . import config
+from .errors import PipelineError
 from .pods import PodLedger, PodSettings, RunpodOrchestrator, cost_report
 from .progress import format_duration
 from .tasks import CorpusManifest, EmbedAll, RunParameters
@@ -25,11 +27,39 @@ from .watchdog import count_shards
 
 log = logging.getLogger("luigi-interface")
 
-# Passed to the pod when set on the launcher: bucket endpoints and credentials.
+# Passed to the pod when set on the launcher: bucket endpoints and retry settings.
 PASSED_THROUGH = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-    "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "PIPELINE_STORAGE_RETRIES", "PIPELINE_STORAGE_RETRY_MAX_WAIT",
+    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT",
+    "PIPELINE_STORAGE_RETRIES", "PIPELINE_STORAGE_RETRY_MAX_WAIT",
 )
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+POD_PREFIX = "PIPELINE_POD_"
+
+
+def pod_credentials(environ: Mapping[str, str], schemes: set[str]) -> dict[str, str]:
+    """The bucket credentials a pod gets, for the kinds of bucket the run uses only.
+
+    ``PIPELINE_POD_*`` credentials (a key that reaches the run's buckets and nothing
+    else, docs/security.md) come first; without them the pod gets the launcher's own,
+    with a warning that says what to set. Nothing here is ever logged."""
+    env: dict[str, str] = {}
+    if "s3" in schemes:
+        source = POD_PREFIX if environ.get(POD_PREFIX + "AWS_ACCESS_KEY_ID") else ""
+        if not source and environ.get("AWS_ACCESS_KEY_ID"):
+            log.warning("the pod gets the launcher's own AWS keys: set PIPELINE_POD_AWS_ACCESS_KEY_ID and "
+                        "PIPELINE_POD_AWS_SECRET_ACCESS_KEY to keys that reach the run's buckets only (docs/security.md)")
+        env.update({name: environ[source + name] for name in AWS_KEYS if environ.get(source + name)})
+    if "gs" in schemes:
+        key_file = environ.get(POD_PREFIX + "GOOGLE_APPLICATION_CREDENTIALS")
+        if not key_file and environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            key_file = environ["GOOGLE_APPLICATION_CREDENTIALS"]
+            log.warning("the pod gets the launcher's own Google key: set PIPELINE_POD_GOOGLE_APPLICATION_CREDENTIALS "
+                        "to a service account's key that reaches the run's buckets only (docs/security.md)")
+        if key_file:
+            if not Path(key_file).is_file():
+                raise PipelineError(f"the pod's Google key file {key_file} does not exist")
+            env["GOOGLE_CREDENTIALS_JSON"] = Path(key_file).read_text()
+    return env
 
 
 class PodEnded(Exception):
@@ -74,9 +104,8 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         for name in ("PIPELINE_WATCHDOG_IDLE_SECONDS", "PIPELINE_WATCHDOG_MAX_SECONDS", "PIPELINE_WATCHDOG_CHECK_SECONDS"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
-        key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-        if key_file and Path(key_file).is_file():
-            env["GOOGLE_CREDENTIALS_JSON"] = Path(key_file).read_text()
+        schemes = {location.split("://", 1)[0] for location in (env["PIPELINE_CORPUS"], self.output_location) if "://" in location}
+        env.update(pod_credentials(os.environ, schemes))
         return env
 
     def orchestrator(self) -> RunpodOrchestrator:
