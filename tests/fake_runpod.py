@@ -45,6 +45,8 @@ class FakePod:
     provisioned_at: Optional[float]  # None: stuck pulling its image forever
     stopped_at: Optional[float] = None
     terminated_at: Optional[float] = None
+    container_env: dict = field(default_factory=dict)
+    restarts: int = 0
 
     @property
     def running(self) -> bool:
@@ -67,6 +69,9 @@ class FakeRunpod:
     failures: list = field(default_factory=list)
     # Where a cloud_type ALL pod lands, and so what it is billed.
     all_cloud_lands_on: str = "COMMUNITY"
+    # Runpod may start a pod's container again when it exits; by default the pod shows
+    # as EXITED instead (still billed until terminated).
+    restart_exited_containers: bool = False
     # When set, each pod's container runs there (LocalProcesses, or real containers
     # in tests/docker_engine.py) with the pod's env and Runpod's own variables, and
     # terminating the pod kills it.
@@ -171,19 +176,25 @@ class FakeRunpod:
         if self.pod_runtime:
             from pipeline.pods import decode_env
 
-            env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
-                   "RUNPOD_API_KEY": self.api_key, "RUNPOD_API_BASE_URL": self.url}
-            self.pod_runtime.start(pod.id, env)
+            pod.container_env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
+                                 "RUNPOD_API_KEY": self.api_key, "RUNPOD_API_BASE_URL": self.url}
+            self.pod_runtime.start(pod.id, pod.container_env)
         return self._pod_view(pod)
 
     def crash(self, pod_id: str) -> None:
-        """The container dies (SIGKILL); the pod shows as exited, still billed until terminated."""
+        """The container dies (SIGKILL): the pod shows as exited, or its container starts again."""
         self.pod_runtime.kill(pod_id)
-        self.pods[pod_id].stopped_at = time.time()
+        self._reap(self.pods[pod_id])
 
     def _reap(self, pod: FakePod) -> None:
-        if self.pod_runtime and pod.running and self.pod_runtime.exited(pod.id):
-            pod.stopped_at = time.time()  # the container exited; the pod is EXITED
+        with self._lock:
+            if not (self.pod_runtime and pod.running and self.pod_runtime.exited(pod.id)):
+                return
+            if self.restart_exited_containers:
+                pod.restarts += 1
+                self.pod_runtime.start(pod.id, pod.container_env)
+            else:
+                pod.stopped_at = time.time()  # the pod is EXITED
 
     def _pod(self, query: dict) -> Optional[dict]:
         pod = self.pods.get(query["podId"])

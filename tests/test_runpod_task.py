@@ -137,6 +137,27 @@ def test_a_crashed_container_fails_the_run_and_a_rerun_resumes(fake, corpus, tmp
     assert len(PodLedger(str(output)).records()) == 2
 
 
+def test_a_container_that_runpod_restarts_after_a_crash_resumes_and_finishes(fake, corpus, tmp_path):
+    fake.restart_exited_containers = True
+    output = tmp_path / "out"
+    launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(list((output / "shards").glob("*.parquet"))) >= 1 if (output / "shards").exists() else False)
+        [pod_id] = fake.pods
+        before = {p.name: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}
+        fake.crash(pod_id)
+        _, stderr = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == 0, stderr
+    assert fake.pods[pod_id].restarts >= 1 and len(fake.pods) == 1
+    assert (output / "_SUCCESS.json").exists() and len(list((output / "shards").glob("*.parquet"))) == 4
+    assert all((output / "shards" / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+
+
 def test_without_an_image_it_builds_one_first_and_says_what_is_missing(fake, corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("PIPELINE_REGISTRY", raising=False)
     launcher = subprocess.run(luigi_command(*[a for a in launcher_args(corpus, tmp_path / "out") if a not in ("--image", "registry.local/embedding:test")]),
