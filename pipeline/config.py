@@ -34,6 +34,8 @@ DEFAULTS = {
     "pod_model": "nomic",
     "gpu_types": "NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA L40S",
     "cloud_type": "ALL",
+    "spot": "false",
+    "spot_relaunches": "3",
     "max_dollars": "25",
     "poll_seconds": "30",
     # Storage calls: attempts per call, and the most seconds to wait between two.

@@ -39,6 +39,10 @@ class NoCapacity(PodError):
     """No GPU of any preferred type was free for the whole capacity wait."""
 
 
+class NotOffered(PodError):
+    """This GPU type cannot be rented this way (no spot price in this cloud)."""
+
+
 class PodStuck(PodError):
     """A pod did not start running before the provisioning deadline (it was terminated)."""
 
@@ -48,6 +52,7 @@ class PodSettings:
     image: str
     gpu_types: tuple[str, ...] = DEFAULT_GPU_TYPES  # in order of preference
     cloud_type: str = "ALL"  # ALL, COMMUNITY or SECURE
+    spot: bool = False  # interruptible: cheaper, may be stopped at any time
     gpu_count: int = 1
     container_disk_gb: int = 40
     env: dict[str, str] = field(default_factory=dict)
@@ -183,25 +188,39 @@ class RunpodOrchestrator:
             raise PodError(f"runpod: {action}: {_describe(exc)}") from exc
 
     def gpu_price(self, gpu_type: str) -> float:
-        """The hourly price of one GPU of this type in this cloud, read at run time."""
+        """The hourly price of the pod's GPUs of this type in this cloud, read at run
+        time; for a spot pod, the bid (the listed spot price, at least the minimum bid)."""
         gpu = self._call(f"reading the price of {gpu_type}", self.runpod.get_gpu, gpu_type)
-        prices = {"COMMUNITY": gpu.get("communityPrice"), "SECURE": gpu.get("securePrice")}
+        kind = "SpotPrice" if self.settings.spot else "Price"
+        prices = {"COMMUNITY": gpu.get(f"community{kind}"), "SECURE": gpu.get(f"secure{kind}")}
         if self.settings.cloud_type != "ALL":
             prices = {self.settings.cloud_type: prices[self.settings.cloud_type]}
         known = [p for p in prices.values() if p]
-        return (min(known) if known else 0.0) * self.settings.gpu_count
+        per_gpu = min(known) if known else 0.0
+        if self.settings.spot:
+            if not per_gpu:
+                raise NotOffered(f"runpod: no spot price listed for {gpu_type} in cloud {self.settings.cloud_type}")
+            per_gpu = max(per_gpu, (gpu.get("lowestPrice") or {}).get("minimumBidPrice") or 0.0)
+        return per_gpu * self.settings.gpu_count
 
     # -- lifecycle --------------------------------------------------------------------
 
     def start_pod(self, gpu_type: Optional[str] = None) -> str:
         """Start one pod, trying the preferred GPU types in order, in rounds, until one
         has capacity or ``capacity_timeout`` passes. Returns the pod id."""
-        types = (gpu_type,) if gpu_type else self.settings.gpu_types
+        types = list((gpu_type,) if gpu_type else self.settings.gpu_types)
         deadline = self.clock() + self.settings.capacity_timeout
         wait = self.settings.capacity_retry_wait
         while True:
-            for gpu in types:
-                pod_id = self._try_create(gpu)
+            for gpu in list(types):
+                try:
+                    pod_id = self._try_create(gpu)
+                except NotOffered as exc:
+                    log.warning("%s; skipping it", exc)
+                    types.remove(gpu)
+                    if not types:
+                        raise
+                    continue
                 if pod_id:
                     return pod_id
             if self.clock() + wait > deadline:
@@ -226,7 +245,7 @@ class RunpodOrchestrator:
         self._creating[name] = (gpu_type, price, self.clock())  # billing starts no earlier
         for attempt in range(1, s.api_attempts + 1):
             try:
-                pod = self.runpod.create_pod(**arguments)
+                pod = self._create(arguments, price / s.gpu_count)
                 break
             except Exception as exc:
                 if "QueryError" in type(exc).__name__ and _NO_CAPACITY.search(str(exc)):
@@ -254,6 +273,15 @@ class RunpodOrchestrator:
         self._creating.pop(name, None)
         log.info("runpod: started pod %s (%s, $%.3f/h)", pod["id"], gpu_type, price)
         return pod["id"]
+
+    def _create(self, arguments: dict[str, Any], price_per_gpu: float) -> dict:
+        if not self.settings.spot:
+            return self.runpod.create_pod(**arguments)
+        # The SDK has no call for a spot pod; its own query runner sends ours.
+        from runpod.api.graphql import run_graphql_query
+
+        answer = run_graphql_query(spot_pod_mutation(**arguments, bid_per_gpu=price_per_gpu))
+        return answer["data"]["podRentInterruptable"]
 
     def _record_for(self, pod_id: str, name: str) -> dict[str, Any]:
         gpu_type, price, started = self._creating[name]
@@ -358,6 +386,25 @@ class RunpodOrchestrator:
                 self.terminate_pod(pod["id"], reason="sweep")
                 ended.append(pod["id"])
         return ended
+
+
+def spot_pod_mutation(name: str, image_name: str, gpu_type_id: str, cloud_type: str, gpu_count: int,
+                      container_disk_in_gb: int, docker_args: str, env: dict[str, str], support_public_ip: bool,
+                      start_ssh: bool, bid_per_gpu: float) -> str:
+    """Runpod's ``podRentInterruptable``: the SDK's on-demand create with a bid per GPU.
+    Strings are written as JSON strings, which GraphQL reads the same way."""
+    def text(value: str) -> str:
+        return json.dumps(value)
+
+    env_items = ", ".join(f"{{ key: {text(k)}, value: {text(v)} }}" for k, v in env.items())
+    fields = [
+        f"name: {text(name)}", f"imageName: {text(image_name)}", f"gpuTypeId: {text(gpu_type_id)}",
+        f"bidPerGpu: {bid_per_gpu:.4f}", f"cloudType: {cloud_type}", f"gpuCount: {gpu_count}",
+        f"containerDiskInGb: {container_disk_in_gb}", "volumeInGb: 0", f"dockerArgs: {text(docker_args)}",
+        f"supportPublicIp: {str(support_public_ip).lower()}", f"startSsh: {str(start_ssh).lower()}", f"env: [{env_items}]",
+    ]
+    return (f"mutation {{ podRentInterruptable(input: {{ {', '.join(fields)} }}) "
+            "{ id desiredStatus imageName env machineId machine { podHostId } } }")
 
 
 def _describe(exc: BaseException) -> str:

@@ -74,6 +74,10 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
     image = luigi.Parameter(default=config.setting("image"), description="the pod's image; empty: build and push one now")
     gpu_types = luigi.Parameter(default=config.setting("gpu_types"), description="comma-separated, in order of preference")
     cloud_type = luigi.Parameter(default=config.setting("cloud_type"), description="ALL, COMMUNITY or SECURE")
+    spot = luigi.BoolParameter(default=config.setting("spot").lower() in ("1", "true", "yes"),
+                               description="interruptible pods: cheaper; a pod taken back is replaced and the work resumes")
+    spot_relaunches = luigi.IntParameter(default=int(config.setting("spot_relaunches")), significant=False,
+                                         description="how many taken-back spot pods to replace before giving up")
     max_dollars = luigi.FloatParameter(default=float(config.setting("max_dollars")), description="the pod ends itself past this spend")
     poll_seconds = luigi.FloatParameter(default=float(config.setting("poll_seconds")), significant=False)
 
@@ -113,6 +117,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             image=self.image,
             gpu_types=tuple(g.strip() for g in self.gpu_types.split(",") if g.strip()),
             cloud_type=self.cloud_type,
+            spot=self.spot,
             env=self.pod_env(),
             poll_interval=self.poll_seconds,
         )
@@ -128,16 +133,34 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._pods: list[str] = []
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            pod_id = self._orchestrator.start_pod()
-            self._pods.append(pod_id)
-            self._orchestrator.wait_until_running(pod_id)
-            self._follow(pod_id)
+            for relaunch in range(self.spot_relaunches + 1):
+                self._budget_the_next_pod()
+                pod_id = self._orchestrator.start_pod()
+                self._pods.append(pod_id)
+                self._orchestrator.wait_until_running(pod_id)
+                try:
+                    self._follow(pod_id)
+                    break
+                except PodEnded as ended:
+                    if not self.spot or relaunch == self.spot_relaunches:
+                        raise
+                    # A spot pod taken back: a new one resumes from the published shards.
+                    log.warning("%s; it was a spot pod, so a new one takes over (%d of %d)", ended, relaunch + 1, self.spot_relaunches)
+                    self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back")
         finally:
             try:
                 self._end_pods("launcher finished" if self.complete() else "launcher stopped")
             finally:
                 for number, handler in previous.items():
                     signal.signal(number, handler)
+
+    def _budget_the_next_pod(self) -> None:
+        """--max-dollars is for the whole run: a replacement pod gets what is left."""
+        report = cost_report(self.output_location)
+        spent = next((r["dollars"] for r in report["runs"] if r["run_id"] == self._orchestrator.run_id), 0.0)
+        if spent >= self.max_dollars:
+            raise PodEnded(f"this run has spent ${spent:.2f} of its ${self.max_dollars:.2f}: no new pod; rerun with a larger --max-dollars to resume")
+        self._orchestrator.settings.env["PIPELINE_WATCHDOG_MAX_DOLLARS"] = f"{self.max_dollars - spent:.4f}"
 
     def _follow(self, pod_id: str) -> None:
         total = self.total_shards()

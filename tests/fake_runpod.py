@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -25,9 +27,12 @@ from graphql import FieldNode, GraphQLSyntaxError, parse, value_from_ast_untyped
 NO_CAPACITY = "There are no longer any instances available with the requested specifications. Please refresh and try again."
 
 GPU_TYPES = {
-    "NVIDIA GeForce RTX 4090": {"displayName": "RTX 4090", "memoryInGb": 24, "communityPrice": 0.34, "securePrice": 0.69},
-    "NVIDIA RTX A6000": {"displayName": "RTX A6000", "memoryInGb": 48, "communityPrice": 0.33, "securePrice": 0.49},
-    "NVIDIA L40S": {"displayName": "L40S", "memoryInGb": 48, "communityPrice": 0.79, "securePrice": 0.86},
+    "NVIDIA GeForce RTX 4090": {"displayName": "RTX 4090", "memoryInGb": 24, "communityPrice": 0.34, "securePrice": 0.69,
+                                "communitySpotPrice": 0.20, "secureSpotPrice": 0.35},
+    "NVIDIA RTX A6000": {"displayName": "RTX A6000", "memoryInGb": 48, "communityPrice": 0.33, "securePrice": 0.49,
+                         "communitySpotPrice": 0.19, "secureSpotPrice": 0.25},
+    "NVIDIA L40S": {"displayName": "L40S", "memoryInGb": 48, "communityPrice": 0.79, "securePrice": 0.86,
+                    "communitySpotPrice": None, "secureSpotPrice": 0.45},
 }
 
 
@@ -47,6 +52,7 @@ class FakePod:
     terminated_at: Optional[float] = None
     container_env: dict = field(default_factory=dict)
     restarts: int = 0
+    interruptible: bool = False
 
     @property
     def running(self) -> bool:
@@ -154,21 +160,40 @@ class FakeRunpod:
 
     def _gpuTypes(self, query: dict) -> list[dict]:
         ids = [query["id"]] if "id" in query else list(GPU_TYPES)
-        return [{"id": gpu, **GPU_TYPES[gpu], "maxGpuCount": 8, "lowestPrice": {"minimumBidPrice": None, "uninterruptablePrice": GPU_TYPES[gpu]["communityPrice"]}} for gpu in ids if gpu in GPU_TYPES]
+        return [{"id": gpu, **GPU_TYPES[gpu], "maxGpuCount": 8, "lowestPrice": {"minimumBidPrice": self._minimum_bid(gpu), "uninterruptablePrice": GPU_TYPES[gpu]["communityPrice"]}} for gpu in ids if gpu in GPU_TYPES]
+
+    @staticmethod
+    def _minimum_bid(gpu: str) -> float:
+        return min(p for p in (GPU_TYPES[gpu]["communitySpotPrice"], GPU_TYPES[gpu]["secureSpotPrice"]) if p)
 
     def _podFindAndDeployOnDemand(self, spec: dict) -> dict:
+        landed = self.all_cloud_lands_on if spec.get("cloudType", "ALL") == "ALL" else spec["cloudType"]
+        return self._deploy(spec, GPU_TYPES[spec["gpuTypeId"]]["securePrice" if landed == "SECURE" else "communityPrice"])
+
+    def _podRentInterruptable(self, spec: dict) -> dict:
+        """A spot pod, billed at its bid; ``preempt`` takes it away."""
+        if spec["bidPerGpu"] < self._minimum_bid(spec["gpuTypeId"]):
+            raise LookupError(f"Your bid price is below the minimum bid price of {self._minimum_bid(spec['gpuTypeId'])}")
+        return self._deploy(spec, float(spec["bidPerGpu"]), interruptible=True)
+
+    def preempt(self, pod_id: str) -> None:
+        """Runpod takes a spot pod back: its container is killed and the pod is EXITED."""
+        assert self.pods[pod_id].interruptible, "only spot pods are preempted"
+        if self.pod_runtime:
+            self.pod_runtime.kill(pod_id)
+        self.pods[pod_id].stopped_at = time.time()
+
+    def _deploy(self, spec: dict, price_per_gpu: float, interruptible: bool = False) -> dict:
         gpu = spec["gpuTypeId"]
         with self._lock:
             if self.capacity.get(gpu, 0) < 1:
                 raise LookupError(NO_CAPACITY)
             self.capacity[gpu] -= 1
-            cloud = spec.get("cloudType", "ALL")
-            landed = self.all_cloud_lands_on if cloud == "ALL" else cloud
-            price = GPU_TYPES[gpu]["securePrice" if landed == "SECURE" else "communityPrice"]
             now = time.time()
             pod = FakePod(
-                id=next(self._ids), name=spec["name"], image_name=spec["imageName"], gpu_type_id=gpu, cloud_type=cloud,
-                cost_per_hr=price, env={e["key"]: e["value"] for e in spec.get("env") or []},
+                id=next(self._ids), name=spec["name"], image_name=spec["imageName"], gpu_type_id=gpu,
+                cloud_type=spec.get("cloudType", "ALL"), cost_per_hr=price_per_gpu * int(spec.get("gpuCount") or 1),
+                interruptible=interruptible, env={e["key"]: e["value"] for e in spec.get("env") or []},
                 docker_args=spec.get("dockerArgs") or "", created_at=now,
                 provisioned_at=None if self.stuck_provisioning else now + self.provisioning_seconds,
             )
@@ -275,18 +300,23 @@ class LocalProcesses:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, pod_id: str, env: dict) -> None:
+        # A session of its own: killing the "container" kills everything in it, as on Runpod.
         self.processes[pod_id] = subprocess.Popen(self.command, env={**self.base_env, **env}, cwd=self.cwd,
-                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                  start_new_session=True)
 
     def exited(self, pod_id: str) -> bool:
         return self.processes[pod_id].poll() is not None
 
     def kill(self, pod_id: str) -> None:
         process = self.processes.get(pod_id)
-        if process and process.poll() is None:
-            process.kill()
-        if process:
-            process.wait()
+        if process is None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the group outlives a leader that exited
+        except ProcessLookupError:
+            pass
+        process.wait()
 
     def stop(self) -> None:
         for pod_id in self.processes:

@@ -112,6 +112,29 @@ def test_a_pod_of_cloud_all_is_billed_at_its_own_price_not_the_lowest_listed(tmp
     assert PodLedger.dollars(pods.ledger.get(pod_id)) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
 
 
+def test_a_spot_pod_is_rented_at_its_bid_and_billed_at_it(tmp_path, fake):
+    pods = orchestrator(tmp_path, fake, spot=True, env={"NOTE": 'a "quoted" value'})
+    pod_id = pods.start_pod()
+    assert "podRentInterruptable" in fake.requests and fake.pods[pod_id].interruptible
+    assert decode_env(fake.pods[pod_id].env)["NOTE"] == 'a "quoted" value'
+    bid = GPU_TYPES["NVIDIA GeForce RTX 4090"]["communitySpotPrice"]
+    assert pods.ledger.get(pod_id)["price_per_hour"] == bid == fake.pods[pod_id].cost_per_hr
+    pods.wait_until_running(pod_id)
+    pods.terminate_pod(pod_id)
+    assert PodLedger.dollars(pods.ledger.get(pod_id)) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
+
+
+def test_a_gpu_without_a_spot_price_in_that_cloud_is_skipped_for_spot(tmp_path, fake):
+    pods = orchestrator(tmp_path, fake, spot=True, cloud_type="COMMUNITY", gpu_types=("NVIDIA L40S", "NVIDIA RTX A6000"))
+    pod_id = pods.start_pod()
+    assert fake.pods[pod_id].gpu_type_id == "NVIDIA RTX A6000"
+    pods.terminate_pod(pod_id)
+    only_l40s = orchestrator(tmp_path, fake, spot=True, cloud_type="COMMUNITY", gpu_types=("NVIDIA L40S",))
+    with pytest.raises(PodError, match="no spot price listed for NVIDIA L40S in cloud COMMUNITY"):
+        only_l40s.start_pod()
+    assert len(fake.pods) == 1
+
+
 def test_a_create_whose_answer_was_lost_is_found_not_duplicated(tmp_path, fake):
     """The orphan-pod post-mortem: the pod was created, the answer was a 500."""
     pods = orchestrator(tmp_path, fake)

@@ -114,22 +114,34 @@ def test_a_launcher_killed_outright_leaves_the_pod_to_finish_and_end_itself(fake
     assert (output / "_SUCCESS.json").exists()
 
 
-def test_a_crashed_container_fails_the_run_and_a_rerun_resumes(fake, corpus, tmp_path):
-    output = tmp_path / "out"
-    launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def shard_times(output):
+    return {p.name: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}
+
+
+def interrupt_after_the_first_shard(fake, corpus, output, interrupt, *extra_args):
+    """Launch, wait for a published shard, ``interrupt(pod_id)``, then let the launcher
+    finish. Returns (pod id, the launcher's exit code and stderr, shards published before)."""
+    launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output), *extra_args), cwd=ROOT,
+                                env=launcher_env(fake), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(list((output / "shards").glob("*.parquet"))) >= 1 if (output / "shards").exists() else False)
         [pod_id] = fake.pods
-        fake.crash(pod_id)
-        _, stderr = launcher.communicate(timeout=120)
+        before = shard_times(output)
+        interrupt(pod_id)
+        _, stderr = launcher.communicate(timeout=180)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-    assert launcher.returncode != 0 and "ended before the work was done" in stderr
+    return pod_id, launcher.returncode, stderr, before
+
+
+def test_a_crashed_container_fails_the_run_and_a_rerun_resumes(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    pod_id, code, stderr, _ = interrupt_after_the_first_shard(fake, corpus, output, fake.crash)
+    assert code != 0 and "ended before the work was done" in stderr
     assert fake.pods[pod_id].terminated_at, "the launcher did not terminate the crashed pod"
-    before = {p.name: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}
+    before = shard_times(output)
 
     assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
     assert (output / "_SUCCESS.json").exists() and len(fake.pods) == 2
@@ -140,20 +152,20 @@ def test_a_crashed_container_fails_the_run_and_a_rerun_resumes(fake, corpus, tmp
 def test_a_container_that_runpod_restarts_after_a_crash_resumes_and_finishes(fake, corpus, tmp_path):
     fake.restart_exited_containers = True
     output = tmp_path / "out"
-    launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(list((output / "shards").glob("*.parquet"))) >= 1 if (output / "shards").exists() else False)
-        [pod_id] = fake.pods
-        before = {p.name: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}
-        fake.crash(pod_id)
-        _, stderr = launcher.communicate(timeout=180)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-    assert launcher.returncode == 0, stderr
+    pod_id, code, stderr, before = interrupt_after_the_first_shard(fake, corpus, output, fake.crash)
+    assert code == 0, stderr
     assert fake.pods[pod_id].restarts >= 1 and len(fake.pods) == 1
+    assert (output / "_SUCCESS.json").exists() and len(list((output / "shards").glob("*.parquet"))) == 4
+    assert all((output / "shards" / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+
+
+def test_a_spot_pod_taken_back_is_replaced_and_the_work_resumes(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    first, code, stderr, before = interrupt_after_the_first_shard(fake, corpus, output, fake.preempt, "--spot")
+    assert code == 0, stderr
+    assert len(fake.pods) == 2 and all(pod.interruptible for pod in fake.pods.values())
+    records = {r["pod_id"]: r for r in PodLedger(str(output)).records()}
+    assert records[first]["end_reason"] == "spot pod taken back"
     assert (output / "_SUCCESS.json").exists() and len(list((output / "shards").glob("*.parquet"))) == 4
     assert all((output / "shards" / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
 
