@@ -38,7 +38,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks print figures side by side in one run; they are never timed tests.
+# Throughput (docs/performance.md): make bench CORPUS=dir BENCH_ARGS="--json bench.json"
 bench: $(STAMP)
+	$(BIN)/python -m pipeline bench $(if $(CORPUS),--corpus $(CORPUS)) $(BENCH_ARGS)
+	$(BIN)/python tests/benchmarks/shard_memory.py
 	$(BIN)/python tests/benchmarks/manifest_memory.py
 
 # Build the pod's image and push it to PIPELINE_REGISTRY (.env), tagged with the git

@@ -4,6 +4,7 @@
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
     python -m pipeline model PROFILE [--fetch] load a model offline (fetch it first)
+    python -m pipeline bench [--corpus C] [--json F]  throughput, side by side
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     estimate_parser.add_argument("--sample", type=int, default=200, help="documents read and chunked")
     estimate_parser.add_argument("--gpu-types", default="NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA L40S")
     estimate_parser.add_argument("--tokens-per-second", type=float, default=None, help="a measured throughput to use")
+    bench_parser = commands.add_parser("bench", help="measure throughput: baseline, embedder, feed, end to end")
+    bench_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
+    bench_parser.add_argument("--model", default="minilm", help="model profile")
+    bench_parser.add_argument("--device", default="auto")
+    bench_parser.add_argument("--batch-tokens", type=int, default=0, help="padded tokens per batch; 0: by device")
+    bench_parser.add_argument("--precision", default="auto", help="auto, float32, float16 or bfloat16")
+    bench_parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
@@ -77,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             print(build_and_push(os.environ.get("PIPELINE_REGISTRY", ""), args.base_image, push=not args.no_push, model=args.model))
+        elif args.command == "bench":
+            from .bench import bench
+            from .sample import ensure_sample_corpus
+
+            print(bench(args.corpus or ensure_sample_corpus(), args.model, args.device, args.batch_tokens, args.precision, args.json))
         elif args.command == "model":
             from .embedder import check_model, fetch_model
 

@@ -26,8 +26,9 @@ DEFAULTS = {
     "model": "minilm",
     "model_path": "",  # empty: the profile's own way of finding weights offline
     "max_tokens": "0",  # 0: the profile's default
-    "batch_tokens": "16384",
+    "batch_tokens": "0",  # 0: 16384 on a GPU, 4096 on a CPU
     "device": "auto",
+    "precision": "auto",
     # Runpod (RunpodEmbedAll): the image `make image` pushed, GPU types in order of
     # preference, the cloud, and the most a run may spend before its pod ends itself.
     "image": "",

@@ -5,8 +5,10 @@ tokens  = (tokens per byte, counted on a sample with the model's tokenizer, chun
 hours   = tokens / throughput of the GPU type
 dollars = hours x hourly price (read from the Runpod API when RUNPOD_API_KEY is set)
 
-The throughputs are assumptions until measured on a pod (``make bench`` there); pass
-``--tokens-per-second`` to use a measured figure. The report says which it used.
+Until measured on a pod (``make bench`` there), a GPU's throughput is derived: its
+dense fp16 peak x the share of it an encoder reaches / the model's FLOPs per token at
+the sample's mean chunk length (docs/performance.md). ``--tokens-per-second`` gives a
+measured figure instead. The report says which it used.
 """
 
 from __future__ import annotations
@@ -19,15 +21,8 @@ from typing import Optional
 from . import storage
 from .chunking import chunk_budget, chunk_document, plain_tokenizer
 from .corpus import Rejected, decode, list_documents, split_front_matter
+from .throughput import EXPECTED_UTILISATION, FP16_PEAK_FLOPS, derived_tokens_per_second, model_flops_per_token
 
-# End-to-end tokens/s for nomic-embed-text-v1.5 in fp16, assumed: a BERT-base-sized
-# model (about 0.3 GFLOP per token at 512 tokens) at roughly a third of each card's
-# dense fp16 peak. Measured figures replace these (see the module docstring).
-ASSUMED_TOKENS_PER_SECOND = {
-    "NVIDIA GeForce RTX 4090": 150_000,
-    "NVIDIA RTX A6000": 90_000,
-    "NVIDIA L40S": 180_000,
-}
 # Community-cloud prices seen in 2026, used only when the API cannot be asked.
 FALLBACK_PRICE_PER_HOUR = {
     "NVIDIA GeForce RTX 4090": 0.34,
@@ -127,13 +122,16 @@ def estimate(corpus: str, pattern: str, model: str, gpu_types: list[str], sample
         "",
         f"{'gpu':<26} {'tokens/s':>10} {'hours':>8} {'$/h':>6} {'dollars':>9}  sources",
     ]
+    mean_length = sample.tokens / sample.chunks if sample.chunks else 0.0
+    flops = model_flops_per_token(model, mean_length)
     for gpu in gpu_types:
-        rate = tokens_per_second or ASSUMED_TOKENS_PER_SECOND.get(gpu)
+        rate = tokens_per_second or derived_tokens_per_second(gpu, model, mean_length)
         if not rate:
             lines.append(f"{gpu:<26} no throughput known: pass --tokens-per-second")
             continue
         price, price_source = hourly_price(gpu)
         hours = total_tokens / rate / 3600 + STARTUP_HOURS
-        rate_source = "measured (given)" if tokens_per_second else "assumed throughput"
+        rate_source = "measured (given)" if tokens_per_second else (
+            f"derived: {FP16_PEAK_FLOPS[gpu] / 1e12:.0f} TFLOP/s x {EXPECTED_UTILISATION:.0%} / {flops / 1e6:.0f} MFLOP per token")
         lines.append(f"{gpu:<26} {rate:>10,.0f} {hours:>8.2f} {price:>6.2f} {hours * price:>9.2f}  {rate_source}; price: {price_source}")
     return "\n".join(lines)

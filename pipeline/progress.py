@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable, Optional
 
@@ -32,9 +33,14 @@ class Progress:
         self.documents = self.chunks = self.tokens = 0
         self.started = time.monotonic()
         self._last_report = 0.0
+        self._lock = threading.Lock()  # the model's thread and the Parquet writer's both advance
         self.bar = tqdm(total=total_documents, desc=label, unit="doc", disable=None, dynamic_ncols=True, mininterval=0.5)
 
     def advance(self, documents: int, chunks: int = 0, tokens: int = 0) -> None:
+        with self._lock:
+            self._advance(documents, chunks, tokens)
+
+    def _advance(self, documents: int, chunks: int, tokens: int) -> None:
         self.documents += documents
         self.chunks += chunks
         self.tokens += tokens

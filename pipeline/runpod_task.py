@@ -100,6 +100,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             "PIPELINE_MAX_TOKENS": str(self.max_tokens),
             "PIPELINE_BATCH_TOKENS": str(self.batch_tokens),
             "PIPELINE_DEVICE": self.device,
+            "PIPELINE_PRECISION": self.precision,
             "PIPELINE_WATCHDOG_MAX_DOLLARS": str(self.max_dollars),
         }
         if self.model_path:

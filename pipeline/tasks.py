@@ -66,8 +66,10 @@ class RunParameters:
     model = luigi.Parameter(default=config.setting("model"), description="model profile: minilm or nomic")
     model_path = luigi.Parameter(default=config.setting("model_path"), description="local model folder override")
     max_tokens = luigi.IntParameter(default=int(config.setting("max_tokens")), description="0: profile default")
-    batch_tokens = luigi.IntParameter(default=int(config.setting("batch_tokens")), description="padded tokens per batch")
+    batch_tokens = luigi.IntParameter(default=int(config.setting("batch_tokens")), description="padded tokens per batch; 0: by device")
     device = luigi.Parameter(default=config.setting("device"), description="auto, cpu, cuda, cuda:1, …")
+    precision = luigi.Parameter(default=config.setting("precision"),
+                                description="auto (fp16 on CUDA, bf16 on a CPU with bf16 instructions), float32, float16, bfloat16")
 
     def clone(self, cls=None, **kwargs):
         """Luigi's clone, reading values from ``param_kwargs`` (see OutputParameter)."""
@@ -86,7 +88,7 @@ class RunParameters:
         return f"{self.output_location}/manifest.parquet"
 
     def embedder(self) -> Embedder:
-        return load_embedder(self.model, self.model_path, self.device, self.max_tokens, self.batch_tokens)
+        return load_embedder(self.model, self.model_path, self.device, self.max_tokens, self.batch_tokens, self.precision)
 
     def total_shards(self) -> int:
         return int(manifest_info(self.manifest_path())["shards"])

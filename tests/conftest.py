@@ -9,10 +9,11 @@ os.environ.update(NO_METADATA_PROBES)
 
 @pytest.fixture(scope="session")
 def embedder():
-    """The offline model, loaded once for the whole session (as a worker would)."""
+    """The offline model in full precision, loaded once for the whole session (as a
+    worker would)."""
     from pipeline.embedder import load_embedder
 
-    return load_embedder("minilm", "", "cpu", 0, 16384)
+    return load_embedder("minilm", "", "cpu", 0, 16384, "float32")
 
 
 @pytest.fixture

@@ -41,3 +41,15 @@ def test_the_report_shows_its_arithmetic(small_corpus):
     row = next(line for line in report.splitlines() if line.startswith("NVIDIA GeForce RTX 4090"))
     hours = sample.tokens / 100 / 3600 + 0.25
     assert f"{hours:.2f}" in row and f"{hours * 0.34:.2f}" in row
+
+
+def test_without_a_measured_figure_the_throughput_is_derived_from_the_gpus_peak(small_corpus):
+    from pipeline.throughput import flops_per_token
+    from pipeline.throughput import EXPECTED_UTILISATION, FP16_PEAK_FLOPS, MODEL_SHAPES
+
+    sample = sample_corpus(str(small_corpus), "*.md", "nomic")
+    report = estimate(str(small_corpus), "*.md", "nomic", ["NVIDIA GeForce RTX 4090"])
+    row = next(line for line in report.splitlines() if line.startswith("NVIDIA GeForce RTX 4090"))
+    flops = flops_per_token(MODEL_SHAPES["nomic"], sample.tokens / sample.chunks)
+    rate = FP16_PEAK_FLOPS["NVIDIA GeForce RTX 4090"] * EXPECTED_UTILISATION / flops
+    assert f"{rate:,.0f}" in row and f"derived: 165 TFLOP/s x 35% / {flops / 1e6:.0f} MFLOP per token" in row

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -140,8 +141,67 @@ def test_precision_recorded_is_the_precision_the_model_runs_in(tmp_path, embedde
     shutil.copytree(source, folder)
     weights = load_file(folder / "model.safetensors")
     save_file({k: v.half().contiguous() for k, v in weights.items()}, folder / "model.safetensors")
-    loaded = Embedder(PROFILES["minilm"], str(folder), "cpu", 0, 16384)
+    loaded = Embedder(PROFILES["minilm"], str(folder), "cpu", 0, 16384, "float32")
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
     assert loaded.settings()["precision"] == "float32"
     texts = ["A spectre is haunting Europe.", "Workers of the world, unite!"]
     assert np.allclose(loaded.embed(texts, [8, 8]), embedder.embed(texts, [8, 8]), atol=1e-3)
+
+
+def overlapping(monkeypatch, overlap):
+    """Run the CPU model as if it left the CPU free (a GPU): reading and writing overlap it."""
+    from pipeline.embedder import Embedder
+
+    monkeypatch.setattr(Embedder, "frees_cpu", property(lambda self: overlap))
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "in-turn"])
+def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, small_corpus, embedder, monkeypatch, overlap):
+    """Reading runs ahead of the model in pieces merged into groups; rows, vectors,
+    rejects and progress must not depend on how the pieces fell."""
+    from pipeline import shard_job
+
+    add_bad_documents(small_corpus)
+    whole_output, whole = run(tmp_path / "whole", small_corpus, embedder)
+    overlapping(monkeypatch, overlap)
+    monkeypatch.setattr(shard_job, "PIECE_TOKENS", 40)
+    monkeypatch.setattr(shard_job, "GROUP_TOKENS", 120)
+    reports = []
+    output = tmp_path / "pieces" / "out"
+    manifest = str(output / "manifest.parquet")
+    write_manifest(str(small_corpus), "*.md", 100, manifest)
+    pieces = run_shard(str(small_corpus), manifest, str(output), 0, embedder, 1, report=lambda message, percent: reports.append(percent))
+
+    assert pq.ParquetFile(shard_path(str(output), 0)).num_row_groups > 3  # really in many groups
+    expected, got = pq.read_table(shard_path(str(whole_output), 0)), pq.read_table(shard_path(str(output), 0))
+    assert got.column("doc_id").to_pylist() == expected.column("doc_id").to_pylist()
+    assert got.column("text").to_pylist() == expected.column("text").to_pylist()
+    assert np.allclose(np.array(got.column("embedding_vector").to_pylist()),
+                       np.array(expected.column("embedding_vector").to_pylist()), atol=1e-5)
+    assert open(rejects_path(str(output), 0)).read() == open(rejects_path(str(whole_output), 0)).read()
+    assert {k: pieces[k] for k in ("chunks", "tokens", "rejected_documents", "front_matter_errors")} == \
+        {k: whole[k] for k in ("chunks", "tokens", "rejected_documents", "front_matter_errors")}
+    assert reports[-1] == 100
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "in-turn"])
+def test_a_failing_group_write_fails_the_shard_and_publishes_nothing(tmp_path, small_corpus, embedder, monkeypatch, overlap):
+    from pipeline import shard_job
+
+    overlapping(monkeypatch, overlap)
+
+    monkeypatch.setattr(shard_job, "PIECE_TOKENS", 40)
+    monkeypatch.setattr(shard_job, "GROUP_TOKENS", 120)
+    writes = []
+
+    def write_then_fail(self, rows, vectors):
+        writes.append(len(rows))
+        if len(writes) == 3:
+            raise OSError("no space left on device")
+        return original(self, rows, vectors)
+
+    original = shard_job.ShardWriter.write
+    monkeypatch.setattr(shard_job.ShardWriter, "write", write_then_fail)
+    with pytest.raises(OSError, match="no space left"):
+        run(tmp_path, small_corpus, embedder)
+    assert not (tmp_path / "out" / "shards").exists() or not list((tmp_path / "out" / "shards").iterdir())

@@ -1,0 +1,204 @@
+"""``make bench``: where the time goes, measured side by side in one process.
+
+Every figure comes from the same corpus, model, device and process, one after the
+other, so the ratios hold on a noisy shared machine even when the absolute numbers
+wander:
+
+- baseline: plain ``SentenceTransformer.encode(texts, batch_size=32)`` over the chunk texts;
+- embedder: our ``Embedder.embed`` over the same chunks;
+- feed: the whole shard job with the model replaced by a null embedder (read, parse,
+  chunk, tokenize, build and write Parquet), per CPU-second used;
+- end to end: the real shard job, files to a published shard;
+- stand-in GPU: the shard job with a model that sleeps as long as a 4090 is expected
+  to work on each batch, leaving the CPU free: does our side keep such a GPU busy?
+- utilisation: model FLOPs per token × tokens/s over a matrix-multiply peak measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .chunking import chunk_document
+from .corpus import iter_documents, manifest_rows, write_manifest
+from .embedder import Embedder, NullEmbedder, default_batch_tokens, load_embedder
+from .shard_job import run_shard
+from .throughput import derived_tokens_per_second, flops_per_token
+
+BASELINE_BATCH_SIZE = 32
+# The stand-in GPU runs at what we expect of the production model on this GPU.
+STAND_IN_GPU, STAND_IN_MODEL = "NVIDIA GeForce RTX 4090", "nomic"
+
+
+class StandInGPU(NullEmbedder):
+    """A GPU stand-in: each batch is tokenized as the model's ``encode`` does, then
+    takes ``padded tokens / tokens_per_second`` seconds in which this process's CPU is
+    free, as it is while CUDA kernels run. Shows whether reading, chunking, tokenizing
+    and writing keep a GPU of that speed busy, on a machine without one;
+    ``busy_seconds`` over the wall time is the share of time the GPU would work.
+    With ``overlap`` off the shard job runs everything in one thread, as on a CPU,
+    which shows what reading ahead and writing behind are worth."""
+
+    def __init__(self, base: Embedder, tokens_per_second: float, overlap: bool = True):
+        super().__init__(base)
+        self.tokenize = base.model.tokenize
+        self.tokens_per_second = tokens_per_second
+        self.batch_tokens = default_batch_tokens("cuda")
+        self.frees_cpu = overlap
+        self.busy_seconds = 0.0
+
+    def embed(self, texts, token_counts, on_batch=None):
+        for group in self.batches(token_counts):
+            features = self.tokenize([self.profile.prefix + texts[i] for i in group])
+            seconds = features["input_ids"].numel() / self.tokens_per_second
+            time.sleep(seconds)
+            self.busy_seconds += seconds
+            if on_batch:
+                on_batch(len(group), sum(token_counts[i] for i in group))
+        return super().embed(texts, token_counts)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(function, *args, **kwargs) -> tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of this process, all threads)."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - wall, _cpu_seconds() - cpu
+
+
+def matmul_peak(device: str, precision: str, seconds: float = 1.0) -> float:
+    """FLOP/s of a large matrix multiply on ``device`` in the model's precision."""
+    import torch
+
+    size = 4096 if device.startswith("cuda") else 1024
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(precision, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm up
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.matmul(a, b)
+        runs += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * size**3 * runs / (time.perf_counter() - started)
+
+
+def chunk_corpus(corpus: str, manifest: str, embedder) -> tuple[list[str], list[int]]:
+    texts, tokens = [], []
+    for _, document in iter_documents(corpus, manifest_rows(manifest, 0)):
+        if hasattr(document, "text"):
+            for chunk in chunk_document(document.text, document.body_start, embedder.tokenizer, embedder.chunker):
+                texts.append(chunk.text)
+                tokens.append(chunk.token_count)
+    return texts, tokens
+
+
+def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precision: str = "auto",
+              pattern: str = "*.md") -> dict[str, Any]:
+    import torch
+
+    embedder = load_embedder(profile, "", device, 0, batch_tokens, precision)
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
+        manifest = f"{work}/manifest.parquet"
+        documents = write_manifest(corpus, pattern, 10**9, manifest)  # one shard: the whole corpus
+        texts, tokens = chunk_corpus(corpus, manifest, embedder)
+        total = sum(tokens)
+        prefixed = [embedder.profile.prefix + text for text in texts]
+        warm = slice(0, min(64, len(texts)))
+        embedder.model.encode(prefixed[warm], batch_size=BASELINE_BATCH_SIZE)
+        embedder.embed(texts[warm], tokens[warm])
+
+        baseline_vectors, baseline_s, _ = _timed(
+            embedder.model.encode, prefixed, batch_size=BASELINE_BATCH_SIZE, normalize_embeddings=True, convert_to_numpy=True)
+        vectors, embedder_s, _ = _timed(embedder.embed, texts, tokens)
+        _, feed_s, feed_cpu = _timed(run_shard, corpus, manifest, f"{work}/null", 0, NullEmbedder(embedder), 1)
+        _, end_to_end_s, _ = _timed(run_shard, corpus, manifest, f"{work}/real", 0, embedder, 1)
+        sequence = float(np.mean(tokens)) + embedder.reserved_tokens if tokens else 0.0
+        pace = derived_tokens_per_second(STAND_IN_GPU, STAND_IN_MODEL, sequence)
+        in_turn = StandInGPU(embedder, pace, overlap=False)
+        _, in_turn_s, _ = _timed(run_shard, corpus, manifest, f"{work}/stand-in-in-turn", 0, in_turn, 1)
+        stand_in = StandInGPU(embedder, pace)
+        _, stand_in_s, _ = _timed(run_shard, corpus, manifest, f"{work}/stand-in", 0, stand_in, 1)
+
+    config = embedder.model[0].auto_model.config
+    embedder_rate = total / embedder_s
+    peak = matmul_peak(embedder.device, embedder.precision)
+    return {
+        "corpus": str(corpus),
+        "documents": documents,
+        "chunks": len(texts),
+        "tokens": total,
+        "model": embedder.profile.model_id,
+        "device": embedder.device,
+        "precision": embedder.precision,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
+        "batch_tokens": embedder.batch_tokens,
+        "baseline_tokens_per_s": total / baseline_s,
+        "embedder_tokens_per_s": embedder_rate,
+        "embedder_vs_baseline": embedder_rate / (total / baseline_s),
+        "max_abs_difference_vs_baseline": float(np.max(np.abs(vectors - baseline_vectors))) if len(texts) else 0.0,
+        "min_cosine_vs_baseline": float(np.min(np.sum(vectors * baseline_vectors, axis=1))) if len(texts) else 1.0,
+        "feed_tokens_per_s_per_core": total / feed_cpu,
+        "feed_wall_tokens_per_s": total / feed_s,
+        "end_to_end_tokens_per_s": total / end_to_end_s,
+        "end_to_end_vs_embedder": (total / end_to_end_s) / embedder_rate,
+        "stand_in_gpu": f"{STAND_IN_GPU} running {STAND_IN_MODEL}",
+        "stand_in_gpu_tokens_per_s": stand_in.tokens_per_second,
+        "stand_in_end_to_end_tokens_per_s": total / stand_in_s,
+        "stand_in_gpu_busy": stand_in.busy_seconds / stand_in_s,
+        "stand_in_in_turn_end_to_end_tokens_per_s": total / in_turn_s,
+        "stand_in_in_turn_gpu_busy": in_turn.busy_seconds / in_turn_s,
+        "stand_in_overlap_vs_in_turn": in_turn_s / stand_in_s,
+        "flops_per_token": flops_per_token(config, sequence),
+        "matmul_peak_flops": peak,
+        "utilisation": flops_per_token(config, sequence) * embedder_rate / peak,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    r = result
+    lines = [
+        f"corpus {r['corpus']}: {r['documents']} documents, {r['chunks']} chunks, {r['tokens']:,} tokens",
+        f"model {r['model']} on {r['device']} ({r['precision']}), {r['torch_threads']} torch threads of {r['cpu_cores']} cores, "
+        f"batches of {r['batch_tokens']} tokens",
+        "",
+        f"{'measure':<44} {'tokens/s':>12}  ratio",
+        f"{'baseline: encode(batch_size=32)':<44} {r['baseline_tokens_per_s']:>12,.0f}  1.00",
+        f"{'our embedder':<44} {r['embedder_tokens_per_s']:>12,.0f}  {r['embedder_vs_baseline']:.2f} × baseline",
+        f"{'feed (null model), per CPU core':<44} {r['feed_tokens_per_s_per_core']:>12,.0f}",
+        f"{'end to end, files to published shard':<44} {r['end_to_end_tokens_per_s']:>12,.0f}  {r['end_to_end_vs_embedder']:.2f} × embedder",
+        f"{'end to end, stand-in GPU (see below)':<44} {r['stand_in_end_to_end_tokens_per_s']:>12,.0f}  "
+        f"GPU busy {r['stand_in_gpu_busy']:.0%} of the time, {r['stand_in_overlap_vs_in_turn']:.2f} × in one thread",
+        f"{'end to end, stand-in GPU, all in one thread':<44} {r['stand_in_in_turn_end_to_end_tokens_per_s']:>12,.0f}  "
+        f"GPU busy {r['stand_in_in_turn_gpu_busy']:.0%} of the time",
+        "",
+        f"vectors vs baseline (fp32 encode): max |difference| {r['max_abs_difference_vs_baseline']:.2e}, "
+        f"min cosine {r['min_cosine_vs_baseline']:.6f}",
+        f"utilisation: {r['flops_per_token'] / 1e6:.1f} MFLOP/token × {r['embedder_tokens_per_s']:,.0f} tokens/s "
+        f"/ {r['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s matmul peak = {r['utilisation']:.1%}",
+        f"stand-in GPU: batches sleep for padded tokens / {r['stand_in_gpu_tokens_per_s']:,.0f} tokens/s, "
+        f"the {r['stand_in_gpu']} expected (docs/performance.md)",
+        f"peak RSS of this process (a worker's upper bound): {r['peak_rss_bytes'] / 2**20:,.0f} MiB",
+    ]
+    return "\n".join(lines)
+
+
+def bench(corpus: str, profile: str, device: str, batch_tokens: int, precision: str = "auto", json_path: str = "") -> str:
+    result = run_bench(corpus, profile, device, batch_tokens, precision)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return format_table(result)

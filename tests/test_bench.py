@@ -1,0 +1,70 @@
+"""``python -m pipeline bench``: the figures are there, consistent, and come from the
+real pipeline; and reduced precision stays within its stated tolerance. No timing is
+asserted here: speed is measured by the benchmark, never by a test."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, luigi_env, write_corpus
+from pipeline.throughput import flops_per_token
+from pipeline.config import PROFILES
+from pipeline.embedder import Embedder, _native_bf16_cpu, pick_precision
+from pipeline.errors import PipelineError
+
+REQUIRED = ("baseline_tokens_per_s", "embedder_tokens_per_s", "feed_tokens_per_s_per_core", "end_to_end_tokens_per_s",
+            "utilisation", "peak_rss_bytes")
+
+
+@pytest.mark.slow
+def test_bench_prints_the_table_and_writes_the_figures(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", documents=6, words=250)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--corpus", str(corpus), "--json", str(tmp_path / "b.json")],
+                            cwd=ROOT, env=luigi_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert all(figures[key] > 0 for key in REQUIRED)
+    assert figures["documents"] == 6 and figures["chunks"] >= 6 and figures["tokens"] > 6 * 200
+    assert 0 < figures["utilisation"] < 1
+    # The stand-in GPU sleeps through its batches; the time it is busy cannot exceed the run.
+    assert 0 < figures["stand_in_gpu_busy"] <= 1 and 0 < figures["stand_in_in_turn_gpu_busy"] <= 1
+    assert figures["stand_in_end_to_end_tokens_per_s"] <= figures["stand_in_gpu_tokens_per_s"]
+    assert figures["min_cosine_vs_baseline"] > 0.9999  # our embedder gives the baseline's vectors
+    for row in ("baseline: encode(batch_size=32)", "our embedder", "feed (null model), per CPU core", "end to end", "stand-in GPU", "all in one thread", "utilisation"):
+        assert row in result.stdout
+
+
+def test_flops_per_token_matches_the_published_figure_for_nomic():
+    """nomic-embed-text-v1.5: 12 layers of width 768, a SwiGLU MLP of 3072: about 245 MFLOP at 512 tokens."""
+    from types import SimpleNamespace
+
+    nomic = SimpleNamespace(n_embd=768, n_layer=12, n_inner=3072, activation_function="swiglu")
+    assert flops_per_token(nomic, 512) == pytest.approx(245e6, rel=0.01)
+    bert = SimpleNamespace(hidden_size=384, num_hidden_layers=6, intermediate_size=1536, hidden_act="gelu")
+    assert flops_per_token(bert, 0) == 2 * 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+
+
+def test_precision_auto_is_fp16_on_cuda_and_bf16_only_where_the_cpu_has_it():
+    nomic, minilm = PROFILES["nomic"], PROFILES["minilm"]
+    assert pick_precision("auto", "cuda", nomic) == "float16"
+    assert pick_precision("auto", "cuda:1", minilm) == "float32"
+    assert pick_precision("auto", "cpu", minilm) == ("bfloat16" if _native_bf16_cpu() else "float32")
+    with pytest.raises(PipelineError, match="float16 needs a CUDA device"):
+        pick_precision("float16", "cpu", minilm)
+    with pytest.raises(PipelineError, match="unknown precision"):
+        pick_precision("int8", "cpu", minilm)
+
+
+def test_bfloat16_on_cpu_stays_within_tolerance_of_float32(embedder):
+    texts = [f"Paragraph {i} on the {'labour theory of value' if i % 2 else 'history of the Paris Commune'}, "
+             f"with {' and '.join(['more words'] * (i % 7 + 1))}." for i in range(40)]
+    tokens = [len(embedder.tokenizer.encode(t, add_special_tokens=False).ids) for t in texts]
+    bf16 = Embedder(PROFILES["minilm"], "", "cpu", 0, 16384, "bfloat16")
+    assert bf16.settings()["precision"] == "bfloat16"
+    reduced, full = bf16.embed(texts, tokens), embedder.embed(texts, tokens)
+    assert np.min(np.sum(reduced * full, axis=1)) > 0.9999
+    assert np.allclose(np.linalg.norm(reduced, axis=1), 1, atol=1e-5)
+    assert not np.array_equal(reduced, full)  # it really ran in reduced precision
