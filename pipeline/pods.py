@@ -370,9 +370,10 @@ class RunpodOrchestrator:
             self.ledger.record(record)
         log.info("runpod: terminated pod %s (%s)", pod_id, reason)
 
-    def sweep(self, run_only: bool = True) -> list[str]:
+    def sweep(self, run_only: bool = True, reason: str = "sweep") -> list[str]:
         """Terminate every pod named by this pipeline (this run's, or all of them):
-        the last line of defence against a pod left running."""
+        the last line of defence against a pod left running, such as one whose creation
+        a signal interrupted before its id came back."""
         prefix = f"{POD_NAME_PREFIX}{self.run_id}-" if run_only else POD_NAME_PREFIX
         ended = []
         for pod in self._call("listing pods", self.runpod.get_pods):
@@ -383,7 +384,7 @@ class RunpodOrchestrator:
                         self.ledger.get(pod["id"])
                     except FileNotFoundError:
                         self.ledger.record(self._record_for(pod["id"], name))
-                self.terminate_pod(pod["id"], reason="sweep")
+                self.terminate_pod(pod["id"], reason=reason)
                 ended.append(pod["id"])
         return ended
 

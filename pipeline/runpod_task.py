@@ -197,7 +197,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                 except Exception as exc:
                     errors.append(exc)
             try:
-                orchestrator.sweep()
+                orchestrator.sweep(reason=f"{reason} (found by the sweep)")
             except Exception as exc:
                 errors.append(exc)
         finally:

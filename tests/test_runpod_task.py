@@ -98,7 +98,8 @@ def test_ctrl_c_of_the_launcher_ends_the_pod(fake, corpus, tmp_path):
             launcher.kill()
     assert launcher.returncode != 0
     [record] = PodLedger(str(output)).records()
-    assert record["end_reason"] == "launcher got SIGINT" and fake.pods[record["pod_id"]].terminated_at
+    # A signal during pod creation leaves the pod to the sweep, which records the same cause.
+    assert record["end_reason"].startswith("launcher got SIGINT") and fake.pods[record["pod_id"]].terminated_at
 
 
 def test_a_launcher_killed_outright_leaves_the_pod_to_finish_and_end_itself(fake, corpus, tmp_path):
