@@ -14,7 +14,7 @@ SCHEDULER_PORT ?= 8082
 EMBED_ARGS ?= --output output/sample --docs-per-shard 25
 LUIGI_STATE := var/luigi
 
-.PHONY: embed test bench image cost-estimate luigid luigid-stop setup clean
+.PHONY: embed worker test bench image cost-estimate luigid luigid-stop setup clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,15 @@ embed: $(STAMP)
 	else \
 		$(BIN)/luigi --module pipeline EmbedAll --local-scheduler $(EMBED_ARGS); \
 	fi
+
+# One of several workers sharing a run on one luigid (README, "Several workers"):
+# make worker SCHEDULER_HOST=host EMBED_ARGS="--corpus gs://… --output gs://…"
+# It waits for shards given back by a lost worker, and exits 0 when what it did went
+# well even though other workers ran the rest (luigi's exit codes 10 and 25).
+WORKER_FLAGS = --worker-keep-alive --retcode-already-running 0 --retcode-not-run 0
+worker: $(STAMP)
+	$(BIN)/luigi --module pipeline EmbedAll --scheduler-host $(SCHEDULER_HOST) --scheduler-port $(SCHEDULER_PORT) \
+		$(WORKER_FLAGS) $(EMBED_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,5 +1,6 @@
 """``python -m pipeline …``: helpers around the Luigi tasks.
 
+    python -m pipeline status OUTPUT [--json]  shards done, failed, running; throughput, ETA, dollars
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
@@ -42,6 +43,11 @@ def cost(output: str, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Helpers around the embedding pipeline's tasks.")
     commands = parser.add_subparsers(dest="command", required=True)
+    status_parser = commands.add_parser("status", help="where a run stands: shards, throughput, ETA, dollars")
+    status_parser.add_argument("output", help="the output folder or bucket prefix")
+    status_parser.add_argument("--history", default=None,
+                               help="luigid's task history (sqlite file); default: luigi.cfg [task_history] db_connection")
+    status_parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     cost_parser = commands.add_parser("cost", help="dollars spent on Runpod pods for an output")
     cost_parser.add_argument("output", help="the output folder or bucket prefix")
     cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -69,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
-        if args.command == "cost":
+        if args.command == "status":
+            from pathlib import Path
+
+            from .status import configured_history, format_status, run_status
+
+            figures = run_status(args.output.rstrip("/") or args.output, Path(args.history) if args.history else configured_history())
+            print(json.dumps(figures, indent=2) if args.json else format_status(figures))
+        elif args.command == "cost":
             cost(args.output, args.json)
         elif args.command == "estimate":
             from .estimate import estimate

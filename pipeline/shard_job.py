@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +46,12 @@ def shard_path(output: str, shard: int) -> str:
 
 def rejects_path(output: str, shard: int) -> str:
     return f"{output}/rejects/shard-{shard:06d}.jsonl"
+
+
+def worker_name() -> str:
+    """Which process made a shard: with several workers on several machines, the
+    shard says where it came from."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 def _now() -> str:
@@ -217,6 +225,7 @@ def run_shard(
                 "finished_at": _now(),
                 "seconds": round(time.monotonic() - clock, 3),
                 "device": embedder.device,
+                "worker": worker_name(),
             }
             writer.close(stats)
             _publish_rejects(output, shard, rejects)

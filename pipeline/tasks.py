@@ -101,9 +101,14 @@ class CorpusManifest(RunParameters, luigi.Task):
         return target(self.manifest_path())
 
     def run(self):
-        storage.ensure_writable_dir(self.output_location)
-        count = write_manifest(self.corpus_location(), self.pattern, self.docs_per_shard, self.manifest_path())
+        count = self.write()
         self.set_status_message(f"{count} documents in {-(-count // self.docs_per_shard)} shards")
+
+    def write(self) -> int:
+        """List the corpus into the manifest; the number of documents. Atomic: with
+        several workers writing at once, the first complete manifest stands."""
+        storage.ensure_writable_dir(self.output_location)
+        return write_manifest(self.corpus_location(), self.pattern, self.docs_per_shard, self.manifest_path())
 
 
 class EmbedShard(RunParameters, luigi.Task):
@@ -143,7 +148,25 @@ class EmbedAll(RunParameters, luigi.Task):
     """Every shard of the corpus, then ``_SUCCESS.json`` with the run's figures."""
 
     def requires(self):
-        return self.clone(CorpusManifest)
+        """The manifest and every shard. Listing the shards here, when Luigi schedules,
+        rather than yielding them from ``run``, is what lets several worker processes
+        share one run on a central scheduler: luigid gives a task only to workers that
+        scheduled it, so each worker must schedule every shard. The manifest is written
+        here when missing, so that workers started at the same moment all see it.
+
+        Any problem (a missing corpus, an output made with other settings) leaves just
+        the manifest: its own task, or ``run``, then reports it as one clear line."""
+        manifest = self.clone(CorpusManifest)
+        try:
+            if not manifest.complete():
+                manifest.write()
+            total = self._check_output_matches_settings()
+        except Exception:  # reported by the tasks that run, not as a scheduling traceback
+            return manifest
+        return [manifest, *self.shards(total)]
+
+    def shards(self, total: int) -> list[EmbedShard]:
+        return [self.clone(EmbedShard, shard=i) for i in range(total)]
 
     def output_target(self):
         return target(f"{self.output_location}/_SUCCESS.json")
@@ -169,7 +192,7 @@ class EmbedAll(RunParameters, luigi.Task):
 
     def run(self):
         total = self._check_output_matches_settings()
-        shards = [self.clone(EmbedShard, shard=i) for i in range(total)]
+        shards = self.shards(total)
         done = sum(shard.complete() for shard in shards)
         self.set_status_message(f"{done}/{total} shards done")
         self.set_progress_percentage(int(100 * done / total))

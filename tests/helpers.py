@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import configparser
+import json
 import os
 import random
 import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -83,3 +90,44 @@ def read_output_rows(output: Path) -> dict[tuple[str, int], dict]:
             row["embedding_vector"] = np.asarray(row["embedding_vector"], dtype=np.float32)
             rows[key] = row
     return rows
+
+
+@contextmanager
+def running_luigid(folder: Path, **scheduler: object) -> Iterator[int]:
+    """A real central scheduler on loopback (its port), with task history in sqlite under
+    ``folder``; ``scheduler`` overrides ``[scheduler]`` settings. Stopped by PID."""
+    from storage_servers import stop, wait_for_port
+
+    port = free_port()
+    (folder / "log").mkdir(parents=True)
+    settings = configparser.ConfigParser(interpolation=None)
+    settings.read(ROOT / "luigi.cfg")
+    settings["task_history"]["db_connection"] = f"sqlite:///{folder}/history.db"
+    settings["scheduler"].update({name: str(value) for name, value in scheduler.items()})
+    config = folder / "luigi.cfg"
+    with config.open("w") as file:
+        settings.write(file)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from luigi.cmdline import luigid; luigid(sys.argv[1:])",
+         "--address", "127.0.0.1", "--port", str(port), "--state-path", str(folder / "state.pickle"), "--logdir", str(folder / "log")],
+        cwd=folder, env=luigi_env(LUIGI_CONFIG_PATH=str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process, "luigid")
+        yield port
+    finally:
+        stop(process)
+
+
+def api(port: int, method: str, **data: object) -> dict:
+    """A call to luigid's JSON API, as its web view makes them."""
+    query = urllib.parse.urlencode({"data": json.dumps(data)})
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/{method}?{query}", timeout=10) as response:
+        return json.loads(response.read())["response"]
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

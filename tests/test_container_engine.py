@@ -12,7 +12,6 @@ from fake_runpod import FakeRunpod, assert_no_pod_billed
 from helpers import write_corpus
 from pipeline import RunpodEmbedAll
 from pipeline.image import IMAGE_NAME, build_and_push, revision
-from pipeline.pods import PodLedger
 
 # Building the image takes minutes (on vfs storage, where every layer is a full copy, ten or more).
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(3000)]

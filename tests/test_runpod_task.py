@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import luigi
 import pytest
 
 from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
-from helpers import ROOT, luigi_command, luigi_env, write_corpus
+from helpers import ROOT, luigi_command, luigi_env, wait_for, write_corpus
 from pipeline import RunpodEmbedAll
 from pipeline.pods import PodLedger, cost_report
 
@@ -48,13 +47,6 @@ def launcher_env(fake):
 def launcher_args(corpus, output):
     return ["RunpodEmbedAll", "--local-scheduler", "--corpus", str(corpus), "--output", str(output), "--docs-per-shard", "3",
             "--image", "registry.local/embedding:test", "--poll-seconds", "0.2", "--model", "minilm"]
-
-
-def wait_for(condition, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_happy_path_embeds_on_the_pod_and_ends_it(fake, corpus, tmp_path):

@@ -3,21 +3,16 @@
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.parse
-import urllib.request
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, free_port, luigi_command, luigi_env, read_output_rows, run_luigi, write_corpus
+from helpers import ROOT, api, luigi_command, luigi_env, read_output_rows, run_luigi, running_luigid, write_corpus
 from pipeline.shards import shard_stats
-from storage_servers import stop
 
 pytestmark = pytest.mark.slow
 
@@ -142,37 +137,8 @@ def test_bad_corpus_or_output_gives_one_clear_line_and_nonzero_exit(tmp_path, ca
 
 @pytest.fixture
 def luigid(tmp_path):
-    """A real central scheduler on loopback, with task history in sqlite; stopped by PID."""
-    port = free_port()
-    folder = tmp_path / "luigid"
-    (folder / "log").mkdir(parents=True)
-    config = folder / "luigi.cfg"
-    config.write_text(
-        (ROOT / "luigi.cfg").read_text().replace("sqlite:///var/luigi/task-history.db", f"sqlite:///{folder}/history.db")
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from luigi.cmdline import luigid; luigid(sys.argv[1:])",
-         "--address", "127.0.0.1", "--port", str(port), "--state-path", str(folder / "state.pickle"), "--logdir", str(folder / "log")],
-        cwd=folder, env=luigi_env(LUIGI_CONFIG_PATH=str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, "luigid did not start"
-                time.sleep(0.2)
-        yield port, folder
-    finally:
-        stop(process)
-
-
-def api(port, method, **data):
-    query = urllib.parse.urlencode({"data": json.dumps(data)})
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/{method}?{query}", timeout=10) as response:
-        return json.loads(response.read())["response"]
+    with running_luigid(tmp_path / "luigid") as port:
+        yield port, tmp_path / "luigid"
 
 
 def test_embed_all_against_a_real_luigid_reports_status_and_history(tmp_path, small_corpus, luigid):

@@ -1,0 +1,123 @@
+"""``python -m pipeline status OUTPUT``: where a run stands, from what it leaves behind.
+
+Shards done and their figures come from the shard files (the checkpoint) and their
+stats, dollars from the pod ledger, so no scheduler needs to be running. Shards
+running or failed come from Luigi's task history (the sqlite file luigid writes,
+``[task_history] db_connection``) when there is one: the last event recorded for a
+shard that is not done says whether it was last seen running or failing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from pathlib import Path
+from typing import Any, Optional
+
+from . import storage
+from .corpus import manifest_info
+from .errors import PipelineError
+from .pods import cost_report
+from .progress import format_duration
+from .shards import shard_stats
+from .summary import active_seconds
+
+
+def history_file(db_connection: str) -> Optional[Path]:
+    """The sqlite file of a ``sqlite:///path`` connection string (None for other databases)."""
+    prefix = "sqlite:///"
+    return Path(db_connection[len(prefix):]) if db_connection.startswith(prefix) else None
+
+
+def configured_history() -> Optional[Path]:
+    import luigi.configuration
+
+    return history_file(luigi.configuration.get_config().get("task_history", "db_connection", ""))
+
+
+def _same_output(recorded: str, output: str) -> bool:
+    if recorded.rstrip("/") == output.rstrip("/"):
+        return True
+    if storage.is_remote(recorded) or storage.is_remote(output):
+        return False
+    return storage.local_path(recorded).resolve() == storage.local_path(output).resolve()
+
+
+def shard_events(history: Path, output: str) -> dict[int, tuple[str, str]]:
+    """{shard: (last event, its time)} for this output's EmbedShard tasks in a Luigi task
+    history database."""
+    with sqlite3.connect(f"file:{history}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            """select shard.value, output.value, event.event_name, event.ts
+               from tasks task
+               join task_parameters shard on shard.task_id = task.id and shard.name = 'shard'
+               join task_parameters output on output.task_id = task.id and output.name = 'output'
+               join task_events event on event.task_id = task.id
+               where task.name = 'EmbedShard'
+               order by event.ts, event.id"""
+        ).fetchall()
+    latest: dict[int, tuple[str, str]] = {}
+    for shard, recorded_output, event, when in rows:
+        if _same_output(recorded_output, output):
+            latest[int(shard)] = (event, str(when))
+    return latest
+
+
+def run_status(output: str, history: Optional[Path] = None) -> dict[str, Any]:
+    """Shards done, failed and running, documents, throughput, ETA and dollars for an output."""
+    manifest = f"{output}/manifest.parquet"
+    if not storage.exists(manifest):
+        raise PipelineError(f"{output} has no manifest.parquet: no run has started there")
+    info = manifest_info(manifest)
+    total = int(info["shards"])
+    stats = [shard_stats(f"{output}/shards/{found.relative}") for found in storage.list_files(f"{output}/shards", "shard-*.parquet")]
+    done = {s["shard"] for s in stats}
+    events = shard_events(history, output) if history and history.exists() else {}
+    intervals = [(dt.datetime.fromisoformat(s["started_at"]), dt.datetime.fromisoformat(s["finished_at"])) for s in stats]
+    wall = active_seconds(intervals)
+    shards_per_hour = len(stats) / wall * 3600 if wall > 0 else 0.0
+    remaining = total - len(done)
+    cost = cost_report(output)
+    return {
+        "output": output,
+        "shards": total,
+        "done": len(done),
+        "running": sorted(s for s, (event, _) in events.items() if event == "RUNNING" and s not in done),
+        "failed": sorted(s for s, (event, _) in events.items() if event == "FAILED" and s not in done),
+        "history": str(history) if events else None,
+        "documents": int(info["documents"]) if "documents" in info else None,
+        "documents_done": sum(s["documents"] for s in stats),
+        "rejected_documents": sum(s["rejected_documents"] for s in stats),
+        "chunks": sum(s["chunks"] for s in stats),
+        "tokens": sum(s["tokens"] for s in stats),
+        "tokens_per_second": sum(s["tokens"] for s in stats) / wall if wall > 0 else 0.0,
+        "shards_per_hour": shards_per_hour,
+        "eta_seconds": remaining / shards_per_hour * 3600 if shards_per_hour and remaining else (0.0 if not remaining else None),
+        "workers": sorted({s.get("worker", "") for s in stats} - {""}),
+        "finished": storage.exists(f"{output}/_SUCCESS.json"),
+        "dollars": cost["dollars"],
+        "pods_running": cost["running"],
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    s = status
+    eta = "done" if s["eta_seconds"] == 0 else (format_duration(s["eta_seconds"]) if s["eta_seconds"] else "unknown")
+    lines = [
+        f"{s['output']}: {s['done']}/{s['shards']} shards done" + (", finished (_SUCCESS.json)" if s["finished"] else ""),
+        f"running: {_shard_list(s['running'])}; failed: {_shard_list(s['failed'])}"
+        + (f" (task history {s['history']})" if s["history"] else " (no task history: running and failed shards unknown)"),
+        f"documents: {s['documents_done']:,} of {s['documents']:,} in done shards ({s['rejected_documents']:,} rejected); "
+        f"{s['chunks']:,} chunks, {s['tokens']:,} tokens",
+        f"throughput: {s['tokens_per_second']:,.0f} tokens/s, {s['shards_per_hour']:.1f} shards/h "
+        f"while shards were being made, by {len(s['workers'])} worker process(es); ETA {eta}",
+        f"cost: ${s['dollars']:.4f} on Runpod" + (f"; {s['pods_running']} pod(s) still running" if s["pods_running"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _shard_list(shards: list[int]) -> str:
+    if not shards:
+        return "none"
+    shown = ", ".join(str(s) for s in shards[:20])
+    return f"{len(shards)} ({shown}{', …' if len(shards) > 20 else ''})"
