@@ -38,7 +38,7 @@ embed: $(STAMP)
 # make worker SCHEDULER_HOST=host EMBED_ARGS="--corpus gs://… --output gs://…"
 # It waits for shards given back by a lost worker, and exits 0 when what it did went
 # well even though other workers ran the rest (luigi's exit codes 10 and 25).
-WORKER_FLAGS = --worker-keep-alive --retcode-already-running 0 --retcode-not-run 0
+WORKER_FLAGS = --worker-keep-alive --no-lock --retcode-already-running 0 --retcode-not-run 0
 worker: $(STAMP)
 	$(BIN)/luigi --module pipeline EmbedAll --scheduler-host $(SCHEDULER_HOST) --scheduler-port $(SCHEDULER_PORT) \
 		$(WORKER_FLAGS) $(EMBED_ARGS)

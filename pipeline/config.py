@@ -38,6 +38,9 @@ DEFAULTS = {
     "spot": "false",
     "spot_relaunches": "3",
     "max_dollars": "25",
+    # Several pods at once, each a Luigi worker on this scheduler (README, "Several pods").
+    "pods": "1",
+    "pods_scheduler_url": "",
     "poll_seconds": "30",
     # Storage calls: attempts per call, and the most seconds to wait between two.
     "storage_retries": "8",

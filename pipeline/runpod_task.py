@@ -78,7 +78,12 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                                description="interruptible pods: cheaper; a pod taken back is replaced and the work resumes")
     spot_relaunches = luigi.IntParameter(default=int(config.setting("spot_relaunches")), significant=False,
                                          description="how many taken-back spot pods to replace before giving up")
-    max_dollars = luigi.FloatParameter(default=float(config.setting("max_dollars")), description="the pod ends itself past this spend")
+    max_dollars = luigi.FloatParameter(default=float(config.setting("max_dollars")),
+                                       description="the run's spend limit, shared evenly by its pods; each ends itself past its share")
+    pods = luigi.IntParameter(default=int(config.setting("pods")), significant=False,
+                              description="pods working at once, each a Luigi worker on --pods-scheduler-url")
+    pods_scheduler_url = luigi.Parameter(default=config.setting("pods_scheduler_url"), significant=False,
+                                    description="a luigid every pod can reach (needed for --pods above 1)")
     poll_seconds = luigi.FloatParameter(default=float(config.setting("poll_seconds")), significant=False)
 
     def requires(self):
@@ -105,6 +110,8 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         }
         if self.model_path:
             env["PIPELINE_MODEL_PATH"] = self.model_path
+        if self.pods_scheduler_url:
+            env["PIPELINE_SCHEDULER_URL"] = self.pods_scheduler_url
         env.update({k: os.environ[k] for k in PASSED_THROUGH if os.environ.get(k)})
         for name in ("PIPELINE_WATCHDOG_IDLE_SECONDS", "PIPELINE_WATCHDOG_MAX_SECONDS", "PIPELINE_WATCHDOG_CHECK_SECONDS"):
             if os.environ.get(name):
@@ -125,6 +132,11 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         return RunpodOrchestrator(settings, PodLedger(self.output_location))
 
     def run(self):
+        if self.pods < 1:
+            raise PipelineError(f"--pods {self.pods}: at least one pod is needed")
+        if self.pods > 1 and not self.pods_scheduler_url:
+            raise PipelineError(f"--pods {self.pods} needs --pods-scheduler-url: a luigid all the pods can reach, "
+                                "which hands each shard to one of them (docs/runbook.md, 'Several pods')")
         if not self.image:
             # Build and ship this revision's container first (what `make image` does).
             from .image import build_and_push
@@ -134,20 +146,26 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._pods: list[str] = []
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for relaunch in range(self.spot_relaunches + 1):
-                self._budget_the_next_pod()
-                pod_id = self._orchestrator.start_pod()
-                self._pods.append(pod_id)
-                self._orchestrator.wait_until_running(pod_id)
-                try:
-                    self._follow(pod_id)
+            live = [self._launch() for _ in range(self.pods)]
+            replaced = 0
+            while True:
+                ended = self._follow(live)
+                if not ended:
                     break
-                except PodEnded as ended:
-                    if not self.spot or relaunch == self.spot_relaunches:
-                        raise
-                    # A spot pod taken back: a new one resumes from the published shards.
-                    log.warning("%s; it was a spot pod, so a new one takes over (%d of %d)", ended, relaunch + 1, self.spot_relaunches)
-                    self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back")
+                live = [pod_id for pod_id in live if pod_id not in ended]
+                for pod_id in ended:
+                    taken_back = self.spot and not self._ended_by_its_watchdog(pod_id)
+                    self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back" if taken_back else "ended before the run was done")
+                    if taken_back and replaced < self.spot_relaunches:
+                        # A new pod resumes from the published shards.
+                        replaced += 1
+                        log.warning("pod %s, a spot pod, was taken back; a new one takes over (%d of %d)", pod_id, replaced, self.spot_relaunches)
+                        live.append(self._launch())
+                    elif live:
+                        log.warning("pod %s ended before the run was done; %d other pod(s) go on with its shards", pod_id, len(live))
+                if not live:
+                    done, total = count_shards(self.output_location), self.total_shards()
+                    raise PodEnded(f"pod(s) {', '.join(ended)} ended before the work was done ({done}/{total} shards); rerun to resume")
         finally:
             try:
                 self._end_pods("launcher finished" if self.complete() else "launcher stopped")
@@ -155,15 +173,32 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                 for number, handler in previous.items():
                     signal.signal(number, handler)
 
+    def _launch(self) -> str:
+        self._budget_the_next_pod()
+        pod_id = self._orchestrator.start_pod()
+        self._pods.append(pod_id)
+        self._orchestrator.wait_until_running(pod_id)
+        return pod_id
+
+    def _ended_by_its_watchdog(self, pod_id: str) -> bool:
+        """Whether the pod ended itself (its record says why): work done or a limit,
+        not a spot pod taken back."""
+        try:
+            return str(PodLedger(self.output_location).get(pod_id).get("end_reason") or "").startswith("watchdog:")
+        except FileNotFoundError:
+            return False
+
     def _budget_the_next_pod(self) -> None:
-        """--max-dollars is for the whole run: a replacement pod gets what is left."""
+        """--max-dollars is for the whole run: a new pod gets its share of what is left."""
         report = cost_report(self.output_location)
         spent = next((r["dollars"] for r in report["runs"] if r["run_id"] == self._orchestrator.run_id), 0.0)
         if spent >= self.max_dollars:
             raise PodEnded(f"this run has spent ${spent:.2f} of its ${self.max_dollars:.2f}: no new pod; rerun with a larger --max-dollars to resume")
-        self._orchestrator.settings.env["PIPELINE_WATCHDOG_MAX_DOLLARS"] = f"{self.max_dollars - spent:.4f}"
+        self._orchestrator.settings.env["PIPELINE_WATCHDOG_MAX_DOLLARS"] = f"{(self.max_dollars - spent) / self.pods:.4f}"
 
-    def _follow(self, pod_id: str) -> None:
+    def _follow(self, live: list[str]) -> list[str]:
+        """Report progress until the work is done (returns []) or pods end before it
+        is (returns them)."""
         total = self.total_shards()
         started, first_done = time.monotonic(), None
         while not self.complete():
@@ -173,14 +208,18 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             rate = (done - first_done) / elapsed * 3600 if elapsed > 0 else 0.0
             eta = format_duration((total - done) / rate * 3600) if rate > 0 else "unknown"
             dollars = cost_report(self.output_location)["dollars"]
-            self.set_status_message(f"pod {pod_id}: {done}/{total} shards, {rate:.1f} shards/h, ETA {eta}, ${dollars:.2f} spent")
+            pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
+            self.set_status_message(f"{pods}: {done}/{total} shards, {rate:.1f} shards/h, ETA {eta}, ${dollars:.2f} spent")
             self.set_progress_percentage(int(100 * done / total) if total else 0)
-            status = self._orchestrator.get_pod_status(pod_id)
-            if status is None or status.get("desiredStatus") not in ("RUNNING", "CREATED"):
-                if self.complete():
-                    break
-                raise PodEnded(f"pod {pod_id} ended before the work was done ({done}/{total} shards); rerun to resume")
+            ended = [pod_id for pod_id in live if not self._running(pod_id)]
+            if ended:
+                return [] if self.complete() else ended
             time.sleep(self.poll_seconds)
+        return []
+
+    def _running(self, pod_id: str) -> bool:
+        status = self._orchestrator.get_pod_status(pod_id)
+        return status is not None and status.get("desiredStatus") in ("RUNNING", "CREATED")
 
     def _end_pods(self, reason: str) -> None:
         """Terminate every pod of this run, then sweep by name; one failure never stops

@@ -158,6 +158,19 @@ def supervise(
             child.wait()
 
 
+# A worker of a run shared on one luigid (`make worker` passes the same flags): it waits
+# for shards given back by a lost worker, and exits 0 when its part went well though
+# other workers ran the rest (luigi's "run by another worker" and "not granted" codes).
+SHARED_RUN_FLAGS = ("--worker-keep-alive", "--no-lock", "--retcode-already-running", "0", "--retcode-not-run", "0")
+
+
+def work_command(env: dict[str, str], extra: list[str]) -> list[str]:
+    """EmbedAll as a worker on ``PIPELINE_SCHEDULER_URL`` (several pods), else alone."""
+    url = env.get("PIPELINE_SCHEDULER_URL")
+    scheduler = ["--scheduler-url", url, *SHARED_RUN_FLAGS] if url else ["--local-scheduler"]
+    return [sys.executable, "-m", "luigi", "--module", "pipeline", "EmbedAll", *scheduler, *extra]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     env = dict(os.environ)
@@ -172,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f.write(env.pop("GOOGLE_CREDENTIALS_JSON"))
             env["GOOGLE_APPLICATION_CREDENTIALS"] = path
         output = env.get("PIPELINE_OUTPUT", "")
-        command = [sys.executable, "-m", "luigi", "--module", "pipeline", "EmbedAll", "--local-scheduler", *(argv if argv is not None else sys.argv[1:])]
+        command = work_command(env, argv if argv is not None else sys.argv[1:])
         code, reason = supervise(command, env, Limits.from_env(env), output)
     except Exception as exc:
         log.error("watchdog: %s", exc)

@@ -13,6 +13,7 @@ import pytest
 from helpers import ROOT, api, luigi_command, luigi_env, read_output_rows, running_luigid, write_corpus
 from pipeline.shards import shard_stats
 from pipeline.status import run_status
+from pipeline.watchdog import SHARED_RUN_FLAGS
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +21,10 @@ WORKERS = 3
 # The flags `make worker` adds, read from the Makefile so that the test runs what users run.
 WORKER_FLAGS = next(line for line in (ROOT / "Makefile").read_text().splitlines()
                     if line.startswith("WORKER_FLAGS =")).split("=", 1)[1].split()
+
+
+def test_make_worker_and_the_pods_run_shared_workers_alike():
+    assert tuple(WORKER_FLAGS) == SHARED_RUN_FLAGS
 SHARDS = 32
 
 

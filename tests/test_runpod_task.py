@@ -5,12 +5,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import luigi
 import pytest
 
 from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
-from helpers import ROOT, luigi_command, luigi_env, wait_for, write_corpus
+from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, wait_for, write_corpus
 from pipeline import RunpodEmbedAll
 from pipeline.pods import PodLedger, cost_report
 
@@ -161,6 +162,46 @@ def test_a_spot_pod_taken_back_is_replaced_and_the_work_resumes(fake, corpus, tm
     assert records[first]["end_reason"] == "spot pod taken back"
     assert (output / "_SUCCESS.json").exists() and len(list((output / "shards").glob("*.parquet"))) == 4
     assert all((output / "shards" / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+
+
+def test_three_pods_share_the_run_on_one_scheduler_and_all_end(fake, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", documents=36, words=300)
+    output = tmp_path / "out"
+    with running_luigid(tmp_path / "luigid") as port:
+        seen, stop = set(), threading.Event()
+
+        def watch_workers():  # luigid lists live workers only: collect them while the run goes on
+            while not stop.wait(0.1):
+                seen.update(worker["name"] for worker in api(port, "worker_list"))
+
+        watcher = threading.Thread(target=watch_workers)
+        watcher.start()
+        try:
+            assert luigi.build([task(corpus, output, pods=3, pods_scheduler_url=f"http://127.0.0.1:{port}", max_dollars=25)],
+                               local_scheduler=True, log_level="WARNING")
+        finally:
+            stop.set()
+            watcher.join()
+    assert (output / "_SUCCESS.json").exists() and len(list((output / "shards").glob("*.parquet"))) == 12
+    assert len(fake.pods) == 3 and all(pod.env["PIPELINE_SCHEDULER_URL"] == f"http://127.0.0.1:{port}" for pod in fake.pods.values())
+    assert len(seen) == 3, seen  # each pod was a worker on the one scheduler
+    # Each pod's worker ended well (its watchdog says "finished"), or was still at it when the launcher ended it.
+    reasons = [record["end_reason"] for record in PodLedger(str(output)).records()]
+    assert len(reasons) == 3 and all(reason in ("watchdog: finished", "done", "launcher finished") for reason in reasons), reasons
+    wait_for(lambda: not fake.running_pods())
+    report = cost_report(str(output))
+    assert len(report["pods"]) == 3 and report["running"] == 0
+    # (the fake fixture then checks each pod's dollars against the fake's clock)
+    # The run's budget is shared: each pod's watchdog got a third of it.
+    shares = [float(pod.env["PIPELINE_WATCHDOG_MAX_DOLLARS"]) for pod in fake.pods.values()]
+    assert all(25 / 3 - 0.01 < share <= 25 / 3 + 1e-4 for share in shares), shares
+
+
+def test_several_pods_without_a_scheduler_are_refused_before_any_pod_starts(fake, corpus, tmp_path):
+    launcher = subprocess.run(luigi_command(*launcher_args(corpus, tmp_path / "out"), "--pods", "2"),
+                              cwd=ROOT, env=launcher_env(fake), capture_output=True, text=True, timeout=120)
+    assert launcher.returncode == 30 and "ERROR: --pods 2 needs --pods-scheduler-url" in launcher.stderr, launcher.stderr[-2000:]
+    assert not fake.pods
 
 
 def test_without_an_image_it_builds_one_first_and_says_what_is_missing(fake, corpus, tmp_path, monkeypatch):
