@@ -21,15 +21,15 @@ import os
 import resource
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .chunking import chunk_document
-from .corpus import iter_documents, manifest_rows, write_manifest
+from .corpus import manifest_rows, write_manifest
 from .embedder import Embedder, NullEmbedder, default_batch_tokens, load_embedder
-from .shard_job import run_shard
+from .shard_job import read_pieces, run_shard
 from .throughput import derived_tokens_per_second, flops_per_token
 
 BASELINE_BATCH_SIZE = 32
@@ -96,13 +96,9 @@ def matmul_peak(device: str, precision: str, seconds: float = 1.0) -> float:
 
 
 def chunk_corpus(corpus: str, manifest: str, embedder) -> tuple[list[str], list[int]]:
-    texts, tokens = [], []
-    for _, document in iter_documents(corpus, manifest_rows(manifest, 0)):
-        if hasattr(document, "text"):
-            for chunk in chunk_document(document.text, document.body_start, embedder.tokenizer, embedder.chunker):
-                texts.append(chunk.text)
-                tokens.append(chunk.token_count)
-    return texts, tokens
+    """Texts and token counts of the chunks the shard job would embed."""
+    rows = [row for piece in read_pieces(corpus, manifest_rows(manifest, 0), embedder, [], Counter()) for row in piece.rows]
+    return [row["text"] for row in rows], [row["tokens"] for row in rows]
 
 
 def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precision: str = "auto",

@@ -237,4 +237,3 @@ class NullEmbedder:
 
     def settings(self) -> dict[str, str]:
         return dict(self._settings)
-

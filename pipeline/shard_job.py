@@ -110,10 +110,10 @@ class _Piece:
     documents: int = 0
 
 
-def _pieces(corpus: str, rows: list[dict[str, Any]], embedder: Embedder, rejects: list[dict[str, Any]],
+def read_pieces(corpus: str, rows: list[dict[str, Any]], embedder: Embedder, rejects: list[dict[str, Any]],
             counts: Counter) -> Iterator[_Piece]:
     """Read and chunk the shard's documents into pieces of about PIECE_TOKENS tokens,
-    recording rejections as they come."""
+    recording rejections as they come (``make bench`` chunks its corpus with it too)."""
     piece = _Piece()
     for row, document in iter_documents(corpus, rows):
         piece.documents += 1
@@ -199,7 +199,7 @@ def run_shard(
                 with ThreadPoolExecutor(1, thread_name_prefix="parquet") as background:
                     submit = background.submit if overlap else _now_done
                     written = _now_done(lambda: None)
-                    for group in _groups(_pieces(corpus, rows, embedder, rejects, counts), overlap):
+                    for group in _groups(read_pieces(corpus, rows, embedder, rejects, counts), overlap):
                         if group.rows:
                             tokens = [row.pop("tokens") for row in group.rows]
                             # Chunks and tokens count up batch by batch; documents when their group is written.

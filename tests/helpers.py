@@ -6,6 +6,7 @@ import configparser
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -131,3 +132,19 @@ def wait_for(condition, timeout: float = 120) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def kill_while_writing(process: subprocess.Popen, shards: Path, shard: str = "*") -> list[Path]:
+    """SIGKILL ``process`` if it is in the middle of writing a shard (``shard``: its
+    number as in the file name, or any): frozen first with SIGSTOP, so nothing can be
+    published between the look and the kill; otherwise it goes on (SIGCONT). Returns
+    the staging files of unpublished shards it was writing ([] when not killed)."""
+    process.send_signal(signal.SIGSTOP)
+    temps = [temp for temp in shards.glob(f".shard-{shard}.parquet.*.tmp")
+             if not (shards / temp.name[1:].split(".parquet.")[0]).with_suffix(".parquet").exists()]
+    if temps:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return temps
+    process.send_signal(signal.SIGCONT)
+    return []

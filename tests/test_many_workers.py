@@ -2,7 +2,6 @@
 worker busy, and a worker SIGKILLed mid-shard has its shard finished by another."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, api, luigi_command, luigi_env, read_output_rows, running_luigid, write_corpus
+from helpers import ROOT, api, kill_while_writing, luigi_command, luigi_env, read_output_rows, running_luigid, write_corpus
 from pipeline.shards import shard_stats
 from pipeline.status import run_status
 from pipeline.watchdog import SHARED_RUN_FLAGS
@@ -41,19 +40,6 @@ def publishers(output):
     return {int(shard_stats(str(path))["worker"].split(" pid ")[1]) for path in paths}
 
 
-def kill_mid_shard(process, shards, shard):
-    """SIGKILL a worker if it is writing ``shard``: frozen first (SIGSTOP), so the shard
-    cannot be published between the look and the kill; otherwise let it go on."""
-    process.send_signal(signal.SIGSTOP)
-    name = f"shard-{shard:06d}.parquet"
-    if not (shards / name).exists() and list(shards.glob(f".{name}.*.tmp")):
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        return True
-    process.send_signal(signal.SIGCONT)
-    return False
-
-
 def test_three_workers_share_the_shards_and_finish_a_killed_workers_shard(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", documents=2 * SHARDS, words=600)
     output = tmp_path / "out"
@@ -79,7 +65,7 @@ def test_three_workers_share_the_shards_and_finish_a_killed_workers_shard(tmp_pa
                 running = {name: shard for name, shard in running_shards(port).items() if workers[name].pid in done_by}
                 if running:
                     victim, killed_shard = next(iter(running.items()))
-                    if kill_mid_shard(workers[victim], output / "shards", killed_shard):
+                    if kill_while_writing(workers[victim], output / "shards", f"{killed_shard:06d}"):
                         break
                 time.sleep(0.05)
             # `pipeline status` reads the task history: the killed worker's shard was last seen running.

@@ -1,8 +1,6 @@
 """The luigi command line for real: subprocesses, SIGKILL and resume, error lines, luigid."""
 
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import time
@@ -11,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, api, luigi_command, luigi_env, read_output_rows, run_luigi, running_luigid, write_corpus
+from helpers import ROOT, api, kill_while_writing, luigi_command, luigi_env, read_output_rows, run_luigi, running_luigid, write_corpus
 from pipeline.shards import shard_stats
 
 pytestmark = pytest.mark.slow
@@ -57,13 +55,9 @@ def stop_mid_shard(process, shards, published_before_kill=2, timeout=300):
     while time.monotonic() < deadline:
         assert process.poll() is None, "the run finished before it could be killed"
         if shards.is_dir() and len(list(shards.glob("shard-*.parquet"))) >= published_before_kill:
-            os.kill(process.pid, signal.SIGSTOP)
-            temps = list(shards.glob(".shard-*.tmp"))
+            temps = kill_while_writing(process, shards)
             if temps:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
                 return temps
-            os.kill(process.pid, signal.SIGCONT)
         time.sleep(0.005)
     raise AssertionError("never caught the run in the middle of a shard")
 
