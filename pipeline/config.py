@@ -41,6 +41,8 @@ DEFAULTS = {
     # Several pods at once, each a Luigi worker on this scheduler (README, "Several pods").
     "pods": "1",
     "pods_scheduler_url": "",
+    # GPUs per pod: the pod runs one worker per GPU, sharing a scheduler in the pod.
+    "gpus_per_pod": "1",
     "poll_seconds": "30",
     # Storage calls: attempts per call, and the most seconds to wait between two.
     "storage_retries": "8",

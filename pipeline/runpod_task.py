@@ -21,9 +21,8 @@ import luigi
 from . import config
 from .errors import PipelineError
 from .pods import PodLedger, PodSettings, RunpodOrchestrator, cost_report
-from .progress import format_duration
+from .status import RunWatch, count_shards
 from .tasks import CorpusManifest, EmbedAll, RunParameters
-from .watchdog import count_shards
 
 log = logging.getLogger("luigi-interface")
 
@@ -84,6 +83,8 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                               description="pods working at once, each a Luigi worker on --pods-scheduler-url")
     pods_scheduler_url = luigi.Parameter(default=config.setting("pods_scheduler_url"), significant=False,
                                     description="a luigid every pod can reach (needed for --pods above 1)")
+    gpus_per_pod = luigi.IntParameter(default=int(config.setting("gpus_per_pod")), significant=False,
+                                      description="GPUs per pod; the pod runs one worker per GPU, each pinned to its own")
     poll_seconds = luigi.FloatParameter(default=float(config.setting("poll_seconds")), significant=False)
 
     def requires(self):
@@ -107,6 +108,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             "PIPELINE_DEVICE": self.device,
             "PIPELINE_PRECISION": self.precision,
             "PIPELINE_WATCHDOG_MAX_DOLLARS": str(self.max_dollars),
+            "PIPELINE_GPUS": str(self.gpus_per_pod),
         }
         if self.model_path:
             env["PIPELINE_MODEL_PATH"] = self.model_path
@@ -126,14 +128,15 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             gpu_types=tuple(g.strip() for g in self.gpu_types.split(",") if g.strip()),
             cloud_type=self.cloud_type,
             spot=self.spot,
+            gpu_count=self.gpus_per_pod,
             env=self.pod_env(),
             poll_interval=self.poll_seconds,
         )
         return RunpodOrchestrator(settings, PodLedger(self.output_location))
 
     def run(self):
-        if self.pods < 1:
-            raise PipelineError(f"--pods {self.pods}: at least one pod is needed")
+        if self.pods < 1 or self.gpus_per_pod < 1:
+            raise PipelineError(f"--pods {self.pods} --gpus-per-pod {self.gpus_per_pod}: at least one pod of one GPU is needed")
         if self.pods > 1 and not self.pods_scheduler_url:
             raise PipelineError(f"--pods {self.pods} needs --pods-scheduler-url: a luigid all the pods can reach, "
                                 "which hands each shard to one of them (docs/runbook.md, 'Several pods')")
@@ -199,18 +202,12 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
     def _follow(self, live: list[str]) -> list[str]:
         """Report progress until the work is done (returns []) or pods end before it
         is (returns them)."""
-        total = self.total_shards()
-        started, first_done = time.monotonic(), None
+        watch = RunWatch(self.output_location, self.total_shards())
         while not self.complete():
-            done = count_shards(self.output_location)
-            first_done = first_done if first_done is not None else done
-            elapsed = time.monotonic() - started
-            rate = (done - first_done) / elapsed * 3600 if elapsed > 0 else 0.0
-            eta = format_duration((total - done) / rate * 3600) if rate > 0 else "unknown"
-            dollars = cost_report(self.output_location)["dollars"]
+            message, percent = watch.figures()
             pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
-            self.set_status_message(f"{pods}: {done}/{total} shards, {rate:.1f} shards/h, ETA {eta}, ${dollars:.2f} spent")
-            self.set_progress_percentage(int(100 * done / total) if total else 0)
+            self.set_status_message(f"{pods}: {message}")
+            self.set_progress_percentage(percent)
             ended = [pod_id for pod_id in live if not self._running(pod_id)]
             if ended:
                 return [] if self.complete() else ended

@@ -225,6 +225,7 @@ def run_shard(
                 "finished_at": _now(),
                 "seconds": round(time.monotonic() - clock, 3),
                 "device": embedder.device,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # a pod's worker per GPU
                 "worker": worker_name(),
             }
             writer.close(stats)

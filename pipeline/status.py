@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +22,33 @@ from .pods import cost_report
 from .progress import format_duration
 from .shards import shard_stats
 from .summary import active_seconds
+
+
+def count_shards(output: str) -> int:
+    """Shards published in an output: one listing, no file opened."""
+    return sum(1 for _ in storage.list_files(f"{output}/shards", "shard-*.parquet"))
+
+
+class RunWatch:
+    """The whole run's progress as one process sees it, cheap enough to ask often:
+    shards published (one listing), the rate since this watch first looked (every
+    worker's shards count), and dollars from the pod ledger."""
+
+    def __init__(self, output: str, total: int, clock=time.monotonic):
+        self.output, self.total, self.clock = output, total, clock
+        self.first: Optional[tuple[float, int]] = None
+
+    def figures(self) -> tuple[str, int]:
+        """(status message, percent): shards done/total, shards/h, ETA and dollars."""
+        done, now = count_shards(self.output), self.clock()
+        if self.first is None:
+            self.first = (now, done)
+        elapsed, made = now - self.first[0], done - self.first[1]
+        rate = made / elapsed * 3600 if elapsed > 0 and made > 0 else 0.0
+        eta = "done" if done >= self.total else (format_duration((self.total - done) / rate * 3600) if rate else "unknown")
+        dollars = cost_report(self.output)["dollars"]
+        percent = int(100 * done / self.total) if self.total else 100
+        return f"{done}/{self.total} shards done, {rate:.1f} shards/h, ETA {eta}, ${dollars:.2f} spent", percent
 
 
 def history_file(db_connection: str) -> Optional[Path]:

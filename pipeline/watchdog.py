@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -48,12 +49,6 @@ class Limits:
             price_per_hour=number("PRICE_PER_HOUR", defaults.price_per_hour),
             check_every=number("CHECK_SECONDS", defaults.check_every),
         )
-
-
-def count_shards(output: str) -> int:
-    from . import storage
-
-    return sum(1 for _ in storage.list_files(f"{output}/shards", "shard-*.parquet"))
 
 
 def terminate_own_pod(env: dict[str, str], max_wait: float = 60) -> bool:
@@ -96,33 +91,34 @@ def _price_per_hour(env: dict[str, str], limits: Limits) -> float:
 
 
 def supervise(
-    command: list[str],
-    env: dict[str, str],
+    commands: list[tuple[list[str], dict[str, str]]],
     limits: Limits,
     output: str,
+    env: dict[str, str],
+    stopping: list[str],
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[int, str]:
-    """Run ``command`` until it ends or a limit is passed; returns (exit code, reason)."""
-    stopping: list[str] = []
-
-    def on_signal(number, _frame):
-        stopping.append(f"signal {signal.Signals(number).name}")
-
-    for number in (signal.SIGTERM, signal.SIGINT):  # first: a signal during start-up still ends the pod
-        signal.signal(number, on_signal)
+    """Run the worker ``commands`` (each with its env) until all end, a limit is passed
+    or a signal lands in ``stopping``; returns (exit code, reason). A worker that fails
+    leaves the others going: on a shared scheduler they take over its shards."""
     # Runtime and spend count from the pod's creation (provisioning is billed too).
     created = float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or time.time())
     started = clock() - max(time.time() - created, 0)
     price = _price_per_hour(env, limits)
-    child = subprocess.Popen(command, env=env)
+    children = [subprocess.Popen(command, env=child_env) for command, child_env in commands]
     shards, last_progress = None, clock()
     try:
         while True:
-            try:
-                code = child.wait(timeout=limits.check_every)
-                return code, "finished" if code == 0 else f"the work failed (exit code {code})"
-            except subprocess.TimeoutExpired:
-                pass
+            deadline = time.monotonic() + limits.check_every
+            while any(child.poll() is None for child in children) and time.monotonic() < deadline:
+                time.sleep(min(0.2, limits.check_every))
+            codes = [child.poll() for child in children]
+            if None not in codes:
+                failed = [(n, code) for n, code in enumerate(codes) if code != 0]
+                if not failed:
+                    return 0, "finished"
+                which = "" if len(children) == 1 else f"worker {failed[0][0]} of {len(children)}: "
+                return failed[0][1], f"the work failed ({which}exit code {failed[0][1]})"
             now = clock()
             if stopping:
                 reason = stopping[0]
@@ -134,6 +130,8 @@ def supervise(
                 continue
             else:
                 try:
+                    from .status import count_shards
+
                     current = count_shards(output)
                 except Exception as exc:  # a storage hiccup is not idleness
                     log.warning("watchdog: could not count shards (%s)", exc)
@@ -145,17 +143,24 @@ def supervise(
                 else:
                     continue
             log.error("watchdog: stopping the work: %s", reason)
-            child.terminate()
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            _stop(children)
             return 1, reason
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        _stop(children)
+
+
+def _stop(processes: list[subprocess.Popen], grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL whatever has not ended within ``grace`` seconds."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # A worker of a run shared on one luigid (`make worker` passes the same flags): it waits
@@ -164,11 +169,59 @@ def supervise(
 SHARED_RUN_FLAGS = ("--worker-keep-alive", "--no-lock", "--retcode-already-running", "0", "--retcode-not-run", "0")
 
 
-def work_command(env: dict[str, str], extra: list[str]) -> list[str]:
-    """EmbedAll as a worker on ``PIPELINE_SCHEDULER_URL`` (several pods), else alone."""
-    url = env.get("PIPELINE_SCHEDULER_URL")
-    scheduler = ["--scheduler-url", url, *SHARED_RUN_FLAGS] if url else ["--local-scheduler"]
+def work_command(scheduler_url: str, extra: list[str]) -> list[str]:
+    """EmbedAll as a worker on a shared scheduler (several pods or GPUs), else alone."""
+    scheduler = ["--scheduler-url", scheduler_url, *SHARED_RUN_FLAGS] if scheduler_url else ["--local-scheduler"]
     return [sys.executable, "-m", "luigi", "--module", "pipeline", "EmbedAll", *scheduler, *extra]
+
+
+def gpu_count(env: dict[str, str]) -> int:
+    """GPUs in this pod: the launcher says how many it rented (PIPELINE_GPUS); Runpod
+    says too (RUNPOD_GPU_COUNT)."""
+    for name in ("PIPELINE_GPUS", "RUNPOD_GPU_COUNT"):
+        if env.get(name, "").strip():
+            return max(int(env[name]), 1)
+    return 1
+
+
+def worker_commands(env: dict[str, str], extra: list[str], scheduler_url: str) -> list[tuple[list[str], dict[str, str]]]:
+    """One worker per GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``), so each
+    loads the model once onto its device and runs shards there."""
+    gpus = gpu_count(env)
+    if gpus == 1:
+        return [(work_command(scheduler_url, extra), env)]
+    return [(work_command(scheduler_url, extra), {**env, "CUDA_VISIBLE_DEVICES": str(gpu)}) for gpu in range(gpus)]
+
+
+def start_pod_scheduler(folder: str) -> tuple[subprocess.Popen, str]:
+    """A luigid on this pod's loopback for its GPUs' workers to share, when no scheduler
+    URL was given (one pod with several GPUs); its state and history under ``folder``."""
+    import socket
+
+    os.makedirs(folder, exist_ok=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # luigi.cfg's [scheduler] settings hold; its state and history paths point here.
+    overrides = os.path.join(folder, "luigi.cfg")
+    with open(overrides, "w") as file:
+        file.write(f"[scheduler]\nstate_path = {folder}/state.pickle\n"
+                   f"[task_history]\ndb_connection = sqlite:///{folder}/task-history.db\n")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from luigi.cmdline import luigid; luigid(sys.argv[1:])",
+         "--address", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "LUIGI_CONFIG_PATH": overrides},
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                _stop([process])
+                raise RuntimeError(f"the pod's own scheduler did not start (exit code {process.poll()})")
+            time.sleep(0.1)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -176,6 +229,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = dict(os.environ)
     output = env.get("PIPELINE_OUTPUT", "")
     code, reason = 1, "the watchdog itself failed"
+    pod_scheduler = None
+    stopping: list[str] = []
+
+    def on_signal(number, _frame):
+        stopping.append(f"signal {signal.Signals(number).name}")
+
+    for number in (signal.SIGTERM, signal.SIGINT):  # first: a signal during start-up still ends the pod
+        signal.signal(number, on_signal)
     try:  # everything inside: whatever fails, the finally ends the pod
         env.update(decode_env(env))
         if env.get("GOOGLE_CREDENTIALS_JSON"):
@@ -185,11 +246,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f.write(env.pop("GOOGLE_CREDENTIALS_JSON"))
             env["GOOGLE_APPLICATION_CREDENTIALS"] = path
         output = env.get("PIPELINE_OUTPUT", "")
-        command = work_command(env, argv if argv is not None else sys.argv[1:])
-        code, reason = supervise(command, env, Limits.from_env(env), output)
+        scheduler_url = env.get("PIPELINE_SCHEDULER_URL", "")
+        if gpu_count(env) > 1 and not scheduler_url:
+            pod_scheduler, scheduler_url = start_pod_scheduler(tempfile.mkdtemp(prefix="pod-luigid-"))
+            log.info("watchdog: %d GPUs: one worker each, sharing this pod's scheduler at %s", gpu_count(env), scheduler_url)
+        commands = worker_commands(env, argv if argv is not None else sys.argv[1:], scheduler_url)
+        code, reason = supervise(commands, Limits.from_env(env), output, env, stopping)
     except Exception as exc:
         log.error("watchdog: %s", exc)
     finally:
+        if pod_scheduler is not None:
+            _stop([pod_scheduler])
         log.info("watchdog: work ended (%s); ending this pod", reason)
         pod_id = env.get("RUNPOD_POD_ID", "")
         import runpod  # noqa: F401  (imported now, so the ledger's stop time is the real one)
@@ -214,7 +281,7 @@ def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, s
         except FileNotFoundError:
             record = ledger_record(
                 pod_id, env.get("PIPELINE_POD_NAME", ""), env.get("PIPELINE_POD_RUN_ID", "unrecorded"),
-                env.get("PIPELINE_POD_GPU_TYPE", ""), 1, env.get("PIPELINE_POD_CLOUD_TYPE", ""),
+                env.get("PIPELINE_POD_GPU_TYPE", ""), gpu_count(env), env.get("PIPELINE_POD_CLOUD_TYPE", ""),
                 float(env.get("PIPELINE_WATCHDOG_PRICE_PER_HOUR") or 0), env.get("PIPELINE_POD_IMAGE", ""),
                 float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or time.time()),
             )

@@ -53,6 +53,7 @@ class FakePod:
     container_env: dict = field(default_factory=dict)
     restarts: int = 0
     interruptible: bool = False
+    gpu_count: int = 1
 
     @property
     def running(self) -> bool:
@@ -193,6 +194,7 @@ class FakeRunpod:
             pod = FakePod(
                 id=next(self._ids), name=spec["name"], image_name=spec["imageName"], gpu_type_id=gpu,
                 cloud_type=spec.get("cloudType", "ALL"), cost_per_hr=price_per_gpu * int(spec.get("gpuCount") or 1),
+                gpu_count=int(spec.get("gpuCount") or 1),
                 interruptible=interruptible, env={e["key"]: e["value"] for e in spec.get("env") or []},
                 docker_args=spec.get("dockerArgs") or "", created_at=now,
                 provisioned_at=None if self.stuck_provisioning else now + self.provisioning_seconds,
@@ -202,7 +204,7 @@ class FakeRunpod:
             from pipeline.pods import decode_env
 
             pod.container_env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
-                                 "RUNPOD_API_KEY": self.api_key, "RUNPOD_API_BASE_URL": self.url}
+                                 "RUNPOD_GPU_COUNT": str(pod.gpu_count), "RUNPOD_API_KEY": self.api_key, "RUNPOD_API_BASE_URL": self.url}
             self.pod_runtime.start(pod.id, pod.container_env)
         return self._pod_view(pod)
 
@@ -267,7 +269,7 @@ class FakeRunpod:
             "dockerArgs": pod.docker_args,
             "desiredStatus": "RUNNING" if pod.running else "EXITED",
             "costPerHr": pod.cost_per_hr,
-            "gpuCount": 1,
+            "gpuCount": pod.gpu_count,
             "machineId": f"machine-{pod.id}",
             "machine": {"podHostId": f"host-{pod.id}", "gpuDisplayName": GPU_TYPES[pod.gpu_type_id]["displayName"]},
             "lastStatusChange": "Rented by User",

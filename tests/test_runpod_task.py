@@ -14,6 +14,7 @@ from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
 from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, wait_for, write_corpus
 from pipeline import RunpodEmbedAll
 from pipeline.pods import PodLedger, cost_report
+from pipeline.shards import shard_stats
 
 pytestmark = pytest.mark.slow
 
@@ -195,6 +196,20 @@ def test_three_pods_share_the_run_on_one_scheduler_and_all_end(fake, tmp_path):
     # The run's budget is shared: each pod's watchdog got a third of it.
     shares = [float(pod.env["PIPELINE_WATCHDOG_MAX_DOLLARS"]) for pod in fake.pods.values()]
     assert all(25 / 3 - 0.01 < share <= 25 / 3 + 1e-4 for share in shares), shares
+
+
+def test_a_pod_with_two_gpus_runs_a_worker_on_each_and_is_billed_for_both(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    assert luigi.build([task(corpus, output, gpus_per_pod=2)], local_scheduler=True, log_level="WARNING")
+    [pod] = fake.pods.values()
+    assert pod.gpu_count == 2
+    stats = [shard_stats(str(path)) for path in (output / "shards").glob("shard-*.parquet")]
+    assert len(stats) == 4 and {s["cuda_visible_devices"] for s in stats} <= {"0", "1"}
+    assert len({s["worker"] for s in stats}) == 2, "both GPUs' workers made shards"
+    wait_for(lambda: not fake.running_pods())
+    [record] = cost_report(str(output))["pods"]
+    assert record["gpu_count"] == 2 and record["price_per_hour"] == pytest.approx(pod.cost_per_hr)
+    assert record["dollars"] == pytest.approx(fake.dollars(pod.id), abs=1e-5)
 
 
 def test_several_pods_without_a_scheduler_are_refused_before_any_pod_starts(fake, corpus, tmp_path):

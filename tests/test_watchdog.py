@@ -3,6 +3,7 @@ whatever ends the work, the pod is terminated."""
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ import pytest
 from fake_runpod import FakeRunpod
 from helpers import ROOT, luigi_env, write_corpus
 from pipeline.pods import PodLedger, PodSettings, RunpodOrchestrator
+from pipeline.shards import shard_stats
+from pipeline.watchdog import worker_commands
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +105,31 @@ def test_sigterm_stops_the_work_and_ends_the_pod(pod):
     code, log = finish(process)
     assert code == 1 and "signal SIGTERM" in log
     assert api.pods[pod_id].terminated_at is not None
+
+
+def test_a_pod_with_several_gpus_runs_one_pinned_worker_per_gpu(pod, tmp_path):
+    """Three GPUs and no scheduler URL: three workers share a luigid the pod starts on
+    its loopback, each sees only its own GPU and loads the model once; all end with the pod."""
+    api, pod_id, env, output = pod
+    corpus = write_corpus(tmp_path / "corpus-24", documents=24, words=200)
+    code, log = finish(watchdog(env, PIPELINE_GPUS="3", PIPELINE_CORPUS=str(corpus)))
+    assert code == 0, log[-3000:]
+    stats = [shard_stats(str(path)) for path in sorted((output / "shards").glob("shard-*.parquet"))]
+    assert [s["shard"] for s in stats] == list(range(12))
+    assert {s["cuda_visible_devices"] for s in stats} == {"0", "1", "2"}
+    assert len({s["worker"] for s in stats}) == 3
+    assert log.count("loading model") == 3, "each worker loads the model once, whatever number of shards it runs"
+    url = log.split("sharing this pod's scheduler at ")[1].split()[0]
+    with pytest.raises(OSError):  # the pod's own scheduler ended with the work
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1)
+    assert api.pods[pod_id].terminated_at is not None
+
+
+def test_workers_of_a_several_gpu_pod_join_the_given_scheduler():
+    commands = worker_commands({"PIPELINE_GPUS": "2"}, ["--workers", "1"], "http://scheduler:8082")
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in commands] == ["0", "1"]
+    for command, _ in commands:
+        assert command[command.index("--scheduler-url") + 1] == "http://scheduler:8082"
+        assert "--local-scheduler" not in command and "--worker-keep-alive" in command
+    [(alone, env)] = worker_commands({}, [], "")
+    assert "--local-scheduler" in alone and "CUDA_VISIBLE_DEVICES" not in env
