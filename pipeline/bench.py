@@ -38,7 +38,7 @@ STAND_IN_GPU, STAND_IN_MODEL = "NVIDIA GeForce RTX 4090", "nomic"
 
 
 class StandInGPU(NullEmbedder):
-    """A GPU stand-in: each batch is tokenized as the model's ``encode`` does, then
+    """A GPU stand-in: each batch is framed and padded as ``Embedder.embed`` does, then
     takes ``padded tokens / tokens_per_second`` seconds in which this process's CPU is
     free, as it is while CUDA kernels run. Shows whether reading, chunking, tokenizing
     and writing keep a GPU of that speed busy, on a machine without one;
@@ -48,21 +48,22 @@ class StandInGPU(NullEmbedder):
 
     def __init__(self, base: Embedder, tokens_per_second: float, overlap: bool = True):
         super().__init__(base)
-        self.tokenize = base.model.tokenize
+        self.features = base._features
         self.tokens_per_second = tokens_per_second
         self.batch_tokens = default_batch_tokens("cuda")
         self.frees_cpu = overlap
         self.busy_seconds = 0.0
 
-    def embed(self, texts, token_counts, on_batch=None):
-        for group in self.batches(token_counts):
-            features = self.tokenize([self.profile.prefix + texts[i] for i in group])
+    def embed(self, token_ids, on_batch=None):
+        counts = [len(ids) for ids in token_ids]
+        for group in self.batches(counts):
+            features = self.features([token_ids[i] for i in group])
             seconds = features["input_ids"].numel() / self.tokens_per_second
             time.sleep(seconds)
             self.busy_seconds += seconds
             if on_batch:
-                on_batch(len(group), sum(token_counts[i] for i in group))
-        return super().embed(texts, token_counts)
+                on_batch(len(group), sum(counts[i] for i in group))
+        return super().embed(token_ids)
 
 
 def _cpu_seconds() -> float:
@@ -95,10 +96,10 @@ def matmul_peak(device: str, precision: str, seconds: float = 1.0) -> float:
     return 2 * size**3 * runs / (time.perf_counter() - started)
 
 
-def chunk_corpus(corpus: str, manifest: str, embedder) -> tuple[list[str], list[int]]:
-    """Texts and token counts of the chunks the shard job would embed."""
+def chunk_corpus(corpus: str, manifest: str, embedder) -> tuple[list[str], list]:
+    """Texts and token ids of the chunks the shard job would embed."""
     rows = [row for piece in read_pieces(corpus, manifest_rows(manifest, 0), embedder, [], Counter()) for row in piece.rows]
-    return [row["text"] for row in rows], [row["tokens"] for row in rows]
+    return [row["text"] for row in rows], [row["token_ids"] for row in rows]
 
 
 def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precision: str = "auto",
@@ -109,16 +110,17 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
         manifest = f"{work}/manifest.parquet"
         documents = write_manifest(corpus, pattern, 10**9, manifest)  # one shard: the whole corpus
-        texts, tokens = chunk_corpus(corpus, manifest, embedder)
+        texts, token_ids = chunk_corpus(corpus, manifest, embedder)
+        tokens = [len(ids) for ids in token_ids]
         total = sum(tokens)
         prefixed = [embedder.profile.prefix + text for text in texts]
         warm = slice(0, min(64, len(texts)))
         embedder.model.encode(prefixed[warm], batch_size=BASELINE_BATCH_SIZE)
-        embedder.embed(texts[warm], tokens[warm])
+        embedder.embed(token_ids[warm])
 
         baseline_vectors, baseline_s, _ = _timed(
             embedder.model.encode, prefixed, batch_size=BASELINE_BATCH_SIZE, normalize_embeddings=True, convert_to_numpy=True)
-        vectors, embedder_s, _ = _timed(embedder.embed, texts, tokens)
+        vectors, embedder_s, _ = _timed(embedder.embed, token_ids)
         _, feed_s, feed_cpu = _timed(run_shard, corpus, manifest, f"{work}/null", 0, NullEmbedder(embedder), 1)
         _, end_to_end_s, _ = _timed(run_shard, corpus, manifest, f"{work}/real", 0, embedder, 1)
         sequence = float(np.mean(tokens)) + embedder.reserved_tokens if tokens else 0.0

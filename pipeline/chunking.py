@@ -10,9 +10,10 @@ small overlap, cut at word boundaries. A chunk's text is exactly
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import numpy as np
 from tokenizers import Tokenizer
 
 _HEADING = re.compile(r"(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
@@ -39,6 +40,9 @@ class Chunk:
     char_end: int
     token_count: int
     heading_path: tuple[str, ...]
+    # The text's token ids (no special tokens): the model takes these, so the text is
+    # tokenized once, here, and not again before embedding.
+    token_ids: np.ndarray = field(default=None, compare=False, repr=False)
 
 
 # Tokens a window repeats from the one before it, when a long block is split.
@@ -179,33 +183,35 @@ def chunk_document(text: str, body_start: int, tokenizer: Tokenizer, settings: C
     """Chunks of one document, in order, with deterministic ids 0..n-1."""
     found = blocks(text, body_start)
     budget = settings.max_tokens
-    pieces: list[tuple[int, int, int, tuple[str, ...]]] = []  # start, end, tokens, heading path
-    pending: list[tuple[Block, int]] = []
+    pieces: list[tuple[int, int, np.ndarray, tuple[str, ...]]] = []  # start, end, token ids, heading path
+    pending: list[tuple[Block, np.ndarray]] = []
 
     def flush():
         if pending:
             first, last = pending[0][0], pending[-1][0]
-            pieces.append((first.start, last.end, sum(n for _, n in pending), last.heading_path))
+            ids = pending[0][1] if len(pending) == 1 else np.concatenate([ids for _, ids in pending])
+            pieces.append((first.start, last.end, ids, last.heading_path))
             pending.clear()
 
     for batch_start in range(0, len(found), _ENCODE_BATCH):
         batch = found[batch_start : batch_start + _ENCODE_BATCH]
         encodings = tokenizer.encode_batch([text[b.start : b.end] for b in batch], add_special_tokens=False)
         for block, encoding in zip(batch, encodings):
-            tokens = len(encoding.ids)
+            ids = np.array(encoding.ids, dtype=np.int32)
+            tokens = len(ids)
             if tokens == 0:
                 continue
             starts_section = block.heading and any(not b.heading for b, _ in pending)
-            if starts_section or sum(n for _, n in pending) + tokens > budget:
+            if starts_section or sum(len(i) for _, i in pending) + tokens > budget:
                 flush()
             if tokens <= budget:
-                pending.append((block, tokens))
+                pending.append((block, ids))
                 continue
             offsets = encoding.offsets
             for i, j in _windows(offsets, budget, settings.overlap_tokens):
-                pieces.append((block.start + offsets[i][0], block.start + offsets[j - 1][1], j - i, block.heading_path))
+                pieces.append((block.start + offsets[i][0], block.start + offsets[j - 1][1], ids[i:j], block.heading_path))
     flush()
     return [
-        Chunk(chunk_id, text[start:end], start, end, tokens, path)
-        for chunk_id, (start, end, tokens, path) in enumerate(pieces)
+        Chunk(chunk_id, text[start:end], start, end, len(ids), path, ids)
+        for chunk_id, (start, end, ids, path) in enumerate(pieces)
     ]

@@ -111,6 +111,10 @@ class Embedder:
         self.batch_tokens = batch_tokens or default_batch_tokens(self.device)
         self.tokenizer = plain_tokenizer(self.model.tokenizer.backend_tokenizer)
         self.chunker, self.reserved_tokens = chunk_budget(self.tokenizer, wanted, model_profile.prefix)
+        self._head, self._tail = self._template()
+        self._pad_id = self.model.tokenizer.pad_token_id or 0
+        self._type_ids = "token_type_ids" in self._model_tokenize(["a"])
+        self._check_template()
 
     @property
     def dimension(self) -> int:
@@ -134,24 +138,77 @@ class Embedder:
                 groups.append([index])
         return groups
 
-    def embed(self, texts: Sequence[str], token_counts: Sequence[int],
-              on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Normalised float32 vectors, one row per text, in the order given;
-        ``on_batch(texts, tokens)`` hears of each batch done (progress)."""
-        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
-        for group in self.batches(token_counts):
-            with self._autocast():
-                encoded = self.model.encode(
-                    [self.profile.prefix + texts[i] for i in group],
-                    batch_size=len(group),
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
-            vectors[group] = encoded.astype(np.float32, copy=False)
+    def _template(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids the model's tokenizer puts before a text (special tokens, then the
+        prefix) and after it, so chunk ids can be framed as ``encode`` would frame them."""
+        framed = self.tokenizer.encode(self.profile.prefix + "a", add_special_tokens=True)
+        specials = framed.special_tokens_mask
+        lead = next(i for i, special in enumerate(specials) if not special)
+        trail = len(specials) - next(i for i, special in enumerate(reversed(specials)) if not special)
+        prefix = self.tokenizer.encode(self.profile.prefix, add_special_tokens=False).ids
+        head = framed.ids[:lead] + prefix
+        return np.array(head, dtype=np.int64), np.array(framed.ids[trail:], dtype=np.int64)
+
+    def _check_template(self) -> None:
+        """Chunk ids framed by the template must be what the model's own tokenizer gives
+        for prefix + text, or vectors would differ from the model's. Checked once, here."""
+        sample = "Capital, Volume I. Chapter 1: Commodities — § 1, the two factors."
+        ours = self._features([self.token_ids([sample])[0]])["input_ids"][0].tolist()
+        theirs = self._model_tokenize([self.profile.prefix + sample])["input_ids"][0].tolist()
+        if ours != theirs:
+            raise PipelineError(f"model {self.profile.model_id}: chunk token ids framed for the model differ from its tokenizer's "
+                                f"({ours[:8]}… against {theirs[:8]}…); this tokenizer is not supported")
+
+    def _model_tokenize(self, texts: list[str]) -> dict:
+        """The model's own tokenization, as ``encode`` does it (``preprocess`` from
+        sentence-transformers 6, ``tokenize`` before)."""
+        return (getattr(self.model, "preprocess", None) or self.model.tokenize)(texts)
+
+    def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids of texts as the chunker makes them, cut to the chunk budget (as
+        ``encode`` truncates): for texts that do not come from the chunker (queries)."""
+        limit = self.chunker.max_tokens
+        return [np.array(e.ids[:limit], dtype=np.int32) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _features(self, group: Sequence[np.ndarray]) -> dict:
+        """One padded batch for the model: each chunk's ids framed by the template."""
+        import torch
+
+        head, tail = self._head, self._tail
+        width = max(len(ids) for ids in group) + len(head) + len(tail)
+        input_ids = np.full((len(group), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(group), width), dtype=np.int64)
+        for row, ids in enumerate(group):
+            end = len(head) + len(ids) + len(tail)
+            input_ids[row, : len(head)] = head
+            input_ids[row, len(head) : end - len(tail)] = ids
+            input_ids[row, end - len(tail) : end] = tail
+            mask[row, :end] = 1
+        features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if self._type_ids:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        return features
+
+    def embed(self, token_ids: Sequence[np.ndarray], on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Normalised float32 vectors, one row per chunk, in the order given, from the
+        chunker's token ids (the text is never tokenized again); ``on_batch(chunks,
+        tokens)`` hears of each batch done (progress)."""
+        import torch
+
+        counts = [len(ids) for ids in token_ids]
+        vectors = np.empty((len(token_ids), self.dimension), dtype=np.float32)
+        for group in self.batches(counts):
+            features = {k: v.to(self.device) for k, v in self._features([token_ids[i] for i in group]).items()}
+            with torch.inference_mode(), self._autocast():
+                embedded = self.model(features)["sentence_embedding"]
+            vectors[group] = torch.nn.functional.normalize(embedded.float(), dim=1).cpu().numpy()
             if on_batch:
-                on_batch(len(group), sum(token_counts[i] for i in group))
+                on_batch(len(group), sum(counts[i] for i in group))
         return vectors
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of texts that do not come from the chunker, the way chunks get theirs."""
+        return self.embed(self.token_ids(texts))
 
     def _autocast(self):
         if self.precision != "bfloat16":
@@ -201,7 +258,7 @@ def check_model(profile_name: str) -> dict:
     """Load a profile offline, exactly as a worker does, and embed one text: the image
     build's proof that a pod will find everything it needs without the network."""
     embedder = Embedder(profile(profile_name), "", "cpu", 0, 4096, "float32")
-    [vector] = embedder.embed(["a test sentence"], [4])
+    [vector] = embedder.embed_texts(["a test sentence"])
     norm = float(np.linalg.norm(vector))
     if vector.shape != (embedder.dimension,) or not np.isfinite(norm) or abs(norm - 1) > 1e-3:
         raise PipelineError(f"model {profile_name} gave a bad test vector (shape {vector.shape}, norm {norm})")
@@ -229,11 +286,10 @@ class NullEmbedder:
 
     batches = Embedder.batches
 
-    def embed(self, texts: Sequence[str], token_counts: Sequence[int],
-              on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def embed(self, token_ids: Sequence[np.ndarray], on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
         if on_batch:
-            on_batch(len(texts), sum(token_counts))
-        return np.broadcast_to(self._vector, (len(texts), self.dimension))
+            on_batch(len(token_ids), sum(len(ids) for ids in token_ids))
+        return np.broadcast_to(self._vector, (len(token_ids), self.dimension))
 
     def settings(self) -> dict[str, str]:
         return dict(self._settings)

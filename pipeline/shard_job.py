@@ -80,7 +80,7 @@ def chunk_rows(document: Document, chunks: list[Chunk]) -> list[dict[str, Any]]:
             "doc_id": document.doc_id,
             "chunk_id": chunk.chunk_id,
             "text": chunk.text,
-            "tokens": chunk.token_count,
+            "token_ids": chunk.token_ids,  # for the model; not a column
             "metadata": {
                 **shared,
                 "heading_path": list(chunk.heading_path),
@@ -201,10 +201,9 @@ def run_shard(
                     written = _now_done(lambda: None)
                     for group in _groups(read_pieces(corpus, rows, embedder, rejects, counts), overlap):
                         if group.rows:
-                            tokens = [row.pop("tokens") for row in group.rows]
+                            token_ids = [row.pop("token_ids") for row in group.rows]
                             # Chunks and tokens count up batch by batch; documents when their group is written.
-                            vectors = embedder.embed([row["text"] for row in group.rows], tokens,
-                                                     on_batch=lambda n, t: progress.advance(0, n, t))
+                            vectors = embedder.embed(token_ids, on_batch=lambda n, t: progress.advance(0, n, t))
                             counts.update(chunks=len(group.rows), tokens=group.tokens)
                         written.result()  # the group before, in order; a failed write stops the shard here
                         written = submit(_write_group, writer, group, vectors if group.rows else None, progress)

@@ -125,3 +125,30 @@ def test_every_chunk_of_the_real_corpus_fits_the_model(embedder, shared_corpus):
         for c in chunks:
             assert c.text == text[c.char_start : c.char_end]
             assert model_token_count(embedder, c.text) <= embedder.max_tokens, (path, c.chunk_id)
+
+
+def test_the_model_gets_the_chunkers_own_ids_framed_as_its_tokenizer_would(embedder):
+    """Text is tokenized once, by the chunker: the model is fed those ids, framed with
+    the special tokens and the prefix (here nomic's, on the offline model's weights), and
+    they are exactly what the model's tokenizer gives for prefix + chunk text, so the
+    vectors are ``encode``'s, windows of an over-long paragraph included."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipeline.config import PROFILES
+    from pipeline.embedder import Embedder
+
+    prefixed = Embedder(dataclasses.replace(PROFILES["minilm"], prefix="search_document: "), "", "cpu", 0, 4096, "float32")
+    long_paragraph = " ".join(f"surplus-value{i} accumulates, unpaid labour-time" for i in range(300))
+    text = DOC + "\n## III. Accumulation\n\n" + long_paragraph + "\n"
+    chunks = chunks_of(text, prefixed, overlap=16)
+    assert len(chunks) > 6 and max(c.token_count for c in chunks) == prefixed.chunker.max_tokens  # windows too
+    framed = prefixed._features([c.token_ids for c in chunks])
+    for row, chunk in enumerate(chunks):
+        expected = prefixed.model.tokenizer(prefixed.profile.prefix + chunk.text)["input_ids"]
+        assert framed["input_ids"][row, : len(expected)].tolist() == expected
+        assert framed["attention_mask"][row].sum().item() == len(expected)
+    ours = prefixed.embed([c.token_ids for c in chunks])
+    theirs = prefixed.model.encode([prefixed.profile.prefix + c.text for c in chunks], normalize_embeddings=True)
+    assert np.abs(ours - theirs).max() < 1e-5

@@ -145,7 +145,7 @@ def test_precision_recorded_is_the_precision_the_model_runs_in(tmp_path, embedde
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
     assert loaded.settings()["precision"] == "float32"
     texts = ["A spectre is haunting Europe.", "Workers of the world, unite!"]
-    assert np.allclose(loaded.embed(texts, [8, 8]), embedder.embed(texts, [8, 8]), atol=1e-3)
+    assert np.allclose(loaded.embed_texts(texts), embedder.embed_texts(texts), atol=1e-3)
 
 
 def overlapping(monkeypatch, overlap):
