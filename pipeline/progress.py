@@ -21,6 +21,10 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Counts documents, chunks and tokens; shows rates and ETA.
 
+    Documents are written a group at a time (on a CPU often the whole shard at once),
+    so progress counts each document done as its chunks are embedded: a batch of a
+    group's tokens moves the count by that share of the group's documents.
+
     The Luigi reporter is throttled: against a central scheduler every call is an
     HTTP request, and a shard may finish thousands of documents a minute.
     """
@@ -31,19 +35,23 @@ class Progress:
         self.report = report
         self.interval = interval
         self.documents = self.chunks = self.tokens = 0
+        self.embedded = 0.0  # documents, counted by the share of their chunks' tokens embedded
         self.started = time.monotonic()
         self._last_report = 0.0
         self._lock = threading.Lock()  # the model's thread and the Parquet writer's both advance
         self.bar = tqdm(total=total_documents, desc=label, unit="doc", disable=None, dynamic_ncols=True, mininterval=0.5)
 
-    def advance(self, documents: int, chunks: int = 0, tokens: int = 0) -> None:
+    def advance(self, documents: int, chunks: int = 0, tokens: int = 0, embedded: float = 0.0) -> None:
+        """``documents`` written; ``chunks`` and ``tokens`` embedded, worth ``embedded``
+        documents (a share of a group's; a group with nothing to embed counts when written)."""
         with self._lock:
-            self._advance(documents, chunks, tokens)
+            self._advance(documents, chunks, tokens, embedded)
 
-    def _advance(self, documents: int, chunks: int, tokens: int) -> None:
+    def _advance(self, documents: int, chunks: int, tokens: int, embedded: float) -> None:
         self.documents += documents
         self.chunks += chunks
         self.tokens += tokens
+        self.embedded += embedded
         elapsed = max(time.monotonic() - self.started, 1e-9)
         self.bar.set_postfix(chunks_s=f"{self.chunks / elapsed:.0f}", tokens_s=f"{self.tokens / elapsed:.0f}", refresh=False)
         self.bar.update(documents)
@@ -52,18 +60,23 @@ class Progress:
             self._last_report = now
             self.report(self.message(), self.percent())
 
+    def done(self) -> float:
+        """Documents done, by the share of their tokens embedded; all, once all are written."""
+        return float(self.total) if self.documents >= self.total else min(self.embedded, self.total)
+
     def percent(self) -> int:
-        return int(100 * self.documents / self.total) if self.total else 100
+        return int(100 * self.done() / self.total) if self.total else 100
 
     def message(self) -> str:
+        """Two lines, what matters first: the web view's message box does not wrap."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.documents / elapsed
-        eta = (self.total - self.documents) / rate if rate else float("nan")
-        eta_text = format_duration(eta) if rate else "unknown"
+        done = self.done()
+        rate = done / elapsed
+        eta_text = format_duration((self.total - done) / rate) if rate else "unknown"
         return (
-            f"{self.label}: {self.documents}/{self.total} documents, {self.chunks} chunks, "
-            f"{self.documents / elapsed:.1f} docs/s, {self.chunks / elapsed:.1f} chunks/s, "
-            f"{self.tokens / elapsed:.0f} tokens/s, ETA {eta_text}"
+            f"{self.label}: {int(done)}/{self.total} documents, ETA {eta_text}\n"
+            f"{self.tokens / elapsed:,.0f} tokens/s, {rate:.1f} docs/s, {self.chunks / elapsed:.1f} chunks/s, "
+            f"{self.chunks:,} chunks"
         )
 
     def close(self) -> None:

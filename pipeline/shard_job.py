@@ -48,6 +48,11 @@ def rejects_path(output: str, shard: int) -> str:
     return f"{output}/rejects/shard-{shard:06d}.jsonl"
 
 
+def shard_label(shard: int, total_shards: int) -> str:
+    """How messages name a shard: its number as in its file name and task, and the count."""
+    return f"shard {shard} of {total_shards}"
+
+
 def worker_name() -> str:
     """Which process made a shard: with several workers on several machines, the
     shard says where it came from."""
@@ -169,7 +174,7 @@ def _now_done(function, *args) -> Future:
 def _write_group(writer: ShardWriter, group: _Piece, vectors, progress: Progress) -> None:
     if group.rows:
         writer.write(group.rows, vectors)
-    progress.advance(group.documents)
+    progress.advance(group.documents, embedded=0.0 if group.rows else group.documents)
 
 
 def run_shard(
@@ -187,7 +192,7 @@ def run_shard(
     started_at, clock = _now(), time.monotonic()
     rejects: list[dict[str, Any]] = []
     counts = Counter()
-    progress = Progress(len(rows), f"shard {shard + 1}/{total_shards}", report)
+    progress = Progress(len(rows), shard_label(shard, total_shards), report)
     schema = shard_schema(embedder.dimension, embedder.settings())
     try:
         with storage.atomic_output(destination, overwrite=False) as staged:
@@ -202,8 +207,9 @@ def run_shard(
                     for group in _groups(read_pieces(corpus, rows, embedder, rejects, counts), overlap):
                         if group.rows:
                             token_ids = [row.pop("token_ids") for row in group.rows]
-                            # Chunks and tokens count up batch by batch; documents when their group is written.
-                            vectors = embedder.embed(token_ids, on_batch=lambda n, t: progress.advance(0, n, t))
+                            # Chunks, tokens and the documents' share count up batch by batch.
+                            share = group.documents / group.tokens
+                            vectors = embedder.embed(token_ids, on_batch=lambda n, t: progress.advance(0, n, t, t * share))
                             counts.update(chunks=len(group.rows), tokens=group.tokens)
                         written.result()  # the group before, in order; a failed write stops the shard here
                         written = submit(_write_group, writer, group, vectors if group.rows else None, progress)

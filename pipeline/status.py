@@ -37,9 +37,11 @@ class RunWatch:
     def __init__(self, output: str, total: int, clock=time.monotonic):
         self.output, self.total, self.clock = output, total, clock
         self.first: Optional[tuple[float, int]] = None
+        self.failed: set[int] = set()  # shards that failed here and have not been made since
 
     def figures(self) -> tuple[str, int]:
-        """(status message, percent): shards done/total, shards/h, ETA and dollars."""
+        """(status message, percent): shards done/total, shards/h, ETA and dollars, and
+        the shards that failed in this process."""
         done, now = count_shards(self.output), self.clock()
         if self.first is None:
             self.first = (now, done)
@@ -48,7 +50,10 @@ class RunWatch:
         eta = "done" if done >= self.total else (format_duration((self.total - done) / rate * 3600) if rate else "unknown")
         dollars = cost_report(self.output)["dollars"]
         percent = int(100 * done / self.total) if self.total else 100
-        return f"{done}/{self.total} shards done, {rate:.1f} shards/h, ETA {eta}, ${dollars:.2f} spent", percent
+        message = f"{done}/{self.total} shards done, {rate:.1f} shards/h, ETA {eta}, ${dollars:.2f} spent"
+        if self.failed:
+            message += f"; failed: shard {', '.join(str(s) for s in sorted(self.failed))}"
+        return message, percent
 
 
 def history_file(db_connection: str) -> Optional[Path]:

@@ -7,6 +7,8 @@ a shard that exists is done, so rerunning the same command resumes.
 from __future__ import annotations
 
 import json
+import logging
+import traceback
 
 import luigi
 
@@ -15,14 +17,16 @@ from .corpus import manifest_info, write_manifest
 from .embedder import Embedder, load_embedder
 from .errors import PipelineError, install_one_line_errors
 from .sample import ensure_sample_corpus
-from .shard_job import run_shard, shard_path
+from .shard_job import run_shard, shard_label, shard_path
 from .shards import shard_metadata, settings_mismatch
+from .status import RunWatch
 from . import storage
 from .storage import target
 from .summary import run_summary
 
 config.apply_environment()
 install_one_line_errors()
+log = logging.getLogger("luigi-interface")
 
 # Settings two shards of one output must share, or their vectors cannot be mixed.
 SHARED_SETTINGS = ("model_id", "dimension", "prefix", "max_tokens", "chunk_max_tokens", "chunk_overlap_tokens")
@@ -93,6 +97,14 @@ class RunParameters:
     def total_shards(self) -> int:
         return int(manifest_info(self.manifest_path())["shards"])
 
+    def on_failure(self, exception):
+        """The error text the web view shows for a failed task: the one line for a
+        problem the user can fix, else the error first and its traceback under it."""
+        if isinstance(exception, PipelineError):
+            return f"{self.task_family}: {exception}"
+        trace = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+        return f"{self.task_family} failed: {type(exception).__name__}: {exception}\n\n{trace}"
+
 
 class CorpusManifest(RunParameters, luigi.Task):
     """Lists the corpus once; shard membership never moves after this."""
@@ -123,25 +135,54 @@ class EmbedShard(RunParameters, luigi.Task):
         return target(shard_path(self.output_location, self.shard))
 
     def run(self):
-        stats = run_shard(
-            self.corpus_location(),
-            self.manifest_path(),
-            self.output_location,
-            self.shard,
-            self.embedder(),
-            self.total_shards(),
-            report=self._report,
-        )
+        self._report_run()
+        total = self.total_shards()
+        try:
+            stats = run_shard(
+                self.corpus_location(),
+                self.manifest_path(),
+                self.output_location,
+                self.shard,
+                self.embedder(),
+                total,
+                report=self._report,
+            )
+        except Exception:  # the run's figures say so too; on_failure comes too late to post them
+            self._report_run(failed=True)
+            raise
         self._report(
-            f"shard {self.shard}: {stats['embedded_documents']} documents embedded, "
-            f"{stats['rejected_documents']} rejected, {stats['chunks']} chunks, "
-            f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tokens/s",
+            f"{shard_label(self.shard, total)}: {stats['embedded_documents']} documents embedded, "
+            f"{stats['rejected_documents']} rejected, {stats['chunks']:,} chunks, "
+            f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s",
             100,
         )
+        self._report_run()
 
     def _report(self, message: str, percent: int) -> None:
         self.set_status_message(message)
         self.set_progress_percentage(percent)
+
+    _watches: dict[str, RunWatch] = {}  # one per run in this worker process, so rates span its shards
+
+    def _report_run(self, failed: bool = False) -> None:
+        """Post the whole run's figures on EmbedAll, as each shard starts, ends or fails.
+
+        EmbedAll waits (PENDING) while its shards run, so it cannot report itself;
+        the scheduler accepts a status message for any task it knows. The scheduler is
+        the one this worker reports to (luigi hands tasks their reporter's methods).
+        A web view figure never fails a shard."""
+        scheduler = getattr(getattr(self.set_status_message, "__self__", None), "_scheduler", None)
+        if scheduler is None:
+            return
+        try:
+            wrapper = self.clone(EmbedAll).task_id
+            watch = self._watches.setdefault(wrapper, RunWatch(self.output_location, self.total_shards()))
+            (watch.failed.add if failed else watch.failed.discard)(self.shard)
+            message, percent = watch.figures()
+            scheduler.set_task_status_message(wrapper, message)
+            scheduler.set_task_progress_percentage(wrapper, percent)
+        except Exception as exc:
+            log.warning("could not post the run's progress to the scheduler: %s", exc)
 
 
 class EmbedAll(RunParameters, luigi.Task):
@@ -196,7 +237,7 @@ class EmbedAll(RunParameters, luigi.Task):
         done = sum(shard.complete() for shard in shards)
         self.set_status_message(f"{done}/{total} shards done")
         self.set_progress_percentage(int(100 * done / total))
-        yield shards
+        yield shards  # already done when requires() listed them (one worker) or others ran them
         summary = run_summary(self.output_location, total, self.defining_parameters())
         with storage.atomic_output(self.output().path) as staged:
             staged.path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

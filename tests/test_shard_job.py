@@ -205,3 +205,26 @@ def test_a_failing_group_write_fails_the_shard_and_publishes_nothing(tmp_path, s
     with pytest.raises(OSError, match="no space left"):
         run(tmp_path, small_corpus, embedder)
     assert not (tmp_path / "out" / "shards").exists() or not list((tmp_path / "out" / "shards").iterdir())
+
+
+def test_progress_counts_documents_as_their_chunks_are_embedded_not_only_when_written(tmp_path, embedder, monkeypatch):
+    """On a CPU a shard is often one group, written at the end: the web view must still
+    see documents, a percentage and an ETA move while the model works through it."""
+    import functools
+
+    from pipeline import shard_job
+    from pipeline.progress import Progress
+
+    monkeypatch.setattr(shard_job, "Progress", functools.partial(Progress, interval=0))
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=400)
+    manifest = str(tmp_path / "out" / "manifest.parquet")
+    write_manifest(str(corpus), "*.md", 100, manifest)
+    reports = []
+    monkeypatch.setattr(embedder, "batch_tokens", 1024)  # several batches in the shard's one group
+    run_shard(str(corpus), manifest, str(tmp_path / "out"), 0, embedder, 3, report=lambda m, p: reports.append((m, p)))
+    percents = [percent for _, percent in reports]
+    assert percents == sorted(percents) and percents[-1] == 100
+    moving = [(m, p) for m, p in reports if 0 < p < 100]
+    assert len(moving) >= 3, reports
+    assert all(m.startswith("shard 0 of 3: ") and "ETA unknown" not in m for m, _ in moving)
+    assert reports[-1][0].startswith("shard 0 of 3: 10/10 documents, ETA 0m00s\n")
