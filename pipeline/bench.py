@@ -10,7 +10,8 @@ wander:
   chunk, tokenize, build and write Parquet), per CPU-second used;
 - end to end: the real shard job, files to a published shard;
 - stand-in GPU: the shard job with a model that sleeps as long as a 4090 is expected
-  to work on each batch, leaving the CPU free: does our side keep such a GPU busy?
+  to work on each batch, leaving the CPU free: does our side keep such a GPU busy? With
+  one reader thread, all in one thread, and with reader processes;
 - utilisation: model FLOPs per token × tokens/s over a matrix-multiply peak measured here.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from .corpus import manifest_rows, write_manifest
 from .embedder import Embedder, NullEmbedder, default_batch_tokens, load_embedder
+from .readers import close_readers, read_in_processes, reader_processes
 from .shard_job import read_pieces, run_shard
 from .throughput import derived_tokens_per_second, flops_per_token
 
@@ -96,6 +98,11 @@ def matmul_peak(device: str, precision: str, seconds: float = 1.0) -> float:
     return 2 * size**3 * runs / (time.perf_counter() - started)
 
 
+def warm_readers(corpus: str, manifest: str, embedder, processes: int) -> None:
+    """Start the reader processes before timing, as a worker has them from its first shard."""
+    list(read_in_processes(corpus, manifest_rows(manifest, 0)[:processes], embedder.tokenizer, embedder.chunker, processes))
+
+
 def chunk_corpus(corpus: str, manifest: str, embedder) -> tuple[list[str], list]:
     """Texts and token ids of the chunks the shard job would embed."""
     rows = [row for piece in read_pieces(corpus, manifest_rows(manifest, 0), embedder, [], Counter()) for row in piece.rows]
@@ -129,6 +136,18 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         _, in_turn_s, _ = _timed(run_shard, corpus, manifest, f"{work}/stand-in-in-turn", 0, in_turn, 1)
         stand_in = StandInGPU(embedder, pace)
         _, stand_in_s, _ = _timed(run_shard, corpus, manifest, f"{work}/stand-in", 0, stand_in, 1)
+        # Reader processes as a worker on a GPU starts them (once, before its first shard):
+        # the feed with one per core against one reader thread, then the stand-in GPU.
+        cores = os.cpu_count() or 1
+        warm_readers(corpus, manifest, embedder, cores)
+        _, feed_readers_s, _ = _timed(run_shard, corpus, manifest, f"{work}/null-readers", 0, NullEmbedder(embedder, overlap=True),
+                                      1, None, cores)
+        _, feed_thread_s, _ = _timed(run_shard, corpus, manifest, f"{work}/null-thread", 0, NullEmbedder(embedder, overlap=True), 1)
+        readers = reader_processes(-1, frees_cpu=True)
+        warm_readers(corpus, manifest, embedder, readers)
+        with_readers = StandInGPU(embedder, pace)
+        _, with_readers_s, _ = _timed(run_shard, corpus, manifest, f"{work}/stand-in-readers", 0, with_readers, 1, None, readers)
+        close_readers()
 
     config = embedder.model[0].auto_model.config
     embedder_rate = total / embedder_s
@@ -160,6 +179,13 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         "stand_in_in_turn_end_to_end_tokens_per_s": total / in_turn_s,
         "stand_in_in_turn_gpu_busy": in_turn.busy_seconds / in_turn_s,
         "stand_in_overlap_vs_in_turn": in_turn_s / stand_in_s,
+        "feed_reader_processes": cores,
+        "feed_readers_wall_tokens_per_s": total / feed_readers_s,
+        "feed_readers_vs_one_reader_thread": feed_thread_s / feed_readers_s,
+        "stand_in_reader_processes": readers,
+        "stand_in_readers_end_to_end_tokens_per_s": total / with_readers_s,
+        "stand_in_readers_gpu_busy": with_readers.busy_seconds / with_readers_s,
+        "stand_in_readers_vs_one_reader_thread": stand_in_s / with_readers_s,
         "flops_per_token": flops_per_token(config, sequence),
         "matmul_peak_flops": peak,
         "utilisation": flops_per_token(config, sequence) * embedder_rate / peak,
@@ -178,11 +204,16 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'baseline: encode(batch_size=32)':<44} {r['baseline_tokens_per_s']:>12,.0f}  1.00",
         f"{'our embedder':<44} {r['embedder_tokens_per_s']:>12,.0f}  {r['embedder_vs_baseline']:.2f} × baseline",
         f"{'feed (null model), per CPU core':<44} {r['feed_tokens_per_s_per_core']:>12,.0f}",
+        f"{'feed, ' + str(r['feed_reader_processes']) + ' reader process(es), wall':<44} {r['feed_readers_wall_tokens_per_s']:>12,.0f}  "
+        f"{r['feed_readers_vs_one_reader_thread']:.2f} × one reader thread",
         f"{'end to end, files to published shard':<44} {r['end_to_end_tokens_per_s']:>12,.0f}  {r['end_to_end_vs_embedder']:.2f} × embedder",
         f"{'end to end, stand-in GPU (see below)':<44} {r['stand_in_end_to_end_tokens_per_s']:>12,.0f}  "
         f"GPU busy {r['stand_in_gpu_busy']:.0%} of the time, {r['stand_in_overlap_vs_in_turn']:.2f} × in one thread",
         f"{'end to end, stand-in GPU, all in one thread':<44} {r['stand_in_in_turn_end_to_end_tokens_per_s']:>12,.0f}  "
         f"GPU busy {r['stand_in_in_turn_gpu_busy']:.0%} of the time",
+        f"{'end to end, stand-in GPU, ' + str(r['stand_in_reader_processes']) + ' reader process(es)':<44} "
+        f"{r['stand_in_readers_end_to_end_tokens_per_s']:>12,.0f}  GPU busy {r['stand_in_readers_gpu_busy']:.0%} of the time, "
+        f"{r['stand_in_readers_vs_one_reader_thread']:.2f} × one reader thread",
         "",
         f"vectors vs baseline (fp32 encode): max |difference| {r['max_abs_difference_vs_baseline']:.2e}, "
         f"min cosine {r['min_cosine_vs_baseline']:.6f}",

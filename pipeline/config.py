@@ -29,6 +29,8 @@ DEFAULTS = {
     "batch_tokens": "0",  # 0: 16384 on a GPU, 4096 on a CPU
     "device": "auto",
     "precision": "auto",
+    # Processes that read and chunk for a GPU; -1: auto (cores - 1 on a GPU, none on a CPU).
+    "readers": "-1",
     # Runpod (RunpodEmbedAll): the image `make image` pushed, GPU types in order of
     # preference, the cloud, and the most a run may spend before its pod ends itself.
     "image": "",

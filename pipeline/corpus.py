@@ -44,6 +44,9 @@ class Rejected(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):  # reader processes send rejections back (pipeline.readers)
+        return Rejected, (self.reason, self.detail)
+
 
 @dataclass
 class Document:

@@ -272,10 +272,10 @@ class NullEmbedder:
     pushed through read, chunk and write where running the model would take hours.
     """
 
-    def __init__(self, base: Embedder):
+    def __init__(self, base: Embedder, overlap: bool = False):
         self.profile = base.profile
         self.device = "null"
-        self.frees_cpu = False  # the feed rate is measured in one thread, per CPU-second
+        self.frees_cpu = overlap  # off: the feed rate is measured in one thread, per CPU-second
         self.tokenizer = base.tokenizer
         self.chunker = base.chunker
         self.batch_tokens = base.batch_tokens

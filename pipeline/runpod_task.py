@@ -107,6 +107,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             "PIPELINE_BATCH_TOKENS": str(self.batch_tokens),
             "PIPELINE_DEVICE": self.device,
             "PIPELINE_PRECISION": self.precision,
+            "PIPELINE_READERS": str(self.readers),
             "PIPELINE_WATCHDOG_MAX_DOLLARS": str(self.max_dollars),
             "PIPELINE_GPUS": str(self.gpus_per_pod),
         }

@@ -23,6 +23,7 @@ from .corpus import Document, Rejected, front_matter_json, iter_documents, manif
 from .embedder import Embedder
 from .progress import Progress, Reporter
 from .read_ahead import read_ahead
+from .readers import read_in_processes
 from .shards import PROMOTED_FIELDS, ShardWriter, shard_schema
 from . import storage
 
@@ -98,12 +99,23 @@ def chunk_rows(document: Document, chunks: list[Chunk]) -> list[dict[str, Any]]:
     ]
 
 
-def _chunks_or_rejection(document: Document, embedder: Embedder) -> list[Chunk] | Rejected:
+def _chunks_or_rejection(document: Document, tokenizer, settings) -> list[Chunk] | Rejected:
     try:
-        chunks = chunk_document(document.text, document.body_start, embedder.tokenizer, embedder.chunker)
+        chunks = chunk_document(document.text, document.body_start, tokenizer, settings)
     except Exception as exc:  # one odd document must not sink its shard
         return Rejected("chunking_failed", f"{exc.__class__.__name__}: {exc}")
     return chunks or Rejected("no_text", "nothing to embed after the front matter")
+
+
+def read_documents(corpus: str, rows: list[dict[str, Any]], tokenizer, settings) -> Iterator[tuple]:
+    """(manifest row, its chunk rows or its rejection, whether its front matter was
+    broken) for each row, in order: the reading a reader process does (``readers``)."""
+    for row, document in iter_documents(corpus, rows):
+        outcome = document if isinstance(document, Rejected) else _chunks_or_rejection(document, tokenizer, settings)
+        if isinstance(outcome, Rejected):
+            yield row, outcome, False
+        else:
+            yield row, chunk_rows(document, outcome), document.front_matter_error is not None
 
 
 @dataclass
@@ -116,19 +128,23 @@ class _Piece:
 
 
 def read_pieces(corpus: str, rows: list[dict[str, Any]], embedder: Embedder, rejects: list[dict[str, Any]],
-            counts: Counter) -> Iterator[_Piece]:
-    """Read and chunk the shard's documents into pieces of about PIECE_TOKENS tokens,
-    recording rejections as they come (``make bench`` chunks its corpus with it too)."""
+                counts: Counter, readers: int = 0) -> Iterator[_Piece]:
+    """Read and chunk the shard's documents (in ``readers`` processes, or in this
+    thread) into pieces of about PIECE_TOKENS tokens, recording rejections as they
+    come (``make bench`` chunks its corpus with it too)."""
+    if readers:
+        documents = read_in_processes(corpus, rows, embedder.tokenizer, embedder.chunker, readers)
+    else:
+        documents = read_documents(corpus, rows, embedder.tokenizer, embedder.chunker)
     piece = _Piece()
-    for row, document in iter_documents(corpus, rows):
+    for row, outcome, broken_front_matter in documents:
         piece.documents += 1
-        outcome = document if isinstance(document, Rejected) else _chunks_or_rejection(document, embedder)
         if isinstance(outcome, Rejected):
             rejects.append({"doc_id": row["doc_id"], "path": row["path"], "reason": outcome.reason, "detail": outcome.detail})
             continue
-        counts["front_matter_errors"] += document.front_matter_error is not None
-        piece.rows.extend(chunk_rows(document, outcome))
-        piece.tokens += sum(chunk.token_count for chunk in outcome)
+        counts["front_matter_errors"] += broken_front_matter
+        piece.rows.extend(outcome)
+        piece.tokens += sum(len(chunk["token_ids"]) for chunk in outcome)
         if piece.tokens >= PIECE_TOKENS:
             yield piece
             piece = _Piece()
@@ -185,8 +201,10 @@ def run_shard(
     embedder: Embedder,
     total_shards: int,
     report: Reporter | None = None,
+    readers: int = 0,
 ) -> dict[str, Any]:
-    """Embed one shard and publish it with its rejects; returns the shard's stats."""
+    """Embed one shard and publish it with its rejects; returns the shard's stats.
+    ``readers``: processes that read and chunk (0: this process does)."""
     rows = manifest_rows(manifest, shard)
     destination = shard_path(output, shard)
     started_at, clock = _now(), time.monotonic()
@@ -204,7 +222,7 @@ def run_shard(
                 with ThreadPoolExecutor(1, thread_name_prefix="parquet") as background:
                     submit = background.submit if overlap else _now_done
                     written = _now_done(lambda: None)
-                    for group in _groups(read_pieces(corpus, rows, embedder, rejects, counts), overlap):
+                    for group in _groups(read_pieces(corpus, rows, embedder, rejects, counts, readers), overlap):
                         if group.rows:
                             token_ids = [row.pop("token_ids") for row in group.rows]
                             # Chunks, tokens and the documents' share count up batch by batch.

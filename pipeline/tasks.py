@@ -16,6 +16,7 @@ from . import config
 from .corpus import manifest_info, write_manifest
 from .embedder import Embedder, load_embedder
 from .errors import PipelineError, install_one_line_errors
+from .readers import reader_processes
 from .sample import ensure_sample_corpus
 from .shard_job import run_shard, shard_label, shard_path
 from .shards import shard_metadata, settings_mismatch
@@ -74,6 +75,8 @@ class RunParameters:
     device = luigi.Parameter(default=config.setting("device"), description="auto, cpu, cuda, cuda:1, …")
     precision = luigi.Parameter(default=config.setting("precision"),
                                 description="auto (fp16 on CUDA, bf16 on a CPU with bf16 instructions), float32, float16, bfloat16")
+    readers = luigi.IntParameter(default=int(config.setting("readers")), significant=False,
+                                 description="processes reading and chunking; -1: auto (cores - 1 on a GPU, none on a CPU)")
 
     def clone(self, cls=None, **kwargs):
         """Luigi's clone, reading values from ``param_kwargs`` (see OutputParameter)."""
@@ -137,15 +140,17 @@ class EmbedShard(RunParameters, luigi.Task):
     def run(self):
         self._report_run()
         total = self.total_shards()
+        embedder = self.embedder()
         try:
             stats = run_shard(
                 self.corpus_location(),
                 self.manifest_path(),
                 self.output_location,
                 self.shard,
-                self.embedder(),
+                embedder,
                 total,
                 report=self._report,
+                readers=reader_processes(self.readers, embedder.frees_cpu),
             )
         except Exception:  # the run's figures say so too; on_failure comes too late to post them
             self._report_run(failed=True)

@@ -3,6 +3,7 @@ real pipeline; and reduced precision stays within its stated tolerance. No timin
 asserted here: speed is measured by the benchmark, never by a test."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -31,9 +32,11 @@ def test_bench_prints_the_table_and_writes_the_figures(tmp_path):
     assert 0 < figures["utilisation"] < 1
     # The stand-in GPU sleeps through its batches; the time it is busy cannot exceed the run.
     assert 0 < figures["stand_in_gpu_busy"] <= 1 and 0 < figures["stand_in_in_turn_gpu_busy"] <= 1
+    assert 0 < figures["stand_in_readers_gpu_busy"] <= 1 and figures["stand_in_reader_processes"] >= 1
+    assert figures["feed_readers_wall_tokens_per_s"] > 0 and figures["feed_reader_processes"] == os.cpu_count()
     assert figures["stand_in_end_to_end_tokens_per_s"] <= figures["stand_in_gpu_tokens_per_s"]
     assert figures["min_cosine_vs_baseline"] > 0.9999  # our embedder gives the baseline's vectors
-    for row in ("baseline: encode(batch_size=32)", "our embedder", "feed (null model), per CPU core", "end to end", "stand-in GPU", "all in one thread", "utilisation"):
+    for row in ("baseline: encode(batch_size=32)", "our embedder", "feed (null model), per CPU core", "end to end", "stand-in GPU", "all in one thread", "reader process", "utilisation"):
         assert row in result.stdout
 
 

@@ -24,11 +24,11 @@ def add_bad_documents(corpus):
     (bad / "only-front-matter.md").write_text("---\ntitle: nothing else\n---\n\n")
 
 
-def run(tmp_path, corpus, embedder, docs_per_shard=100, shard=0):
+def run(tmp_path, corpus, embedder, docs_per_shard=100, shard=0, readers=0):
     output = tmp_path / "out"
     manifest = str(output / "manifest.parquet")
     write_manifest(str(corpus), "*.md", docs_per_shard, manifest)
-    stats = run_shard(str(corpus), manifest, str(output), shard, embedder, total_shards=1)
+    stats = run_shard(str(corpus), manifest, str(output), shard, embedder, total_shards=1, readers=readers)
     return output, stats
 
 
@@ -155,11 +155,24 @@ def overlapping(monkeypatch, overlap):
     monkeypatch.setattr(Embedder, "frees_cpu", property(lambda self: overlap))
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "in-turn"])
-def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, small_corpus, embedder, monkeypatch, overlap):
-    """Reading runs ahead of the model in pieces merged into groups; rows, vectors,
-    rejects and progress must not depend on how the pieces fell."""
-    from pipeline import shard_job
+@pytest.fixture
+def reader_pool_ends():
+    from pipeline.readers import close_readers
+
+    yield
+    close_readers()
+
+
+@pytest.mark.parametrize("overlap, readers", [(True, 0), (False, 0), (True, 2)],
+                         ids=["overlapped", "in-turn", "two-reader-processes"])
+def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, small_corpus, embedder, monkeypatch,
+                                                                      reader_pool_ends, overlap, readers):
+    """Reading runs ahead of the model in pieces merged into groups, in this process or
+    in reader processes; rows, vectors, rejects and progress must not depend on how the
+    pieces fell or who read them."""
+    from pipeline import readers as reader_module, shard_job
+
+    monkeypatch.setattr(reader_module, "BATCH_DOCUMENTS", 3)  # many batches, out of step with the pieces
 
     add_bad_documents(small_corpus)
     whole_output, whole = run(tmp_path / "whole", small_corpus, embedder)
@@ -170,7 +183,8 @@ def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, 
     output = tmp_path / "pieces" / "out"
     manifest = str(output / "manifest.parquet")
     write_manifest(str(small_corpus), "*.md", 100, manifest)
-    pieces = run_shard(str(small_corpus), manifest, str(output), 0, embedder, 1, report=lambda message, percent: reports.append(percent))
+    pieces = run_shard(str(small_corpus), manifest, str(output), 0, embedder, 1, report=lambda message, percent: reports.append(percent),
+                       readers=readers)
 
     assert pq.ParquetFile(shard_path(str(output), 0)).num_row_groups > 3  # really in many groups
     expected, got = pq.read_table(shard_path(str(whole_output), 0)), pq.read_table(shard_path(str(output), 0))
@@ -182,6 +196,25 @@ def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, 
     assert {k: pieces[k] for k in ("chunks", "tokens", "rejected_documents", "front_matter_errors")} == \
         {k: whole[k] for k in ("chunks", "tokens", "rejected_documents", "front_matter_errors")}
     assert reports[-1] == 100
+
+
+def test_a_reader_process_that_dies_fails_its_shard_and_the_next_shard_gets_new_readers(tmp_path, small_corpus, embedder,
+                                                                                      reader_pool_ends):
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pipeline import readers
+
+    run(tmp_path / "first", small_corpus, embedder, readers=1)
+    [pool] = readers._pools.values()
+    for process in list(pool._processes.values()):  # killed, as by the kernel's OOM killer
+        os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(BrokenProcessPool):
+        run(tmp_path / "second", small_corpus, embedder, readers=1)
+    assert not (tmp_path / "second" / "out" / "shards").exists() or not any((tmp_path / "second" / "out" / "shards").iterdir())
+    output, stats = run(tmp_path / "third", small_corpus, embedder, readers=1)
+    assert stats["embedded_documents"] == stats["documents"] > 0 and (output / "shards" / "shard-000000.parquet").exists()
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "in-turn"])
