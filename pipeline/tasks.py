@@ -139,9 +139,8 @@ class EmbedShard(RunParameters, luigi.Task):
 
     def run(self):
         self._report_run()
-        total = self.total_shards()
-        embedder = self.embedder()
         try:
+            total, embedder = self.total_shards(), self.embedder()
             stats = run_shard(
                 self.corpus_location(),
                 self.manifest_path(),
