@@ -217,9 +217,10 @@ def test_the_web_view_shows_running_shards_the_runs_progress_and_a_failed_shards
 
             # After the run, the wrapper's figures still say which shard failed.
             show_task_list(browser, port)
-            [row] = [row for row in task_rows(browser, "EmbedAll", ("PENDING", "UPSTREAM_FAILED"))
-                     if row.find_elements(By.CSS_SELECTOR, "button.statusMessage")]
-            open_modal(browser, row, "button.statusMessage", "statusMessageModal")
+            rows = [row for row in task_rows(browser, "EmbedAll", ("PENDING", "UPSTREAM_FAILED"))
+                    if row.find_elements(By.CSS_SELECTOR, "button.statusMessage")]
+            assert rows, "EmbedAll is not in the task list after the run"
+            open_modal(browser, rows[0], "button.statusMessage", "statusMessageModal")  # listed twice at times
             shown = read_status_modal(browser, FAILED_RUN, timeout=10)
             assert shown, "EmbedAll's message does not name the failed shard"
             browser.save_screenshot(str(artifacts / "web-view-run-after-failure.png"))
