@@ -49,11 +49,10 @@ class StandInGPU(NullEmbedder):
     which shows what reading ahead and writing behind are worth."""
 
     def __init__(self, base: Embedder, tokens_per_second: float, overlap: bool = True):
-        super().__init__(base)
+        super().__init__(base, overlap)
         self.features = base._features
         self.tokens_per_second = tokens_per_second
         self.batch_tokens = default_batch_tokens("cuda")
-        self.frees_cpu = overlap
         self.busy_seconds = 0.0
 
     def embed(self, token_ids, on_batch=None):
