@@ -14,7 +14,7 @@ SCHEDULER_PORT ?= 8082
 EMBED_ARGS ?= --output output/sample --docs-per-shard 25
 LUIGI_STATE := var/luigi
 
-.PHONY: embed worker test bench image cost-estimate luigid luigid-stop setup clean
+.PHONY: embed worker test verify bench image cost-estimate luigid luigid-stop setup clean
 
 setup: $(STAMP)
 
@@ -46,12 +46,19 @@ worker: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Prove an output is whole before importing it (exit 1, one line per problem, if not):
+# make verify OUTPUT=gs://bucket/prefix
+OUTPUT ?= output/sample
+verify: $(STAMP)
+	$(BIN)/python -m pipeline verify $(OUTPUT)
+
 # Benchmarks print figures side by side in one run; they are never timed tests.
 # Throughput (docs/performance.md): make bench CORPUS=dir BENCH_ARGS="--json bench.json"
 bench: $(STAMP)
 	$(BIN)/python -m pipeline bench $(if $(CORPUS),--corpus $(CORPUS)) $(BENCH_ARGS)
 	$(BIN)/python tests/benchmarks/shard_memory.py
 	$(BIN)/python tests/benchmarks/manifest_memory.py
+	$(BIN)/python tests/benchmarks/verify_memory.py
 
 # Build the pod's image and push it to PIPELINE_REGISTRY (.env), tagged with the git
 # revision; needs a Docker engine. Prints the reference to pass as --image.

@@ -1,6 +1,7 @@
 """``python -m pipeline …``: helpers around the Luigi tasks.
 
     python -m pipeline status OUTPUT [--json]  shards done, failed, running; throughput, ETA, dollars
+    python -m pipeline verify OUTPUT [--json]  prove the output is whole (exit 1 naming each problem)
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
@@ -40,6 +41,22 @@ def cost(output: str, as_json: bool) -> None:
     print(f"total: ${report['dollars']:.4f}" + (f"; {report['running']} pod(s) still running" if report["running"] else ""))
 
 
+def verify(output: str, as_json: bool) -> int:
+    """0 when the output is whole, 1 when it is not (one line per problem)."""
+    from tqdm import tqdm
+
+    from .verify import format_verdict, verify_output
+
+    def tick(total: int) -> None:
+        bar.total = total
+        bar.update()
+
+    with tqdm(unit="shard", desc="verifying", disable=None) as bar:
+        verdict = verify_output(output, on_shard=tick)
+    print(json.dumps(verdict.as_dict(), indent=2) if as_json else format_verdict(output, verdict))
+    return 0 if verdict.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Helpers around the embedding pipeline's tasks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     status_parser.add_argument("--history", default=None,
                                help="luigid's task history (sqlite file); default: luigi.cfg [task_history] db_connection")
     status_parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    verify_parser = commands.add_parser("verify", help="prove an output is whole: every document embedded or rejected, every vector sound")
+    verify_parser.add_argument("output", help="the output folder or bucket prefix")
+    verify_parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
     cost_parser = commands.add_parser("cost", help="dollars spent on Runpod pods for an output")
     cost_parser.add_argument("output", help="the output folder or bucket prefix")
     cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -82,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
             figures = run_status(args.output.rstrip("/") or args.output, Path(args.history) if args.history else configured_history())
             print(json.dumps(figures, indent=2) if args.json else format_status(figures))
+        elif args.command == "verify":
+            return verify(args.output, args.json)
         elif args.command == "cost":
             cost(args.output, args.json)
         elif args.command == "estimate":

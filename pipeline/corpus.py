@@ -119,7 +119,7 @@ def write_manifest(corpus: str, pattern: str, docs_per_shard: int, dest: str) ->
 
 
 @lru_cache(maxsize=4)
-def _manifest_file(manifest: str) -> str:
+def manifest_file(manifest: str) -> str:
     """A local copy of the manifest (it never changes once published, so one download
     per process serves every shard)."""
     if not storage.is_remote(manifest):
@@ -132,13 +132,13 @@ def _manifest_file(manifest: str) -> str:
 
 def manifest_info(manifest: str) -> dict[str, str]:
     """The manifest's own record of how it was made (corpus, pattern, shard size, counts)."""
-    raw = pq.ParquetFile(_manifest_file(manifest)).metadata.metadata or {}
+    raw = pq.ParquetFile(manifest_file(manifest)).metadata.metadata or {}
     return {k.decode()[len("pipeline.") :]: v.decode() for k, v in raw.items() if k.startswith(b"pipeline.")}
 
 
 def manifest_rows(manifest: str, shard: int) -> list[dict[str, Any]]:
     """The manifest rows of one shard, in manifest order."""
-    return pq.read_table(_manifest_file(manifest), filters=[("shard", "=", shard)]).to_pylist()
+    return pq.read_table(manifest_file(manifest), filters=[("shard", "=", shard)]).to_pylist()
 
 
 def content_matches(data: bytes, content_hash: str) -> bool:

@@ -1,0 +1,255 @@
+"""``python -m pipeline verify OUTPUT``: prove an output is whole before importing it.
+
+Every document of the manifest must be embedded or rejected with a reason, exactly once;
+every row must be a well-formed chunk of its document with a finite unit vector; every
+shard must share one schema and one model's settings; the stats and the summary must
+count what is there. The check reads the manifest and the shards as streams, one shard
+and one row batch at a time, so its memory does not grow with the number of shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import storage
+from .corpus import manifest_file, manifest_info
+from .shard_job import rejects_path, shard_path
+from .shards import META_PREFIX, shard_schema
+
+# Settings every shard of one output must share (tasks.SHARED_SETTINGS and what
+# else tells two models or chunkers apart).
+SAME_SETTINGS = ("model_profile", "model_id", "dimension", "prefix", "max_tokens", "normalized",
+                 "chunk_max_tokens", "chunk_overlap_tokens")
+NORM_TOLERANCE = 1e-3  # fp16 models give unit vectors to about 1e-4
+BATCH_ROWS = 8192
+SUMMARY_COUNTS = ("shards", "documents", "embedded_documents", "rejected_documents", "chunks", "tokens")
+
+
+@dataclass
+class Verdict:
+    """What ``verify_output`` found: problems (one line each) and the totals it counted."""
+
+    problems: list[str] = field(default_factory=list)
+    totals: Counter = field(default_factory=Counter)
+    settings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "problems": self.problems, "totals": dict(self.totals),
+                "model": self.settings.get("model_id"), "dimension": self.settings.get("dimension")}
+
+
+def manifest_shards(manifest_file: str, docs_per_shard: int, problems: list[str]) -> Iterator[tuple[int, list[dict]]]:
+    """(shard, its manifest rows) in order, read in batches; a row in the wrong shard is a problem."""
+    rows = (row for batch in pq.ParquetFile(manifest_file).iter_batches(BATCH_ROWS, columns=["doc_id", "path", "shard"])
+            for row in batch.to_pylist())
+    position = 0
+    for shard, group in itertools.groupby(rows, key=lambda row: row["shard"]):
+        group = list(group)
+        expected = position // docs_per_shard
+        if shard != expected or (position + len(group) - 1) // docs_per_shard != shard:
+            problems.append(f"manifest: rows {position}..{position + len(group) - 1} are in shard {shard}, "
+                            f"not where {docs_per_shard} documents per shard puts them")
+        position += len(group)
+        yield shard, group
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array, dimension: int) -> np.ndarray:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dimension)
+
+
+@dataclass
+class _ShardCount:
+    rows: int = 0
+    tokens: int = 0
+    bad_vectors: Counter = field(default_factory=Counter)
+    first_bad: dict[str, str] = field(default_factory=dict)
+    chunks: dict[str, list[int]] = field(default_factory=dict)
+
+    def flag(self, kind: str, doc_id: str, chunk_id: int, count: int = 1) -> None:
+        self.bad_vectors[kind] += count
+        self.first_bad.setdefault(kind, f"{doc_id} chunk {chunk_id}")
+
+
+def _count_rows(parquet: pq.ParquetFile, dimension: int, normalized: bool) -> _ShardCount:
+    """Chunk ids per document, tokens and vector faults, one row batch at a time."""
+    count = _ShardCount()
+    for batch in parquet.iter_batches(BATCH_ROWS, columns=["doc_id", "chunk_id", "embedding_vector", "metadata"]):
+        doc_ids = batch.column("doc_id").to_pylist()
+        chunk_ids = batch.column("chunk_id").to_pylist()
+        for doc_id, chunk_id in zip(doc_ids, chunk_ids):
+            count.chunks.setdefault(doc_id, []).append(chunk_id)
+        count.rows += batch.num_rows
+        tokens = batch.column("metadata").field("token_count")
+        count.tokens += int(pc.sum(tokens).as_py() or 0)
+        vectors = _vectors(batch.column("embedding_vector"), dimension)
+        finite = np.isfinite(vectors).all(axis=1)
+        for i in np.flatnonzero(~finite)[:1]:
+            count.flag("not finite", doc_ids[i], chunk_ids[i], int((~finite).sum()))
+        if normalized:
+            norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1)
+            off = finite & (np.abs(norms - 1.0) > NORM_TOLERANCE)
+            for i in np.flatnonzero(off)[:1]:
+                count.flag("norm not 1", doc_ids[i], chunk_ids[i], int(off.sum()))
+    return count
+
+
+def _read_rejects(output: str, shard: int, name: str, problems: list[str]) -> list[dict]:
+    rejects = []
+    for number, line in enumerate(storage.read_text(rejects_path(output, shard)).splitlines(), 1):
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and record.get("doc_id") and record.get("reason")):
+                raise ValueError("no doc_id or no reason")
+            rejects.append(record)
+        except ValueError as exc:
+            problems.append(f"{name}: rejects line {number} is not a rejection record ({exc})")
+    return rejects
+
+
+def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects: bool, verdict: Verdict) -> None:
+    """Check one shard against its manifest rows, its rejects and the first shard's settings."""
+    name = f"shard-{shard:06d}.parquet"
+    problems, reference = verdict.problems, verdict.settings
+    try:
+        with storage.open_for_reading(shard_path(output, shard)) as f:
+            parquet = pq.ParquetFile(f)
+            metadata = {k.decode()[len(META_PREFIX):]: v.decode()
+                        for k, v in (parquet.metadata.metadata or {}).items() if k.startswith(META_PREFIX.encode())}
+            if not reference:
+                reference.update(metadata, shard=f"shard-{shard:06d}")
+            differs = [f"{k} {metadata.get(k)!r} ({reference['shard']}: {reference.get(k)!r})"
+                       for k in SAME_SETTINGS if metadata.get(k) != reference.get(k)]
+            if differs:
+                problems.append(f"{name}: made with other settings: {'; '.join(differs)}")
+                return
+            dimension = int(reference["dimension"])
+            expected = shard_schema(dimension, {}).remove_metadata()
+            if not parquet.schema_arrow.remove_metadata().equals(expected):
+                problems.append(f"{name}: schema differs from the pipeline's: {parquet.schema_arrow.remove_metadata()}")
+                return
+            count = _count_rows(parquet, dimension, reference.get("normalized") == "true")
+    except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
+        problems.append(f"{name}: unreadable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        return
+    for kind, n in count.bad_vectors.items():
+        problems.append(f"{name}: {n} vector(s) {kind} (first: {count.first_bad[kind]})")
+
+    for doc_id, ids in count.chunks.items():
+        if len(set(ids)) != len(ids):
+            duplicated = sorted(i for i, n in Counter(ids).items() if n > 1)
+            problems.append(f"{name}: document {doc_id} has duplicate chunk ids {duplicated[:5]}")
+        elif sorted(ids) != list(range(len(ids))):
+            problems.append(f"{name}: document {doc_id} has chunk ids {sorted(ids)[:8]}…, not 0..{len(ids) - 1}")
+
+    rejects = _read_rejects(output, shard, name, problems) if has_rejects else []
+    listed = {row["doc_id"]: row["path"] for row in manifest_rows}
+    embedded, rejected = set(count.chunks), Counter(r["doc_id"] for r in rejects)
+    twice = sorted(d for d, n in rejected.items() if n > 1) + sorted(embedded & set(rejected))
+    missing = [d for d in listed if d not in embedded and d not in rejected]
+    foreign = sorted((embedded | set(rejected)) - set(listed))
+    if twice:
+        problems.append(f"{name}: {len(twice)} document(s) counted twice (embedded and rejected, or rejected twice), "
+                        f"first: {listed.get(twice[0], twice[0])}")
+    if missing:
+        problems.append(f"{name}: {len(missing)} document(s) neither embedded nor rejected, first: {listed[missing[0]]}")
+    if foreign:
+        problems.append(f"{name}: {len(foreign)} document(s) not in this shard's manifest rows, first: {foreign[0]}")
+
+    stats = json.loads(metadata["stats"]) if "stats" in metadata else None
+    if stats is None:
+        problems.append(f"{name}: no pipeline.stats in its footer")
+    else:
+        found = {"documents": len(listed), "embedded_documents": len(embedded), "rejected_documents": len(rejects),
+                 "chunks": count.rows, "tokens": count.tokens, "shard": shard}
+        wrong = [f"{k} {stats.get(k)} (found {v})" for k, v in found.items() if stats.get(k) != v]
+        if wrong:
+            problems.append(f"{name}: its stats do not match its rows: {', '.join(wrong)}")
+    verdict.totals.update(shards=1, documents=len(listed), embedded_documents=len(embedded),
+                          rejected_documents=len(rejects), chunks=count.rows, tokens=count.tokens)
+
+
+def _listed(output: str, folder: str, suffix: str, total: int, problems: list[str]) -> set[int]:
+    """The shard numbers with a file in ``folder`` (one listing); a file the manifest
+    does not account for is a problem."""
+    numbers = set()
+    for listed in storage.list_files(f"{output}/{folder}", f"*{suffix}"):
+        number = listed.relative.removeprefix("shard-").removesuffix(suffix)
+        if number.isdigit() and len(number) == 6 and int(number) < total and "/" not in listed.relative:
+            numbers.add(int(number))
+        else:
+            problems.append(f"{folder}/{listed.relative}: not a shard of the manifest's {total}")
+    return numbers
+
+
+def _check_summary(output: str, verdict: Verdict) -> None:
+    path = f"{output}/_SUCCESS.json"
+    if not storage.exists(path):
+        verdict.problems.append("_SUCCESS.json: missing (EmbedAll writes it once every shard exists)")
+        return
+    try:
+        summary = json.loads(storage.read_text(path))
+    except ValueError as exc:
+        verdict.problems.append(f"_SUCCESS.json: not JSON ({exc})")
+        return
+    wrong = [f"{k} {summary.get(k)} (found {verdict.totals[k]})" for k in SUMMARY_COUNTS if summary.get(k) != verdict.totals[k]]
+    for key, setting in (("model", "model_id"), ("dimension", "dimension")):
+        if verdict.settings and str(summary.get(key)) != verdict.settings.get(setting):
+            wrong.append(f"{key} {summary.get(key)!r} (shards: {verdict.settings.get(setting)!r})")
+    if wrong:
+        verdict.problems.append(f"_SUCCESS.json: does not match the shards: {', '.join(wrong)}")
+
+
+def verify_output(output: str, on_shard: Optional[Callable[[int], None]] = None) -> Verdict:
+    """Every check on an output (local folder or bucket prefix); ``on_shard(total)`` is
+    called after each shard, for a progress bar."""
+    output = output.rstrip("/") or output
+    verdict = Verdict()
+    manifest = f"{output}/manifest.parquet"
+    if not storage.exists(manifest):
+        verdict.problems.append(f"manifest.parquet: missing; {output} is not an output, or its run never started")
+        return verdict
+    try:
+        info = manifest_info(manifest)
+        total, docs_per_shard = int(info["shards"]), int(info["docs_per_shard"])
+    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+        verdict.problems.append(f"manifest.parquet: unreadable ({exc.__class__.__name__}: {exc})")
+        return verdict
+    shards = _listed(output, "shards", ".parquet", total, verdict.problems)
+    rejects = _listed(output, "rejects", ".jsonl", total, verdict.problems)
+    seen = set()
+    for shard, rows in manifest_shards(manifest_file(manifest), docs_per_shard, verdict.problems):
+        seen.add(shard)
+        if shard in shards:
+            verify_shard(output, shard, rows, shard in rejects, verdict)
+        else:
+            verdict.problems.append(f"shard-{shard:06d}.parquet: missing (its {len(rows)} documents are not embedded)")
+        if on_shard:
+            on_shard(total)
+    if len(seen) != total or int(info.get("documents", -1)) != verdict.totals["documents"]:
+        verdict.problems.append(f"manifest.parquet: says {total} shards and {info.get('documents')} documents, "
+                                f"holds {len(seen)} shards and {verdict.totals['documents']} documents")
+    _check_summary(output, verdict)
+    return verdict
+
+
+def format_verdict(output: str, verdict: Verdict) -> str:
+    t = verdict.totals
+    if verdict.ok:
+        return (f"{output}: ok: {t['shards']} shards, {t['documents']:,} documents ({t['embedded_documents']:,} embedded, "
+                f"{t['rejected_documents']:,} rejected with a reason), {t['chunks']:,} chunks, {t['tokens']:,} tokens, "
+                f"{verdict.settings.get('model_id')} ({verdict.settings.get('dimension')} dimensions)")
+    return "\n".join(verdict.problems + [f"{output}: {len(verdict.problems)} problem(s)"])
