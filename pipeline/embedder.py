@@ -127,12 +127,12 @@ class Embedder:
         return not self.device.startswith("cpu")
 
     def batches(self, token_counts: Sequence[int]) -> list[list[int]]:
-        """Indices grouped longest first, each group's padded size within ``batch_tokens``."""
+        """Indices grouped longest first, each group's padded size (its first, longest
+        chunk's width times its length) within ``batch_tokens``."""
         order = sorted(range(len(token_counts)), key=lambda i: -token_counts[i])
         groups: list[list[int]] = []
         for index in order:
-            padded = token_counts[index] + self.reserved_tokens
-            if groups and padded * (len(groups[-1]) + 1) <= self.batch_tokens:
+            if groups and (token_counts[groups[-1][0]] + self.reserved_tokens) * (len(groups[-1]) + 1) <= self.batch_tokens:
                 groups[-1].append(index)
             else:
                 groups.append([index])
@@ -197,14 +197,41 @@ class Embedder:
 
         counts = [len(ids) for ids in token_ids]
         vectors = np.empty((len(token_ids), self.dimension), dtype=np.float32)
-        for group in self.batches(counts):
-            features = {k: v.to(self.device) for k, v in self._features([token_ids[i] for i in group]).items()}
-            with torch.inference_mode(), self._autocast():
-                embedded = self.model(features)["sentence_embedding"]
-            vectors[group] = torch.nn.functional.normalize(embedded.float(), dim=1).cpu().numpy()
-            if on_batch:
-                on_batch(len(group), sum(counts[i] for i in group))
+        pending = list(range(len(token_ids)))
+        while pending:
+            groups = [[pending[i] for i in group] for group in self.batches([counts[i] for i in pending])]
+            pending = []
+            for number, group in enumerate(groups):
+                try:
+                    features = {k: v.to(self.device) for k, v in self._features([token_ids[i] for i in group]).items()}
+                    with torch.inference_mode(), self._autocast():
+                        embedded = self.model(features)["sentence_embedding"]
+                    vectors[group] = torch.nn.functional.normalize(embedded.float(), dim=1).cpu().numpy()
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    features = embedded = None
+                    self._lower_budget(len(group), max(counts[i] for i in group), error)
+                    pending = [i for rest in groups[number:] for i in rest]  # batched again, smaller
+                    break
+                if on_batch:
+                    on_batch(len(group), sum(counts[i] for i in group))
         return vectors
+
+    def _lower_budget(self, chunks: int, longest: int, error: Exception) -> None:
+        """After running out of memory on a batch, halve the batch token budget (for
+        this worker's later batches too) instead of failing the shard; a single chunk
+        that does not fit is an error no smaller batch can mend."""
+        padded = chunks * (longest + self.reserved_tokens)
+        if chunks == 1:
+            raise PipelineError(f"out of memory on {self.device} embedding one chunk of {padded} tokens: {error}") from error
+        self.batch_tokens = max(padded // 2, longest + self.reserved_tokens)
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        log.warning("out of memory on %s with a batch of %d chunks (%d padded tokens): batch token budget now %d, "
+                    "batch split and run again", self.device, chunks, padded, self.batch_tokens)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors of texts that do not come from the chunker, the way chunks get theirs."""
@@ -229,6 +256,15 @@ class Embedder:
             "precision": self.precision,
             **self.chunker.as_metadata(),
         }
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
 
 
 @lru_cache(maxsize=2)
