@@ -16,11 +16,17 @@ from typing import Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-_HEADING = re.compile(r"(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
+# An ATX heading: 1 to 6 hashes, whitespace, the title. The closing hashes are cut off
+# by ``_heading_title``, not here: a lazy title followed by ``[ \t]*#*[ \t]*$`` backtracks
+# cubically on a heading line with a long run of inner spaces (minutes for one line).
+_HEADING = re.compile(r"(#{1,6})[ \t]+(.*)")
 _FENCE = re.compile(r"(```|~~~)")
 # Blocks longer than this are cut at whitespace before tokenizing, so one huge
 # paragraph never becomes one huge tokenizer call.
 MAX_BLOCK_CHARS = 20_000
+# Heading titles are cut to this length in ``heading_path``: every chunk of a section
+# carries them, so one huge heading line would be copied into thousands of rows.
+MAX_TITLE_CHARS = 1_000
 _ENCODE_BATCH = 512
 
 
@@ -72,6 +78,12 @@ def plain_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
     copy.no_padding()
     copy.no_truncation()
     return copy
+
+
+def _heading_title(rest: str) -> str:
+    """A heading's title without its optional closing sequence of hashes, at most
+    MAX_TITLE_CHARS long."""
+    return rest.rstrip(" \t").rstrip("#").rstrip(" \t")[:MAX_TITLE_CHARS]
 
 
 def _lines(text: str, start: int) -> Iterator[tuple[int, int]]:
@@ -139,12 +151,12 @@ def blocks(text: str, body_start: int) -> list[Block]:
         heading = _HEADING.match(stripped)
         if heading:
             close_paragraph()
-            level, title = len(heading.group(1)), heading.group(2)
+            level, title = len(heading.group(1)), _heading_title(heading.group(2))
             while path and path[-1][0] >= level:
                 path.pop()
             path.append((level, title))
-            s, e = _trimmed(text, line_start, line_end)
-            found.append(Block(s, e, True, tuple(t for _, t in path)))
+            for s, e in _cut_long(text, *_trimmed(text, line_start, line_end)):  # a heading can be huge too
+                found.append(Block(s, e, True, tuple(t for _, t in path)))
         elif not stripped:
             close_paragraph()
         else:
@@ -155,28 +167,38 @@ def blocks(text: str, body_start: int) -> list[Block]:
     return found
 
 
-def _word_boundary(offsets: Sequence[tuple[int, int]], end_index: int, floor: int) -> int:
-    """Move a window end back (not below ``floor``) so it does not split a word."""
-    for j in range(end_index, floor, -1):
-        if j >= len(offsets) or offsets[j][0] > offsets[j - 1][1]:
+def _word_boundary(offsets: Sequence[tuple[int, int]], words: Sequence, end_index: int, floor: int) -> int:
+    """Move a window end back (not below ``floor``) so it does not split a word: to a
+    space between two of the tokenizer's words if there is one, else to where two
+    words meet without one (``a.b/c``), so that the window's text tokenizes to the
+    window's ids. Only one word of more tokens than the range is cut inside."""
+    if end_index >= len(offsets):
+        return end_index
+    candidates = range(end_index, floor, -1)
+    for j in candidates:
+        if words[j] != words[j - 1] and offsets[j][0] > offsets[j - 1][1]:
+            return j
+    for j in candidates:
+        if words[j] != words[j - 1]:
             return j
     return end_index
 
 
-def _windows(offsets: Sequence[tuple[int, int]], budget: int, overlap: int) -> Iterator[tuple[int, int]]:
+def _windows(offsets: Sequence[tuple[int, int]], words: Sequence, budget: int, overlap: int) -> Iterator[tuple[int, int]]:
     """Token index ranges [i, j) of at most ``budget`` tokens, each starting about
-    ``overlap`` tokens before the previous one ended (overlap is at most budget/4)."""
+    ``overlap`` tokens before the previous one ended (overlap is at most budget/4);
+    ``words``: each token's word index, from the tokenizer."""
     overlap = min(overlap, budget // 4)
     count = len(offsets)
     start = 0
     while True:
         end = min(start + budget, count)
         if end < count:
-            end = _word_boundary(offsets, end, start + budget // 2)
+            end = _word_boundary(offsets, words, end, start + budget // 2)
         yield start, end
         if end >= count:
             return
-        start = _word_boundary(offsets, max(end - overlap, start + 1), start)
+        start = _word_boundary(offsets, words, max(end - overlap, start + 1), start)
 
 
 def chunk_document(text: str, body_start: int, tokenizer: Tokenizer, settings: ChunkerSettings) -> list[Chunk]:
@@ -208,7 +230,7 @@ def chunk_document(text: str, body_start: int, tokenizer: Tokenizer, settings: C
                 pending.append((block, ids))
                 continue
             offsets = encoding.offsets
-            for i, j in _windows(offsets, budget, settings.overlap_tokens):
+            for i, j in _windows(offsets, encoding.word_ids, budget, settings.overlap_tokens):
                 pieces.append((block.start + offsets[i][0], block.start + offsets[j - 1][1], ids[i:j], block.heading_path))
     flush()
     return [

@@ -31,6 +31,8 @@ DEFAULTS = {
     "precision": "auto",
     # Processes that read and chunk for a GPU; -1: auto (cores - 1 on a GPU, none on a CPU).
     "readers": "-1",
+    # Reject (reason "duplicate") a document whose content_hash an earlier one has.
+    "skip_duplicates": "false",
     # Runpod (RunpodEmbedAll): the image `make image` pushed, GPU types in order of
     # preference, the cloud, and the most a run may spend before its pod ends itself.
     "image": "",

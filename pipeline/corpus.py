@@ -8,7 +8,9 @@ import datetime as dt
 import hashlib
 import itertools
 import json
+import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -34,6 +37,9 @@ MANIFEST_SCHEMA = pa.schema(
 _ROWS_PER_WRITE = 5_000
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?\n)?(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.S)
+# Front matter longer than this is not read: every chunk of the document carries its
+# fields, so a huge block would be copied into thousands of rows (and of gigabytes).
+MAX_FRONT_MATTER_CHARS = 65_536
 
 
 class Rejected(Exception):
@@ -141,6 +147,28 @@ def manifest_rows(manifest: str, shard: int) -> list[dict[str, Any]]:
     return pq.read_table(manifest_file(manifest), filters=[("shard", "=", shard)]).to_pylist()
 
 
+def duplicates_in_shard(manifest: str, shard: int) -> dict[str, str]:
+    """{path: first path} for each document of ``shard`` whose manifest content_hash
+    an earlier document in manifest order (an earlier shard, or earlier in this one)
+    already has; the first is the earliest of them.
+
+    Only three columns of the shards up to this one are read, and only the rows whose
+    hash occurs in this shard are kept, so no set of the whole corpus is built.
+    """
+    table = pq.read_table(manifest_file(manifest), columns=["path", "content_hash", "shard"],
+                          filters=[("shard", "<=", shard)])
+    own_hashes = pc.unique(table.filter(pc.equal(table["shard"], shard))["content_hash"])
+    candidates = table.filter(pc.is_in(table["content_hash"], value_set=own_hashes))
+    first: dict[str, str] = {}
+    found: dict[str, str] = {}
+    for path, content_hash, row_shard in zip(*(candidates[name].to_pylist() for name in ("path", "content_hash", "shard"))):
+        if content_hash not in first:
+            first[content_hash] = path
+        elif row_shard == shard:
+            found[path] = first[content_hash]
+    return found
+
+
 def content_matches(data: bytes, content_hash: str) -> bool:
     """Whether bytes are still what the manifest listed (MD5 as buckets report it;
     CRC32C for composite GCS objects; multipart S3 ETags cannot be recomputed)."""
@@ -195,27 +223,68 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+class _AliasFound(yaml.YAMLError):
+    pass
+
+
+class _FrontMatterLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases. An alias (``*name``) shares a node, so a
+    few lines of aliases of aliases expand to billions of values, or loop on
+    themselves, once the fields are copied out as plain JSON."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasFound(f"front matter uses a YAML alias (*{self.peek_event().anchor}), which is not read")
+        return super().compose_node(parent, index)
+
+
 def split_front_matter(text: str) -> tuple[dict[str, Any], int, Optional[str]]:
     """(fields, offset where the body starts, error or None).
 
-    A block that does not parse as a YAML mapping is still cut from the body (it is
-    not prose), and its error is kept so the chunk metadata can say so.
+    A block that cannot be used (not a YAML mapping, aliases, nested too deeply,
+    longer than MAX_FRONT_MATTER_CHARS) is still cut from the body (it is not prose),
+    and its error is kept so the chunk metadata can say so.
     """
     match = _FRONT_MATTER.match(text)
     if not match:
         return {}, 0, None
+    if match.end() > MAX_FRONT_MATTER_CHARS:
+        return {}, match.end(), f"front matter is longer than {MAX_FRONT_MATTER_CHARS:,} characters"
     try:
-        fields = yaml.safe_load(match.group(1) or "") or {}
+        fields = _plain(yaml.load(match.group(1) or "", Loader=_FrontMatterLoader) or {})
+    except _AliasFound as exc:
+        return {}, match.end(), str(exc)
+    except RecursionError:
+        return {}, match.end(), "front matter is nested too deeply"
     except yaml.YAMLError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         return {}, match.end(), f"front matter is not valid YAML: {first_line}"
     if not isinstance(fields, dict):
         return {}, match.end(), f"front matter is a {type(fields).__name__}, not a mapping"
-    return _plain(fields), match.end(), None
+    return fields, match.end(), None
+
+
+def _check_local_file(corpus: str, relative: str) -> None:
+    """Refuse a local document that now leads out of the corpus or is no regular file.
+
+    The listing skips both, but a file can be replaced after it (by a symbolic link to
+    a secret, or by a pipe that blocks the reader forever). Buckets have neither."""
+    if storage.is_remote(corpus):
+        return
+    real = os.path.realpath(storage.join(corpus, relative))
+    if not Path(real).is_relative_to(os.path.realpath(corpus)):
+        raise Rejected("outside_corpus", "the path is now a symbolic link that leads out of the corpus; it was not read")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return  # reading it says what is wrong (gone: missing)
+    if not stat.S_ISREG(mode):
+        raise Rejected("unreadable", "not a regular file (a folder, pipe, socket or device)")
 
 
 def read_document(corpus: str, row: dict[str, Any]) -> Document:
     """Read, check against the manifest, decode and split one document."""
+    _check_local_file(corpus, row["path"])
     try:
         data = storage.read_bytes(storage.join(corpus, row["path"]))
     except FileNotFoundError:
@@ -248,9 +317,13 @@ def iter_documents(corpus: str, rows: list[dict[str, Any]]) -> Iterator[tuple[di
     """Each manifest row with its document, or the rejection that explains why not.
 
     Any error reading one document becomes that document's rejection: one odd file
-    must never fail the shard around it.
+    must never fail the shard around it. A row marked ``duplicate_of`` (the path of an
+    earlier document with the same content, see ``duplicates_in_shard``) is not read.
     """
     for row in rows:
+        if row.get("duplicate_of"):
+            yield row, Rejected("duplicate", f"same content_hash as {row['duplicate_of']}, earlier in the manifest")
+            continue
         try:
             yield row, read_document(corpus, row)
         except Rejected as rejected:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .chunking import Chunk, chunk_document
-from .corpus import Document, Rejected, front_matter_json, iter_documents, manifest_rows
+from .corpus import Document, Rejected, duplicates_in_shard, front_matter_json, iter_documents, manifest_rows
 from .embedder import Embedder
 from .progress import Progress, Reporter
 from .read_ahead import read_ahead
@@ -202,10 +202,17 @@ def run_shard(
     total_shards: int,
     report: Reporter | None = None,
     readers: int = 0,
+    skip_duplicates: bool = False,
 ) -> dict[str, Any]:
     """Embed one shard and publish it with its rejects; returns the shard's stats.
-    ``readers``: processes that read and chunk (0: this process does)."""
+    ``readers``: processes that read and chunk (0: this process does).
+    ``skip_duplicates``: reject (reason ``duplicate``, unread) each document whose
+    manifest content_hash an earlier document in manifest order has."""
     rows = manifest_rows(manifest, shard)
+    if skip_duplicates:
+        first_paths = duplicates_in_shard(manifest, shard)
+        for row in rows:
+            row["duplicate_of"] = first_paths.get(row["path"])
     destination = shard_path(output, shard)
     started_at, clock = _now(), time.monotonic()
     rejects: list[dict[str, Any]] = []

@@ -168,10 +168,24 @@ class LocalBackend:
 
     def list(self, root: str, pattern: str) -> Iterator[Listed]:
         """Files in full-path sorted order (the order a bucket lists in), streamed:
-        only one folder's entries are held at a time."""
+        only one folder's entries are held at a time.
+
+        Only what is inside the corpus is listed, and listing always ends: a symlinked
+        folder is never followed (it may loop back to a parent or lead out of the
+        corpus; folders inside the corpus are listed under their own path anyway); a
+        symlinked file is listed only if it resolves to a regular file inside the
+        corpus. Entries that are not regular files (pipes, sockets, devices: reading
+        one can block forever), names that are not UTF-8 (a manifest path is text),
+        and files that cannot be read to hash them (deleted meanwhile, no permission) are
+        skipped, each with a warning.
+        """
         base = local_path(root)
         if not base.is_dir():
             return
+        real_base = base.resolve()
+
+        def skip(path: Path, why: str) -> None:
+            log.warning("corpus: skipped %s: %s", os.fsencode(path).decode("utf-8", "backslashreplace"), why)
 
         def walk(folder: Path, prefix: str) -> Iterator[Listed]:
             entries = []
@@ -179,14 +193,24 @@ class LocalBackend:
                 for entry in it:
                     if entry.name.startswith("."):
                         continue
-                    is_dir = entry.is_dir()
-                    entries.append((entry.name + ("/" if is_dir else ""), entry.name, is_dir))
+                    try:
+                        kind = _kind(entry, real_base)
+                    except OSError as exc:  # a link that loops on itself, a file that is gone
+                        kind = exc.strerror or str(exc)
+                    if kind in ("folder", "file"):
+                        entries.append((entry.name + ("/" if kind == "folder" else ""), entry.name, kind == "folder"))
+                    else:
+                        skip(folder / entry.name, kind)
             for _, name, is_dir in sorted(entries):
                 relative = prefix + name
                 if is_dir:
                     yield from walk(folder / name, relative + "/")
                 elif _is_document(relative, pattern):
-                    data_hash, size = _hash_file(folder / name)
+                    try:
+                        data_hash, size = _hash_file(folder / name)
+                    except OSError as exc:  # deleted since the folder was read, or unreadable
+                        skip(folder / name, f"could not be read to hash it: {exc.strerror or exc}")
+                        continue
                     yield Listed(relative, size, data_hash)
 
         yield from walk(base, "")
@@ -232,6 +256,30 @@ class LocalBackend:
             raise PipelineError(f"corpus path {root} does not exist")
         if not folder.is_dir():
             raise PipelineError(f"corpus path {root} is not a folder")
+
+
+def _kind(entry: os.DirEntry, real_base: Path) -> str:
+    """``folder`` or ``file`` for what a local listing walks into or lists, else why not."""
+    if not _is_utf8(entry.name):
+        return "the name is not UTF-8"
+    if entry.is_dir(follow_symlinks=False):
+        return "folder"
+    if not entry.is_symlink():
+        return "file" if entry.is_file(follow_symlinks=False) else "not a regular file"
+    if not Path(os.path.realpath(entry.path)).is_relative_to(real_base):
+        return "a symbolic link that leads out of the corpus"
+    if entry.is_dir():
+        return "a symbolic link to a folder is not followed"
+    return "file" if entry.is_file() else "a symbolic link to no regular file"
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name decoded cleanly (undecodable bytes come back as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

@@ -77,6 +77,8 @@ class RunParameters:
                                 description="auto (fp16 on CUDA, bf16 on a CPU with bf16 instructions), float32, float16, bfloat16")
     readers = luigi.IntParameter(default=int(config.setting("readers")), significant=False,
                                  description="processes reading and chunking; -1: auto (cores - 1 on a GPU, none on a CPU)")
+    skip_duplicates = luigi.BoolParameter(default=config.setting("skip_duplicates").lower() in ("1", "true", "yes"),
+                                          description="reject a document whose content_hash an earlier one has")
 
     def clone(self, cls=None, **kwargs):
         """Luigi's clone, reading values from ``param_kwargs`` (see OutputParameter)."""
@@ -150,6 +152,7 @@ class EmbedShard(RunParameters, luigi.Task):
                 total,
                 report=self._report,
                 readers=reader_processes(self.readers, embedder.frees_cpu),
+                skip_duplicates=self.skip_duplicates,
             )
         except Exception:  # the run's figures say so too; on_failure comes too late to post them
             self._report_run(failed=True)
@@ -218,13 +221,16 @@ class EmbedAll(RunParameters, luigi.Task):
 
     def defining_parameters(self) -> dict:
         """The parameters that decide what the output holds (not how fast it is made)."""
-        return {
+        defining = {
             "corpus": self.corpus_location(),
             "pattern": self.pattern,
             "docs_per_shard": self.docs_per_shard,
             "model": self.model,
             "max_tokens": self.max_tokens,
         }
+        if self.skip_duplicates:  # only when on, so outputs made before the option stay complete
+            defining["skip_duplicates"] = True
+        return defining
 
     def complete(self):
         """Done when ``_SUCCESS.json`` exists and records these parameters. A rerun with
