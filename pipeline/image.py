@@ -18,6 +18,7 @@ from .errors import PipelineError
 log = logging.getLogger("pipeline.image")
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_NAME = "embedding-pipeline"
+DOCKERFILE = "containers/Dockerfile"
 
 
 def revision(root: Path = ROOT) -> str:
@@ -40,15 +41,41 @@ def image_reference(registry: str, root: Path = ROOT) -> str:
     return f"{registry.rstrip('/')}/{IMAGE_NAME}:{revision(root)}"
 
 
-def build_and_push(registry: str, base_image: str = "", push: bool = True, model: str = "nomic", network_mode: str | None = None) -> str:
+def copied_paths(dockerfile: Path) -> list[str]:
+    """What the Dockerfile's ``COPY`` lines take from the build context."""
+    paths = []
+    for line in dockerfile.read_text().splitlines():
+        words = line.split()
+        if words and words[0].upper() == "COPY" and not any(word.startswith("--from") for word in words):
+            paths += [word for word in words[1:-1] if not word.startswith("--")]
+    return paths
+
+
+def build_context(root: Path = ROOT):
+    """The tar the engine builds from (a temporary file), made as the docker SDK makes
+    it for ``docker build``, but holding only what the Dockerfile copies, less what
+    ``.dockerignore`` leaves out: ``.env``, ``.git``, local state or a key file left in
+    the checkout never reach the engine."""
+    from docker import utils
+
+    ignore = root / ".dockerignore"
+    lines = [line.strip() for line in (ignore.read_text().splitlines() if ignore.exists() else [])]
+    ignored = [line for line in lines if line and not line.startswith("#")]
+    exclude = ["*", *(f"!{path}" for path in copied_paths(root / DOCKERFILE)), *ignored]
+    return utils.tar(str(root), exclude=exclude, dockerfile=(DOCKERFILE, None))
+
+
+def build_and_push(registry: str, base_image: str = "", push: bool = True, model: str = "nomic", network_mode: str | None = None,
+                   root: Path = ROOT) -> str:
     """Build containers/Dockerfile with the docker SDK, push it, return the reference.
 
     ``model`` is the profile whose weights are baked in; ``network_mode`` is the build
-    steps' network (``host`` where the engine has no bridge network)."""
+    steps' network (``host`` where the engine has no bridge network); ``root`` is the
+    checkout to build (its git revision tags the image)."""
     import docker
     from docker.errors import APIError, BuildError, DockerException
 
-    reference = image_reference(registry)
+    reference = image_reference(registry, root)
     try:
         client = docker.from_env()
         client.ping()
@@ -57,8 +84,9 @@ def build_and_push(registry: str, base_image: str = "", push: bool = True, model
     build_args = {"PIPELINE_MODEL": model, **({"BASE_IMAGE": base_image} if base_image else {})}
     log.info("building %s", reference)
     try:
-        _, logs = client.images.build(path=str(ROOT), dockerfile="containers/Dockerfile", tag=reference, buildargs=build_args,
-                                      rm=True, network_mode=network_mode)
+        with build_context(root) as context:
+            _, logs = client.images.build(fileobj=context, custom_context=True, dockerfile=DOCKERFILE, tag=reference,
+                                          buildargs=build_args, rm=True, network_mode=network_mode)
         for line in logs:
             if "stream" in line and line["stream"].strip():
                 log.info("%s", line["stream"].rstrip())

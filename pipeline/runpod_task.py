@@ -108,6 +108,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             "PIPELINE_DEVICE": self.device,
             "PIPELINE_PRECISION": self.precision,
             "PIPELINE_READERS": str(self.readers),
+            "PIPELINE_SKIP_DUPLICATES": str(self.skip_duplicates).lower(),
             "PIPELINE_WATCHDOG_MAX_DOLLARS": str(self.max_dollars),
             "PIPELINE_GPUS": str(self.gpus_per_pod),
         }
@@ -251,6 +252,11 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._end_pods("done")
 
     def on_failure(self, exception):
-        self._end_pods(f"failed: {exception}")
-        return super().on_failure(exception)
+        explanation = super().on_failure(exception)
+        try:
+            self._end_pods(f"failed: {exception}")
+        except Exception as exc:  # the task still fails with its explanation, not a crashed worker
+            log.error("ending this run's pods failed: %s", exc)
+            explanation += f"\nEnding this run's pods failed too ({exc}): check the Runpod console\n"
+        return explanation
 

@@ -184,6 +184,13 @@ def gpu_count(env: dict[str, str]) -> int:
     return 1
 
 
+def worker_env(env: dict[str, str]) -> dict[str, str]:
+    """The workers' environment: the bucket credentials, without what only the watchdog
+    needs (the pod's Runpod key, to end its pod) or the encoded forms ``decode_env``
+    has already restored (a Google key among them)."""
+    return {name: value for name, value in env.items() if name != "RUNPOD_API_KEY" and not name.endswith("_B64")}
+
+
 def worker_commands(env: dict[str, str], extra: list[str], scheduler_url: str) -> list[tuple[list[str], dict[str, str]]]:
     """One worker per GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``), so each
     loads the model once onto its device and runs shards there."""
@@ -210,7 +217,7 @@ def start_pod_scheduler(folder: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys; from luigi.cmdline import luigid; luigid(sys.argv[1:])",
          "--address", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "LUIGI_CONFIG_PATH": overrides},
+        env={**worker_env(dict(os.environ)), "LUIGI_CONFIG_PATH": overrides},
     )
     deadline = time.monotonic() + 60
     while True:
@@ -250,7 +257,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if gpu_count(env) > 1 and not scheduler_url:
             pod_scheduler, scheduler_url = start_pod_scheduler(tempfile.mkdtemp(prefix="pod-luigid-"))
             log.info("watchdog: %d GPUs: one worker each, sharing this pod's scheduler at %s", gpu_count(env), scheduler_url)
-        commands = worker_commands(env, argv if argv is not None else sys.argv[1:], scheduler_url)
+        commands = worker_commands(worker_env(env), argv if argv is not None else sys.argv[1:], scheduler_url)
         code, reason = supervise(commands, Limits.from_env(env), output, env, stopping)
     except Exception as exc:
         log.error("watchdog: %s", exc)

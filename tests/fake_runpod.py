@@ -5,7 +5,8 @@ with ``Authorization: Bearer <key>``. The query text is parsed with graphql-core
 query the SDK broke, say with an unescaped quote in an env value, is a syntax error
 here as it is there) and answered with exactly the fields it selects. It keeps a
 ledger of pods on its own clock, so tests can check that no pod is left running and
-what each one cost.
+what each one cost. As on Runpod, each pod gets an API key of its own (never the
+account's), which reaches that pod only; every request is kept in ``received``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class FakeRunpod:
     # Runpod may start a pod's container again when it exits; by default the pod shows
     # as EXITED instead (still billed until terminated).
     restart_exited_containers: bool = False
+    # Each pod's own key is this followed by the pod's id.
+    pod_key_prefix: str = "pod-key-"
     # When set, each pod's container runs there (LocalProcesses, or real containers
     # in tests/docker_engine.py) with the pod's env and Runpod's own variables, and
     # terminating the pod kills it.
@@ -87,6 +90,7 @@ class FakeRunpod:
     def __post_init__(self):
         self.pods: dict[str, FakePod] = {}
         self.requests: list[str] = []
+        self.received: list[tuple[str, bytes]] = []  # (Authorization header, body) of every request
         self._lock = threading.Lock()
         self._ids = (f"fakepod{n:04d}" for n in itertools.count(1))
         fake = self
@@ -126,10 +130,18 @@ class FakeRunpod:
 
     # -- the API ----------------------------------------------------------------------
 
+    def pod_key(self, pod_id: str) -> str:
+        return f"{self.pod_key_prefix}{pod_id}"
+
     def handle(self, path: str, authorization: str, body: bytes) -> tuple[int, Any]:
+        with self._lock:
+            self.received.append((authorization, body))
         if path != "/graphql":
             return 404, {"message": "not found"}
-        if authorization != f"Bearer {self.api_key}":
+        key = authorization.removeprefix("Bearer ")
+        # own_pod: the pod whose own key this is (None for the account's key); it reaches that pod only.
+        own_pod = next((pod_id for pod_id in list(self.pods) if key == self.pod_key(pod_id)), None)
+        if key != self.api_key and own_pod is None:
             return 401, {"message": "unauthorized"}
         with self._lock:
             fault = self.failures.pop(0) if self.failures else None
@@ -150,6 +162,8 @@ class FakeRunpod:
                 name = node.name.value
                 self.requests.append(name)
                 args = {arg.name.value: value_from_ast_untyped(arg.value) for arg in node.arguments or ()}
+                if own_pod and (name not in ("pod", "podStop", "podTerminate") or (args.get("input") or {}).get("podId") != own_pod):
+                    return 200, {"errors": [{"message": "a pod's API key reaches its own pod only"}], "data": None}
                 try:
                     value = getattr(self, f"_{name}")(args.get("input") or {})
                 except LookupError as exc:
@@ -204,7 +218,7 @@ class FakeRunpod:
             from pipeline.pods import decode_env
 
             pod.container_env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
-                                 "RUNPOD_GPU_COUNT": str(pod.gpu_count), "RUNPOD_API_KEY": self.api_key, "RUNPOD_API_BASE_URL": self.url}
+                                 "RUNPOD_GPU_COUNT": str(pod.gpu_count), "RUNPOD_API_KEY": self.pod_key(pod.id), "RUNPOD_API_BASE_URL": self.url}
             self.pod_runtime.start(pod.id, pod.container_env)
         return self._pod_view(pod)
 
@@ -295,17 +309,25 @@ def assert_no_pod_billed(api: FakeRunpod, timeout: float = 60) -> None:
 
 class LocalProcesses:
     """Each pod's container as a local process: the entrypoint and watchdog run for
-    real, without an image. ``command`` and ``base_env`` may be changed per test."""
+    real, without an image. ``command`` and ``base_env`` may be changed per test; with
+    ``log_dir`` each pod's output is kept there (``logs``)."""
 
-    def __init__(self, command: list, base_env: Optional[dict] = None, cwd: Optional[str] = None):
-        self.command, self.base_env, self.cwd = command, dict(base_env or {}), cwd
+    def __init__(self, command: list, base_env: Optional[dict] = None, cwd: Optional[str] = None, log_dir: Optional[str] = None):
+        self.command, self.base_env, self.cwd, self.log_dir = command, dict(base_env or {}), cwd, log_dir
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, pod_id: str, env: dict) -> None:
+        output = open(os.path.join(self.log_dir, f"{pod_id}.log"), "ab") if self.log_dir else subprocess.DEVNULL
         # A session of its own: killing the "container" kills everything in it, as on Runpod.
         self.processes[pod_id] = subprocess.Popen(self.command, env={**self.base_env, **env}, cwd=self.cwd,
-                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                  stdout=output, stderr=subprocess.STDOUT if self.log_dir else subprocess.DEVNULL,
                                                   start_new_session=True)
+        if self.log_dir:
+            output.close()  # the process has its own copy
+
+    def logs(self, pod_id: str) -> str:
+        with open(os.path.join(self.log_dir, f"{pod_id}.log"), errors="replace") as file:
+            return file.read()
 
     def exited(self, pod_id: str) -> bool:
         return self.processes[pod_id].poll() is not None
