@@ -14,7 +14,7 @@ SCHEDULER_PORT ?= 8082
 EMBED_ARGS ?= --output output/sample --docs-per-shard 25
 LUIGI_STATE := var/luigi
 
-.PHONY: embed worker test verify bench image cost-estimate luigid luigid-stop setup clean
+.PHONY: embed worker test chaos verify bench image cost-estimate luigid luigid-stop setup clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ worker: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Fault injection, longer than make test's quick form: workers killed (SIGKILL) 25 times
+# at random moments and mid-upload, rerun each time (tests/test_chaos.py).
+CHAOS_KILLS ?= 25
+chaos: $(STAMP)
+	CHAOS_KILLS=$(CHAOS_KILLS) $(BIN)/python -m pytest tests/test_chaos.py $(PYTEST_ARGS)
 
 # Prove an output is whole before importing it (exit 1, one line per problem, if not):
 # make verify OUTPUT=gs://bucket/prefix

@@ -93,6 +93,29 @@ def read_output_rows(output: Path) -> dict[tuple[str, int], dict]:
     return rows
 
 
+def bucket_rows(bucket, prefix, tmp_path):
+    """Download an output prefix and read it like a local one."""
+    copy = tmp_path / "downloaded"
+    for key in bucket.keys(prefix):
+        path = copy / key[len(prefix) + 1 :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bucket.get(key))
+    return copy
+
+
+def assert_same_output(reference, actual):
+    expected, got = read_output_rows(reference), read_output_rows(actual)
+    assert got.keys() == expected.keys()
+    for key, row in expected.items():
+        assert got[key]["text"] == row["text"] and got[key]["metadata"] == row["metadata"]
+        assert np.allclose(got[key]["embedding_vector"], row["embedding_vector"], atol=1e-5)
+    a, b = (json.loads((o / "_SUCCESS.json").read_text()) for o in (reference, actual))
+    for key in ("documents", "embedded_documents", "rejected_documents", "rejected_by_reason", "chunks", "tokens", "shards"):
+        assert a[key] == b[key], key
+    rejects = [sorted(p.name for p in (o / "rejects").glob("*")) for o in (actual, reference)]
+    assert rejects[0] == rejects[1]
+
+
 @contextmanager
 def running_luigid(folder: Path, **scheduler: object) -> Iterator[int]:
     """A real central scheduler on loopback (its port), with task history in sqlite under

@@ -98,6 +98,10 @@ class FaultProxy:
 
     ``plan(method, path, number)`` sees every request (numbered from 1) and returns a
     fault or None. ``log`` records (method, path, fault) for the tests to read.
+    Faults: an HTTP status ("503"), "reset", "reset-mid-body", "slow" (answered after
+    a second), and "hold": half the body is read, ``holding`` is set, and the request
+    hangs until ``release`` is set, then the connection closes (an upload cut off by a
+    killed client).
     """
 
     upstream_port: int
@@ -106,6 +110,7 @@ class FaultProxy:
 
     def __post_init__(self):
         self._lock = threading.Lock()
+        self.holding, self.release = threading.Event(), threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -120,8 +125,11 @@ class FaultProxy:
                     number = len(proxy.log) + 1
                     fault = proxy.plan(self.command, self.path, number)
                     proxy.log.append((self.command, self.path, fault))
-                if fault == "reset-mid-body":
+                if fault in ("reset-mid-body", "hold"):
                     self.rfile.read(length // 2)
+                    if fault == "hold":
+                        proxy.holding.set()
+                        proxy.release.wait(120)
                     self.close_connection = True
                     self.connection.close()
                     return
@@ -130,7 +138,9 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.close()
                     return
-                if fault:
+                if fault == "slow":
+                    time.sleep(1)
+                elif fault:
                     payload = b'{"error": {"code": %s, "message": "injected fault"}}' % fault.encode()
                     self.send_response(int(fault))
                     self.send_header("Content-Type", "application/json")

@@ -7,11 +7,10 @@ import signal
 import subprocess
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, luigi_command, luigi_env, read_output_rows, run_luigi, write_corpus
+from helpers import ROOT, assert_same_output, bucket_rows, luigi_command, luigi_env, run_luigi, write_corpus
 from storage_servers import FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -33,28 +32,6 @@ def local_reference(tmp_path_factory):
     result = run_luigi(*embed_args(corpus, output))
     assert result.returncode == 0, result.stderr[-3000:]
     return corpus, output
-
-
-def bucket_rows(bucket, prefix, tmp_path):
-    """Download an output prefix and read it like a local one."""
-    copy = tmp_path / "downloaded"
-    for key in bucket.keys(prefix):
-        path = copy / key[len(prefix) + 1 :]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(bucket.get(key))
-    return copy
-
-
-def assert_same_output(reference, actual):
-    expected, got = read_output_rows(reference), read_output_rows(actual)
-    assert got.keys() == expected.keys()
-    for key, row in expected.items():
-        assert got[key]["text"] == row["text"] and got[key]["metadata"] == row["metadata"]
-        assert np.allclose(got[key]["embedding_vector"], row["embedding_vector"], atol=1e-5)
-    a, b = (json.loads((o / "_SUCCESS.json").read_text()) for o in (reference, actual))
-    for key in ("documents", "embedded_documents", "rejected_documents", "rejected_by_reason", "chunks", "tokens", "shards"):
-        assert a[key] == b[key], key
-    assert sorted(p.name for p in (actual / "rejects").iterdir()) == sorted(p.name for p in (reference / "rejects").iterdir())
 
 
 def test_gcs_run_killed_mid_shard_then_resumed_equals_the_local_run(gcs_bucket, local_reference, tmp_path, fast_retries):

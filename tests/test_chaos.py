@@ -1,0 +1,158 @@
+"""Fault injection: a worker killed with SIGKILL again and again, at random moments, in
+the middle of shards (embedding or writing Parquet) and in the middle of uploads, rerun each time; the output it ends with passes ``verify``
+and equals an uninterrupted run's.
+
+``make test`` runs a quick form (CHAOS_KILLS=2); ``make chaos`` a longer one
+(CHAOS_KILLS=25). CHAOS_SEED repeats a sequence of kill moments; the seed used is
+printed when a test fails.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import ROOT, assert_same_output, bucket_rows, luigi_command, luigi_env, run_luigi, write_corpus
+from pipeline.shards import shard_stats
+from pipeline.verify import verify_output
+from storage_servers import FaultProxy
+
+pytestmark = pytest.mark.slow
+
+KILLS = int(os.environ.get("CHAOS_KILLS", "2"))
+SEED = int(os.environ.get("CHAOS_SEED", str(random.randrange(1 << 30))))
+
+
+def embed_args(corpus, output):
+    return ["EmbedAll", "--local-scheduler", "--corpus", str(corpus), "--output", str(output),
+            "--docs-per-shard", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The corpus, an uninterrupted run's output, and how long that run took."""
+    folder = tmp_path_factory.mktemp("chaos")
+    corpus = write_corpus(folder / "corpus", documents=14, words=300)
+    (corpus / "bad").mkdir()
+    (corpus / "bad" / "empty.md").write_bytes(b"")
+    output = folder / "reference"
+    clock = time.monotonic()
+    result = run_luigi(*embed_args(corpus, output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return corpus, output, time.monotonic() - clock
+
+
+def unpublished_temps(shards: Path) -> list[Path]:
+    return [t for t in shards.glob(".shard-*.parquet.*.tmp")
+            if not (shards / t.name[1:].split(".parquet.")[0]).with_suffix(".parquet").exists()]
+
+
+def moment(shards: Path, log: Path) -> str:
+    """Where a frozen worker stands, from what it left on disk."""
+    temps = unpublished_temps(shards)
+    if temps:
+        return "mid-shard, rows written" if max(t.stat().st_size for t in temps) > 4 else "mid-shard, embedding"
+    if "loading model" not in log.read_text(errors="replace"):
+        return "starting (imports, manifest)"
+    return "model loading or between shards"
+
+
+def wait_for_moment(process, shards: Path, rng: random.Random, seconds: float) -> None:
+    """Half the rounds, any moment of the run; the others, a moment inside a shard
+    (most of a short run is its start, which would take most random kills)."""
+    if rng.random() < 0.5:
+        deadline = time.monotonic() + rng.uniform(0.2, 0.8 * seconds)
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return
+    while process.poll() is None and not unpublished_temps(shards):
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.5))
+
+
+def assert_only_whole_shards(output: Path) -> None:
+    """After any kill: every published shard is complete, and no summary before the end."""
+    shards = sorted((output / "shards").glob("shard-*.parquet")) if (output / "shards").exists() else []
+    for shard in shards:
+        assert pq.read_table(shard).num_rows == shard_stats(str(shard))["chunks"], f"{shard.name} is partial"
+    if len(shards) < 8:
+        assert not (output / "_SUCCESS.json").exists()
+
+
+def test_sigkill_at_random_moments_then_rerun_ends_whole_and_equal(reference, tmp_path):
+    corpus, expected, seconds = reference
+    rng, hits = random.Random(SEED), Counter()
+    output, log = tmp_path / "out", tmp_path / "worker.log"
+    for _ in range(KILLS):
+        with open(log, "w") as stderr:
+            process = subprocess.Popen(luigi_command(*embed_args(corpus, output)), cwd=ROOT, env=luigi_env(),
+                                       stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for_moment(process, output / "shards", rng, seconds)
+            if process.poll() is not None:
+                hits["finished before the kill"] += 1
+                break
+            process.send_signal(signal.SIGSTOP)  # frozen, so the look and the kill see one moment
+            hits[moment(output / "shards", log)] += 1
+            process.send_signal(signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        assert_only_whole_shards(output)
+    print(f"CHAOS_SEED={SEED}: {dict(hits)}")
+    final = run_luigi(*embed_args(corpus, output))
+    assert final.returncode == 0, f"CHAOS_SEED={SEED}: {final.stderr[-3000:]}"
+    verdict = verify_output(str(output))
+    assert verdict.ok, (SEED, verdict.problems)
+    assert not list((output / "shards").glob(".*.tmp")), "a temp file was left behind"
+    assert_same_output(expected, output)
+    if KILLS >= 10:  # the long form must have hit the worker in the middle of shards
+        assert hits["mid-shard, embedding"] + hits["mid-shard, rows written"] >= 2, hits
+
+
+def test_sigkill_in_the_middle_of_uploads_then_rerun_ends_whole_and_equal(reference, gcs_bucket, tmp_path, fast_retries):
+    """The worker is killed while the GCS server has half of one of its uploads (the
+    manifest's, a shard's or a rejects file's), each round a later one."""
+    corpus, expected, _ = reference
+    bucket, rng = gcs_bucket, random.Random(SEED)
+    bucket.upload_folder(corpus, "corpus")
+    args = embed_args(f"{bucket.url}/corpus", f"{bucket.url}/out")
+    uploads = sorted(rng.sample(range(1, 12), min(KILLS, 11)))
+    killed = []
+    for target in uploads:
+        seen = []
+        proxy = FaultProxy(bucket.server.port, plan=lambda method, path, number: (
+            "hold" if path.startswith("/upload/") and (seen.append(path) or len(seen)) == target else None))
+        try:
+            env = luigi_env(**{**bucket.env, **fast_retries, "STORAGE_EMULATOR_HOST": proxy.url})
+            process = subprocess.Popen(luigi_command(*args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            try:
+                while not proxy.holding.wait(0.05) and process.poll() is None:
+                    pass
+                if proxy.holding.is_set():
+                    process.kill()
+                    killed.append(target)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+                proxy.release.set()
+        finally:
+            proxy.stop()
+        partial = [k for k in bucket.keys("out") if "/." in k or k.endswith(".tmp")]
+        assert not partial, f"temp objects in the bucket: {partial}"
+        if not proxy.holding.is_set():
+            break  # fewer uploads were left than the target: the run finished
+    assert killed, f"CHAOS_SEED={SEED}: no upload was cut off"
+    final = run_luigi(*args, **bucket.env, **fast_retries)
+    assert final.returncode == 0, f"CHAOS_SEED={SEED}: {final.stderr[-3000:]}"
+    assert verify_output(f"{bucket.url}/out").ok
+    assert_same_output(expected, bucket_rows(bucket, "out", tmp_path))
