@@ -11,6 +11,7 @@ names the path and the cause.
 from __future__ import annotations
 
 import base64
+import errno
 import gc
 import hashlib
 import io
@@ -730,6 +731,10 @@ def remove_stale_temps(dest: str) -> int:
     return removed
 
 
+# A full disk, a full quota, or a file larger than the process may write.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 class Staged:
     """A staging file being written; ``published`` says whether it became the destination
     (False: another writer had already published it, and theirs was kept)."""
@@ -753,5 +758,10 @@ def atomic_output(dest: str, overwrite: bool = True) -> Iterator[Staged]:
         yield staged
         _fsync(staged.path)
         staged.published = backend_for(dest).publish(staged.path, dest, overwrite)
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise PipelineError(f"no space left to write {dest} (staged in {staged.path.parent}): {exc.strerror or exc}; "
+                            "nothing of it was published: free space and rerun, finished files are kept") from exc
     finally:
         staged.path.unlink(missing_ok=True)
