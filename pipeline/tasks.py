@@ -16,6 +16,7 @@ from . import config
 from .corpus import manifest_info, write_manifest
 from .embedder import Embedder, load_embedder
 from .errors import PipelineError, install_one_line_errors
+from .manifest_growth import add_new_documents, documents_not_in_manifest
 from .readers import reader_processes
 from .sample import ensure_sample_corpus
 from .shard_job import run_shard, shard_label, shard_path
@@ -77,6 +78,8 @@ class RunParameters:
                                 description="auto (fp16 on CUDA, bf16 on a CPU with bf16 instructions), float32, float16, bfloat16")
     readers = luigi.IntParameter(default=int(config.setting("readers")), significant=False,
                                  description="processes reading and chunking; -1: auto (cores - 1 on a GPU, none on a CPU)")
+    add_new_documents = luigi.BoolParameter(significant=False, description=(
+        "append documents added to the corpus since the manifest was written, as new shards"))
     skip_duplicates = luigi.BoolParameter(default=config.setting("skip_duplicates").lower() in ("1", "true", "yes"),
                                           description="reject a document whose content_hash an earlier one has")
 
@@ -208,6 +211,10 @@ class EmbedAll(RunParameters, luigi.Task):
         try:
             if not manifest.complete():
                 manifest.write()
+            elif self.add_new_documents and not getattr(self, "_grown", False):
+                added = add_new_documents(self.corpus_location(), self.pattern, self.manifest_path())
+                self._grown = True  # luigi asks for requirements more than once
+                log.info("%d documents added to the corpus since the manifest was written: new shards", added)
             total = self._check_output_matches_settings()
         except Exception:  # reported by the tasks that run, not as a scheduling traceback
             return manifest
@@ -237,8 +244,8 @@ class EmbedAll(RunParameters, luigi.Task):
         other settings is not 'done': it runs, and the settings check explains why it
         cannot go on, instead of exiting 0 having done nothing."""
         path = self.output().path
-        if not storage.exists(path):
-            return False
+        if self.add_new_documents or not storage.exists(path):
+            return False  # asked to look for new documents: requires() looks
         return json.loads(storage.read_text(path)).get("parameters") == self.defining_parameters()
 
     def run(self):
@@ -249,13 +256,27 @@ class EmbedAll(RunParameters, luigi.Task):
         self.set_progress_percentage(int(100 * done / total))
         yield shards  # already done when requires() listed them (one worker) or others ran them
         summary = run_summary(self.output_location, total, self.defining_parameters())
+        summary["documents_not_in_manifest"] = self._documents_left_out()
         with storage.atomic_output(self.output().path) as staged:
             staged.path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         self.set_status_message(
             f"{total}/{total} shards, {summary['documents']} documents ({summary['rejected_documents']} rejected), "
             f"{summary['chunks']} chunks, {summary['tokens_per_second']:.0f} tokens/s"
+            + (f"; {summary['documents_not_in_manifest']} documents added to the corpus since the manifest are not in "
+               "this run (--add-new-documents)" if summary["documents_not_in_manifest"] else "")
         )
         self.set_progress_percentage(100)
+
+    def _documents_left_out(self) -> int:
+        """Documents the corpus gained after the manifest was written: this run keeps the
+        manifest it has and says so; ``--add-new-documents`` adds them as new shards."""
+        count, first = 0, None
+        for document in documents_not_in_manifest(self.corpus_location(), self.pattern, self.manifest_path()):
+            count, first = count + 1, first or document.relative
+        if count:
+            log.warning("%d document(s) in the corpus are not in the manifest (first: %s): added after it was written, "
+                        "they are not in this run; rerun with --add-new-documents to embed them as new shards", count, first)
+        return count
 
     def _check_output_matches_settings(self) -> int:
         """Refuse to add to an output made from another corpus, shard size or model."""

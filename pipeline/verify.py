@@ -52,17 +52,18 @@ class Verdict:
 
 
 def manifest_shards(manifest_file: str, docs_per_shard: int, problems: list[str]) -> Iterator[tuple[int, list[dict]]]:
-    """(shard, its manifest rows) in order, read in batches; a row in the wrong shard is a problem."""
+    """(shard, its manifest rows) in order, read in batches. Shards are numbered 0, 1, 2, …
+    with at most ``docs_per_shard`` rows each (a manifest that gained documents has a
+    short shard before the new ones); anything else is a problem."""
     rows = (row for batch in pq.ParquetFile(manifest_file).iter_batches(BATCH_ROWS, columns=["doc_id", "path", "shard"])
             for row in batch.to_pylist())
-    position = 0
+    expected = 0
     for shard, group in itertools.groupby(rows, key=lambda row: row["shard"]):
         group = list(group)
-        expected = position // docs_per_shard
-        if shard != expected or (position + len(group) - 1) // docs_per_shard != shard:
-            problems.append(f"manifest: rows {position}..{position + len(group) - 1} are in shard {shard}, "
-                            f"not where {docs_per_shard} documents per shard puts them")
-        position += len(group)
+        if shard != expected or len(group) > docs_per_shard:
+            problems.append(f"manifest: shard {shard} has {len(group)} rows where shard {expected} "
+                            f"of at most {docs_per_shard} documents was due")
+        expected = shard + 1
         yield shard, group
 
 

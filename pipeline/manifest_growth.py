@@ -1,0 +1,63 @@
+"""A corpus that gained documents after its manifest was written.
+
+By default a run keeps the manifest it has (shard membership never moves) and only says
+how many documents it leaves out. ``--add-new-documents`` appends them to the manifest
+as new shards after the last one, so finished shards are never touched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import storage
+from .corpus import _ROWS_PER_WRITE, doc_id_for, list_documents, manifest_file, manifest_info
+
+
+def documents_not_in_manifest(corpus: str, pattern: str, manifest: str) -> Iterator[storage.Listed]:
+    """Documents listed now that the manifest lacks, in listing order. The manifest's
+    paths are held as one Arrow column (tens of bytes a document), the listing streamed."""
+    known = pq.read_table(manifest_file(manifest), columns=["path"])["path"].combine_chunks()
+    listing = list_documents(corpus, pattern)
+    while batch := list(itertools.islice(listing, _ROWS_PER_WRITE)):
+        listed = pc.is_in(pa.array([d.relative for d in batch], pa.string()), value_set=known).to_pylist()
+        yield from (document for document, present in zip(batch, listed) if not present)
+
+
+def add_new_documents(corpus: str, pattern: str, manifest: str) -> int:
+    """Append the documents the manifest lacks as new shards; returns how many. The
+    manifest is published again whole (old rows unchanged, then the new ones)."""
+    new = documents_not_in_manifest(corpus, pattern, manifest)
+    first = next(new, None)
+    if first is None:
+        return 0
+    info = manifest_info(manifest)
+    per_shard, shards, documents = int(info["docs_per_shard"]), int(info["shards"]), int(info["documents"])
+    old = pq.ParquetFile(manifest_file(manifest))
+    added = 0
+    with storage.atomic_output(manifest) as staged, pq.ParquetWriter(staged.path, old.schema_arrow) as writer:
+        for batch in old.iter_batches(_ROWS_PER_WRITE):
+            writer.write_batch(batch)
+        pending = itertools.chain([first], new)
+        while batch := list(itertools.islice(pending, _ROWS_PER_WRITE)):
+            writer.write_table(pa.table({
+                "doc_id": [doc_id_for(d.relative) for d in batch],
+                "path": [d.relative for d in batch],
+                "bytes": [d.size for d in batch],
+                "content_hash": [d.content_hash for d in batch],
+                "shard": [shards + (added + i) // per_shard for i in range(len(batch))],
+            }, schema=old.schema_arrow))
+            added += len(batch)
+        writer.add_key_value_metadata({
+            "pipeline.documents": str(documents + added),
+            "pipeline.shards": str(shards + -(-added // per_shard)),
+            "pipeline.created_at": info.get("created_at", ""),
+            "pipeline.extended_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        })
+    manifest_file.cache_clear()  # this process's copy of a bucket manifest is now old
+    return added

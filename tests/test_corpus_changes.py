@@ -1,0 +1,71 @@
+"""A corpus that gains documents between runs: a resumed run keeps its manifest and says
+how many documents it leaves out; ``--add-new-documents`` embeds them as new shards and
+leaves the finished ones as they are."""
+
+import json
+import logging
+
+import luigi
+import pyarrow.parquet as pq
+
+from helpers import write_corpus
+from pipeline import EmbedAll
+from pipeline.corpus import write_manifest
+from pipeline.manifest_growth import add_new_documents, documents_not_in_manifest
+from pipeline.shard_job import run_shard
+from pipeline.verify import verify_output
+
+
+def add_documents(corpus, names):
+    for name in names:
+        (corpus / name).write_text(f"---\ntitle: {name}\n---\n\n# {name}\n\nA document added later, called {name}.\n")
+
+
+def test_new_documents_are_found_in_one_pass_and_appended_as_new_shards(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", documents=5, words=40)
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(str(corpus), "*.md", 2, manifest)
+    assert list(documents_not_in_manifest(str(corpus), "*.md", manifest)) == []
+    add_documents(corpus, ["a-first.md", "z-last.md", "zz-after.md"])
+    before = pq.read_table(manifest)
+    assert [d.relative for d in documents_not_in_manifest(str(corpus), "*.md", manifest)] == ["a-first.md", "z-last.md", "zz-after.md"]
+
+    assert add_new_documents(str(corpus), "*.md", manifest) == 3
+    after = pq.read_table(manifest)
+    assert after.slice(0, before.num_rows).equals(before), "the rows already there moved"
+    assert after.slice(before.num_rows).select(["path", "shard"]).to_pylist() == [
+        {"path": "a-first.md", "shard": 3}, {"path": "z-last.md", "shard": 3}, {"path": "zz-after.md", "shard": 4}]
+    meta = pq.read_metadata(manifest).metadata
+    assert meta[b"pipeline.documents"] == b"8" and meta[b"pipeline.shards"] == b"5" and b"pipeline.extended_at" in meta
+    assert add_new_documents(str(corpus), "*.md", manifest) == 0
+
+
+def test_a_resumed_run_says_what_it_leaves_out_and_the_option_embeds_it(tmp_path, embedder, caplog):
+    corpus = write_corpus(tmp_path / "corpus", documents=6, words=80)
+    output = tmp_path / "out"
+    # The session's model settings, so the worker reuses the loaded model.
+    settings = dict(corpus=str(corpus), output=str(output), docs_per_shard=2, device="cpu", batch_tokens=16384,
+                    precision="float32")
+    manifest = str(output / "manifest.parquet")
+    write_manifest(str(corpus), "*.md", 2, manifest)
+    run_shard(str(corpus), manifest, str(output), 0, embedder, 3)
+    add_documents(corpus, ["a-first.md", "z-last.md", "zz-after.md"])  # after the manifest, mid-run
+
+    with caplog.at_level(logging.WARNING, logger="luigi-interface"):
+        assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    summary = json.loads((output / "_SUCCESS.json").read_text())
+    assert summary["shards"] == 3 and summary["documents"] == 6 and summary["documents_not_in_manifest"] == 3
+    assert "3 document(s) in the corpus are not in the manifest (first: a-first.md)" in caplog.text
+    assert "--add-new-documents" in caplog.text
+    assert verify_output(str(output)).ok
+    finished = {p.name: p.read_bytes() for p in (output / "shards").glob("*.parquet")}
+
+    assert luigi.build([EmbedAll(**settings, add_new_documents=True)], local_scheduler=True, log_level="WARNING")
+    summary = json.loads((output / "_SUCCESS.json").read_text())
+    assert summary["shards"] == 5 and summary["documents"] == 9 and summary["documents_not_in_manifest"] == 0
+    assert all((output / "shards" / name).read_bytes() == data for name, data in finished.items()), "a finished shard changed"
+    new_paths = {row["metadata"]["path"] for shard in (3, 4)
+                 for row in pq.read_table(output / "shards" / f"shard-00000{shard}.parquet").to_pylist()}
+    assert new_paths == {"a-first.md", "z-last.md", "zz-after.md"}
+    assert verify_output(str(output)).ok
+    assert EmbedAll(**settings).complete()
