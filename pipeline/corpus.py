@@ -197,17 +197,29 @@ def decode(data: bytes) -> tuple[str, str]:
     elif b"\x00" in data:
         raise Rejected("binary", "the file contains NUL bytes")
     else:
-        for encoding in ("utf-8-sig", "cp1252", "latin-1"):
-            try:
-                text = data.decode(encoding)
-                break
-            except UnicodeDecodeError:
-                continue
-        encoding = "utf-8" if encoding == "utf-8-sig" else encoding
+        text, encoding = _decode_8bit(data)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if len(_CONTROL_CHARS.findall(text[:65536])) > 0.01 * min(len(text), 65536):
         raise Rejected("binary", "more than 1% control characters")
     return text, encoding
+
+
+def _decode_8bit(data: bytes) -> tuple[str, str]:
+    """UTF-8; UTF-8 with its few invalid bytes replaced (U+FFFD) when the rest is real
+    UTF-8 text (a file patched with bytes in another encoding: falling back for the
+    whole file would garble every accented letter of it); else Windows-1252, Latin-1."""
+    try:
+        return data.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    replaced = data.decode("utf-8-sig", errors="replace")
+    invalid = replaced.count("\ufffd") - data.count("\ufffd".encode())
+    if sum(1 for character in replaced if character > "\x7f") - invalid > invalid:
+        return replaced, "utf-8-replace"
+    try:
+        return data.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), "latin-1"
 
 
 def _plain(value: Any) -> Any:

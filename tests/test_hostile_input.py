@@ -53,7 +53,10 @@ def run(corpus, output, embedder, docs_per_shard=1000, before_reading=None, **op
 def document_text(corpus, path, encoding):
     """The document text as docs/schema.md says to rebuild it from the file."""
     data = (corpus / path).read_bytes()
-    text = data.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+    if encoding.startswith("utf-8"):
+        text = data.decode("utf-8-sig", errors="replace" if encoding == "utf-8-replace" else "strict")
+    else:
+        text = data.decode(encoding)
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -217,7 +220,8 @@ def test_hostile_corpus_each_document_embedded_or_rejected_and_nothing_escapes(t
     # What was embedded, and how.
     assert {"dup/one.md", "dup/two.md"} <= set(chunks)  # duplicates are embedded by default
     mixed = chunks["mixed.md"][0]["metadata"]
-    assert mixed["encoding"] in ("cp1252", "latin-1")  # the whole file falls back; offsets still exact
+    assert mixed["encoding"] == "utf-8-replace"  # the UTF-8 text survives, the bad bytes become U+FFFD
+    assert "Café crème, naïve." in chunks["mixed.md"][0]["text"] and "\ufffd\ufffd broken \ufffd" in chunks["mixed.md"][0]["text"]
     crlf = " ".join(c["text"] for c in chunks["crlf.md"])
     assert "\r" not in crlf and "Old Mac\nline ends." in crlf
     long_line = chunks["long-line.md"]
