@@ -144,3 +144,62 @@ def gcs_bucket(request, monkeypatch):
 @pytest.fixture
 def s3_bucket(request, monkeypatch):
     yield from _bucket("s3", request, monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------
+# The pod's image on a real Docker engine, built once for the session: the
+# real-container tests run it, tests/test_secrets.py scans its layers.
+
+
+def or_skip(make, what: str):
+    """``make()``, or a skip that says what this machine lacks."""
+    from docker_engine import Unavailable
+
+    try:
+        return make()
+    except Unavailable as exc:
+        pytest.skip(f"{what}, the real-container tests are skipped: {exc}")
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    from docker_engine import DockerEngine
+
+    engine = or_skip(lambda: DockerEngine(tmp_path_factory.mktemp("docker")), "no Docker engine")
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    from docker_engine import LocalRegistry
+
+    registry = or_skip(lambda: LocalRegistry(tmp_path_factory.mktemp("registry")), "no local registry")
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def planted_checkout(tmp_path_factory):
+    """A copy of this checkout with fake secrets planted in it (tests/secret_canaries.py)."""
+    from secret_canaries import plant_checkout
+
+    return plant_checkout(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="session")
+def image(engine, registry, planted_checkout, tmp_path_factory):
+    """What ``make image`` builds and pushes, on the stand-in base, with the offline
+    model: from the planted checkout, with the launcher's secrets in the environment
+    (which must reach no layer)."""
+    from docker_engine import build_base_image
+    from pipeline.image import build_and_push
+    from secret_canaries import launcher_secrets
+
+    base = or_skip(lambda: build_base_image(engine, tmp_path_factory.mktemp("base")), "no stand-in base image")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**launcher_secrets(planted_checkout), "DOCKER_HOST": engine.url}.items():
+            patch.setenv(name, value)
+        # The engine has no bridge network, so build steps use the host's.
+        return build_and_push(f"{registry.address}/team", base_image=base, model="minilm", network_mode="host",
+                              root=planted_checkout)

@@ -3,6 +3,10 @@ push, then RunpodEmbedAll against the fake Runpod API whose pods are real contai
 that image (CPU, the offline model, buckets on the GCS server on loopback), so the
 image, its entrypoint, the watchdog and teardown all run as they would on Runpod.
 
+The engine, the registry and the image are the session's (tests/conftest.py): the
+image is built once, from a copy of the checkout with fake secrets planted in it,
+and tests/test_secrets.py scans its layers.
+
 Skipped, with the reason, where no engine can start (.ci/run installs one)."""
 
 import luigi
@@ -11,50 +15,11 @@ import pytest
 from fake_runpod import FakeRunpod, assert_no_pod_billed
 from helpers import write_corpus
 from pipeline import RunpodEmbedAll
-from pipeline.image import IMAGE_NAME, build_and_push, revision
+from pipeline.image import IMAGE_NAME, revision
 
-# Building the image takes minutes (on vfs storage, where every layer is a full copy, ten or more).
+# Building the image takes minutes (on vfs storage, where every layer is a full copy, ten or more);
+# the first of these tests in a session builds it.
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(3000)]
-
-
-def or_skip(make, what: str):
-    """``make()``, or a skip that says what this machine lacks."""
-    from docker_engine import Unavailable
-
-    try:
-        return make()
-    except Unavailable as exc:
-        pytest.skip(f"{what}, the real-container tests are skipped: {exc}")
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    from docker_engine import DockerEngine
-
-    engine = or_skip(lambda: DockerEngine(tmp_path_factory.mktemp("docker")), "no Docker engine")
-    yield engine
-    engine.stop()
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    from docker_engine import LocalRegistry
-
-    registry = or_skip(lambda: LocalRegistry(tmp_path_factory.mktemp("registry")), "no local registry")
-    yield registry
-    registry.stop()
-
-
-@pytest.fixture(scope="module")
-def image(engine, registry, tmp_path_factory):
-    """What ``make image`` builds and pushes, on the stand-in base, with the offline model."""
-    from docker_engine import build_base_image
-
-    base = or_skip(lambda: build_base_image(engine, tmp_path_factory.mktemp("base")), "no stand-in base image")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DOCKER_HOST", engine.url)
-        # The engine has no bridge network, so build steps use the host's.
-        return build_and_push(f"{registry.address}/team", base_image=base, model="minilm", network_mode="host")
 
 
 @pytest.fixture
@@ -74,9 +39,10 @@ def fake(engine, image, monkeypatch, tmp_path):
             container.remove(force=True)
 
 
-def test_make_image_pushes_the_revision_tag_to_the_registry(image, registry):
-    assert image == f"{registry.address}/team/{IMAGE_NAME}:{revision()}"
-    assert revision() in registry.tags(f"team/{IMAGE_NAME}")
+def test_make_image_pushes_the_revision_tag_to_the_registry(image, registry, planted_checkout):
+    tag = revision(planted_checkout)  # the checkout it was built from
+    assert image == f"{registry.address}/team/{IMAGE_NAME}:{tag}"
+    assert tag in registry.tags(f"team/{IMAGE_NAME}")
 
 
 def run_on_a_pod(gcs_bucket, tmp_path, image):

@@ -1,10 +1,11 @@
-"""No secret leaks. Every credential below is a recognisable fake holding the marker
-``SECRETCANARY``. Some come from a ``.env`` in the launcher's working folder, some from
-its environment: both sources are proved to work, and the marker (or its base64 form)
-is looked for everywhere a secret must not be: the launcher's output, the pods' logs,
-every request the Runpod API received (but the pod's own credentials in its env),
-luigid's status messages, error texts and task history, every object of the run's
-buckets, the build context, and every layer of the built image.
+"""No secret leaks. Every credential (tests/secret_canaries.py) is a recognisable fake
+holding the marker ``SECRETCANARY``. Some come from a ``.env`` in the launcher's
+working folder, some from its environment: both sources are proved to work, and the
+marker (or its base64 form) is looked for everywhere a secret must not be: the
+launcher's output, the pods' logs, every request the Runpod API received (but the
+pod's own credentials in its env), luigid's status messages, error texts and task
+history, every object of the run's buckets, the build context, and every layer of the
+image the docker tests share.
 
 Where a secret must go, it is checked that it went there only: the Runpod API key
 authorises the launcher's requests and is never sent to a pod (Runpod gives each pod a
@@ -16,7 +17,6 @@ import base64
 import gzip
 import io
 import json
-import shutil
 import stat
 import subprocess
 import sys
@@ -31,30 +31,9 @@ from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
 from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, write_corpus
 from pipeline.image import DOCKERFILE, build_context, copied_paths
 from pipeline.pods import decode_env
-from test_container_engine import engine, or_skip  # noqa: F401  (its Docker engine, started only for the image test)
+from secret_canaries import (LAUNCHER_AWS, LAUNCHER_RUNPOD_KEY, MARKER, POD_AWS, POD_GOOGLE_KEY, POD_RUNPOD_KEY_PREFIX,
+                             REGISTRY_LOGIN, write_project)
 
-MARKER = b"SECRETCANARY"
-
-
-def service_account(who: str) -> str:
-    """A Google service-account key file's text, every identifying field a canary."""
-    return json.dumps({
-        "type": "service_account",
-        "project_id": "canary-project",
-        "private_key_id": f"SECRETCANARY0{who}0KEYID",
-        "private_key": f"-----BEGIN PRIVATE KEY-----\nMIIEvSECRETCANARY0{who}0PRIVATEKEY\n-----END PRIVATE KEY-----\n",
-        "client_email": f"SECRETCANARY-{who.lower()}@canary-project.iam.gserviceaccount.com",
-        "client_id": "100000000000000000001",
-        "token_uri": "https://oauth2.googleapis.com/token",
-    }, indent=2)
-
-
-LAUNCHER_RUNPOD_KEY = "rpa_SECRETCANARY0LAUNCHER0RUNPOD0KEY"
-POD_RUNPOD_KEY_PREFIX = "rpa_SECRETCANARY0POD0RUNPOD0KEY0"  # the fake issues one per pod
-LAUNCHER_GOOGLE_KEY, POD_GOOGLE_KEY = service_account("LAUNCHER"), service_account("POD")
-LAUNCHER_AWS = ("AKIASECRETCANARY0LAUNCHER", "SECRETCANARY0launcher0aws0secret/+key")
-POD_AWS = ("AKIASECRETCANARY0POD", "SECRETCANARY0pod0aws0secret/+key")
-REGISTRY_LOGIN = ("canary-robot", "SECRETCANARY0registry0password")
 IMAGE = "registry.local/embedding:test"
 
 
@@ -138,25 +117,6 @@ def test_the_scan_finds_a_secret_in_plain_text_base64_gzip_and_parquet(tmp_path)
 
 
 # -- a full Runpod scenario -----------------------------------------------------------
-
-
-def write_project(folder: Path) -> Path:
-    """The launcher's working folder: its ``.env`` and two service-account key files
-    (where docs/security.md says to keep them: outside any checkout)."""
-    folder.mkdir()
-    keys = folder / "keys"
-    keys.mkdir(mode=0o700)
-    (keys / "launcher.json").write_text(LAUNCHER_GOOGLE_KEY)
-    (keys / "pod.json").write_text(POD_GOOGLE_KEY)
-    (folder / ".env").write_text(
-        f"RUNPOD_API_KEY={LAUNCHER_RUNPOD_KEY}\n"
-        f"GOOGLE_APPLICATION_CREDENTIALS={keys / 'launcher.json'}\n"
-        f"PIPELINE_POD_GOOGLE_APPLICATION_CREDENTIALS={keys / 'pod.json'}\n"
-        f"AWS_SECRET_ACCESS_KEY={LAUNCHER_AWS[1]}\n"
-        f"PIPELINE_POD_AWS_SECRET_ACCESS_KEY={POD_AWS[1]}\n"
-        f"PIPELINE_REGISTRY_PASSWORD={REGISTRY_LOGIN[1]}\n"
-    )
-    return folder
 
 
 class Scenario:
@@ -353,48 +313,23 @@ def test_the_pods_workers_get_the_bucket_credentials_but_not_its_runpod_key(tmp_
 # -- the image ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def checkout(tmp_path):
-    """A copy of this checkout as someone's working copy might hold it: a ``.env``, a
-    remote URL with a token in ``.git/config``, a service-account key file at the top
-    (where ``gcloud iam service-accounts keys create`` puts it), local state and output."""
-    copy = tmp_path / "checkout"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (ROOT / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, copy / name)
-    git = ["git", "-C", str(copy), "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(["git", "init", "-q", str(copy)], check=True)
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "checkout"], check=True)
-    subprocess.run([*git, "remote", "add", "origin", "https://x-access-token:ghp_SECRETCANARY0GIT0TOKEN@github.com/you/pipeline"],
-                   check=True)
-    write_project(tmp_path / "elsewhere")
-    shutil.copy(tmp_path / "elsewhere" / ".env", copy / ".env")
-    (copy / "pod-key.json").write_text(POD_GOOGLE_KEY)
-    for path in ("var/luigi/state.pickle", "output/_runs/pods/fakepod0001.json", ".venv/secret.txt", "pipeline/__pycache__/x.pyc"):
-        (copy / path).parent.mkdir(parents=True, exist_ok=True)
-        (copy / path).write_text(f"RUNPOD_API_KEY={LAUNCHER_RUNPOD_KEY}\n")
-    return copy
-
-
 def context_files(root: Path) -> dict[str, bytes]:
     with build_context(root) as context, tarfile.open(fileobj=context) as tar:
         return {member.name: tar.extractfile(member).read() for member in tar if member.isfile()}
 
 
-def test_the_build_context_holds_what_the_image_needs_and_no_secret(checkout):
-    files = context_files(checkout)
-    needed = {"containers/Dockerfile", *[p for p in copied_paths(checkout / DOCKERFILE) if (checkout / p).is_file()]}
+def test_the_build_context_holds_what_the_image_needs_and_no_secret(planted_checkout):
+    """The copy with planted secrets (tests/secret_canaries.py) the shared image is built from."""
+    files = context_files(planted_checkout)
+    needed = {"containers/Dockerfile",
+              *[p for p in copied_paths(planted_checkout / DOCKERFILE) if (planted_checkout / p).is_file()]}
     assert needed <= set(files) and "pipeline/watchdog.py" in files
     assert not [name for name in files if name.split("/")[0] in (".env", ".git", ".venv", "var", "output", "pod-key.json", "tests")]
     assert not [name for name in files if "__pycache__" in name]
     leaks = Leaks()
     for name, data in files.items():
         leaks.scan_file(f"build context: {name}", data)
-    with build_context(checkout) as context:
+    with build_context(planted_checkout) as context:
         leaks.scan("build context tar", context.read())
     leaks.assert_none()
 
@@ -452,25 +387,17 @@ def test_the_image_scan_looks_into_every_layer_and_the_config(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.docker
-@pytest.mark.timeout(3000)
-def test_no_layer_of_the_built_image_holds_a_secret(checkout, engine, tmp_path, monkeypatch):
-    """``make image`` from the checkout above with every secret also in the
-    environment; then each layer, the config, env and history are scanned."""
-    from docker_engine import build_base_image
-    from pipeline.image import build_and_push
-    base = or_skip(lambda: build_base_image(engine, tmp_path / "base"), "no stand-in base image")
-    for name, value in (line.split("=", 1) for line in (checkout / ".env").read_text().splitlines()):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", LAUNCHER_AWS[0])
-    monkeypatch.setenv("PIPELINE_REGISTRY_USERNAME", REGISTRY_LOGIN[0])
-    monkeypatch.setenv("DOCKER_HOST", engine.url)
-    reference = build_and_push("registry.local/team", base_image=base, push=False, model="minilm", network_mode="host", root=checkout)
-    image = engine.client.images.get(reference)
+@pytest.mark.timeout(3000)  # the session's image is built by whichever docker test comes first
+def test_no_layer_of_the_built_image_holds_a_secret(engine, image, tmp_path):
+    """The session's image (tests/conftest.py): ``make image`` from the planted checkout
+    with every secret also in the environment. Each layer, the config, env and history
+    are scanned."""
+    built = engine.client.images.get(image)
     leaks = Leaks()
-    leaks.scan("image attributes (config, env, history)", json.dumps([image.attrs, image.history()]))
+    leaks.scan("image attributes (config, env, history)", json.dumps([built.attrs, built.history()]))
     saved = tmp_path / "image.tar"
     with saved.open("wb") as file:
-        for chunk in image.save(named=True):
+        for chunk in built.save(named=True):
             file.write(chunk)
     scan_saved_image(leaks, saved)
     leaks.assert_none()
