@@ -2,6 +2,7 @@
 
     python -m pipeline status OUTPUT [--json]  shards done, failed, running; throughput, ETA, dollars
     python -m pipeline verify OUTPUT [--json]  prove the output is whole (exit 1 naming each problem)
+    python -m pipeline search OUTPUT "query" [-k 5] [--json]  the chunks nearest a query (exact cosine)
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
@@ -57,6 +58,16 @@ def verify(output: str, as_json: bool) -> int:
     return 0 if verdict.ok else 1
 
 
+def search(output: str, query: str, k: int, as_json: bool) -> int:
+    """The k chunks nearest the query, best first; 0 even when the output holds none."""
+    from .search import format_results
+    from .search import search as run_search
+
+    results = run_search(output.rstrip("/") or output, query, k)
+    print(json.dumps(results, indent=2, ensure_ascii=False) if as_json else format_results(results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Helpers around the embedding pipeline's tasks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     verify_parser = commands.add_parser("verify", help="prove an output is whole: every document embedded or rejected, every vector sound")
     verify_parser.add_argument("output", help="the output folder or bucket prefix")
     verify_parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    search_parser = commands.add_parser("search", help="the chunks nearest a query, by the output's own model")
+    search_parser.add_argument("output", help="the output folder or bucket prefix")
+    search_parser.add_argument("query", help="the text to look for")
+    search_parser.add_argument("-k", type=int, default=5, help="how many chunks to show (default 5)")
+    search_parser.add_argument("--json", action="store_true", help="print the hits as JSON")
     cost_parser = commands.add_parser("cost", help="dollars spent on Runpod pods for an output")
     cost_parser.add_argument("output", help="the output folder or bucket prefix")
     cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -104,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(figures, indent=2) if args.json else format_status(figures))
         elif args.command == "verify":
             return verify(args.output, args.json)
+        elif args.command == "search":
+            if args.k < 1:
+                parser.error("-k must be at least 1")
+            return search(args.output, args.query, args.k, args.json)
         elif args.command == "cost":
             cost(args.output, args.json)
         elif args.command == "estimate":

@@ -122,11 +122,12 @@ class ModelProfile:
     name: str
     model_id: str
     dimension: int
-    prefix: str
+    prefix: str  # put before each document chunk when embedding
     max_tokens: Optional[int]  # None: the model's own max_seq_length
     trust_remote_code: bool
     fp16_on_cuda: bool
     locate: Callable[[], str]
+    query_prefix: str = ""  # put before a search query (pipeline.search); never stored in shards
 
 
 PROFILES = {
@@ -139,6 +140,7 @@ PROFILES = {
         trust_remote_code=True,
         fp16_on_cuda=True,
         locate=_huggingface_cache("nomic-ai/nomic-embed-text-v1.5"),
+        query_prefix="search_query: ",
     ),
     "minilm": ModelProfile(
         name="minilm",
@@ -149,6 +151,7 @@ PROFILES = {
         trust_remote_code=False,
         fp16_on_cuda=False,
         locate=_offline_minilm_path,
+        query_prefix="",
     ),
 }
 

@@ -115,6 +115,8 @@ class Embedder:
         self._pad_id = self.model.tokenizer.pad_token_id or 0
         self._type_ids = "token_type_ids" in self._model_tokenize(["a"])
         self._check_template()
+        # Other prefixes (a query's) get their own frame, made and checked on first use.
+        self._frames: dict[str, tuple[np.ndarray, np.ndarray]] = {model_profile.prefix: (self._head, self._tail)}
 
     @property
     def dimension(self) -> int:
@@ -138,23 +140,40 @@ class Embedder:
                 groups.append([index])
         return groups
 
-    def _template(self) -> tuple[np.ndarray, np.ndarray]:
+    def _template(self, prefix: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ids the model's tokenizer puts before a text (special tokens, then the
-        prefix) and after it, so chunk ids can be framed as ``encode`` would frame them."""
-        framed = self.tokenizer.encode(self.profile.prefix + "a", add_special_tokens=True)
+        prefix: the profile's document prefix unless another is given) and after it, so
+        chunk ids can be framed as ``encode`` would frame them."""
+        prefix = self.profile.prefix if prefix is None else prefix
+        framed = self.tokenizer.encode(prefix + "a", add_special_tokens=True)
         specials = framed.special_tokens_mask
         lead = next(i for i, special in enumerate(specials) if not special)
         trail = len(specials) - next(i for i, special in enumerate(reversed(specials)) if not special)
-        prefix = self.tokenizer.encode(self.profile.prefix, add_special_tokens=False).ids
-        head = framed.ids[:lead] + prefix
+        prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids
+        head = framed.ids[:lead] + prefix_ids
         return np.array(head, dtype=np.int64), np.array(framed.ids[trail:], dtype=np.int64)
 
-    def _check_template(self) -> None:
+    def _frame(self, prefix: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """The (head, tail) ids for a prefix; ``None`` is the document prefix. A new
+        prefix is checked against the model's tokenizer once, like the document one."""
+        if prefix is None:
+            return self._head, self._tail
+        if prefix not in self._frames:
+            frame = self._template(prefix)
+            self._check_template(prefix, frame)
+            self._frames[prefix] = frame
+        return self._frames[prefix]
+
+    def _check_template(self, prefix: str | None = None,
+                        frame: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Chunk ids framed by the template must be what the model's own tokenizer gives
-        for prefix + text, or vectors would differ from the model's. Checked once, here."""
+        for prefix + text, or vectors would differ from the model's. Checked once per
+        prefix: the document prefix here, at load."""
+        prefix = self.profile.prefix if prefix is None else prefix
+        frame = frame or (self._head, self._tail)
         sample = "Capital, Volume I. Chapter 1: Commodities — § 1, the two factors."
-        ours = self._features([self.token_ids([sample])[0]])["input_ids"][0].tolist()
-        theirs = self._model_tokenize([self.profile.prefix + sample])["input_ids"][0].tolist()
+        ours = self._features([self.token_ids([sample])[0]], frame)["input_ids"][0].tolist()
+        theirs = self._model_tokenize([prefix + sample])["input_ids"][0].tolist()
         if ours != theirs:
             raise PipelineError(f"model {self.profile.model_id}: chunk token ids framed for the model differ from its tokenizer's "
                                 f"({ours[:8]}… against {theirs[:8]}…); this tokenizer is not supported")
@@ -164,17 +183,19 @@ class Embedder:
         sentence-transformers 6, ``tokenize`` before)."""
         return (getattr(self.model, "preprocess", None) or self.model.tokenize)(texts)
 
-    def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def token_ids(self, texts: Sequence[str], limit: int | None = None) -> list[np.ndarray]:
         """Token ids of texts as the chunker makes them, cut to the chunk budget (as
-        ``encode`` truncates): for texts that do not come from the chunker (queries)."""
-        limit = self.chunker.max_tokens
+        ``encode`` truncates), or to ``limit``: for texts that do not come from the
+        chunker (queries)."""
+        limit = self.chunker.max_tokens if limit is None else limit
         return [np.array(e.ids[:limit], dtype=np.int32) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def _features(self, group: Sequence[np.ndarray]) -> dict:
-        """One padded batch for the model: each chunk's ids framed by the template."""
+    def _features(self, group: Sequence[np.ndarray], frame: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+        """One padded batch for the model: each chunk's ids framed by the template
+        (the document prefix's, unless another ``frame`` is given)."""
         import torch
 
-        head, tail = self._head, self._tail
+        head, tail = frame or (self._head, self._tail)
         width = max(len(ids) for ids in group) + len(head) + len(tail)
         input_ids = np.full((len(group), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(group), width), dtype=np.int64)
@@ -189,12 +210,15 @@ class Embedder:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
         return features
 
-    def embed(self, token_ids: Sequence[np.ndarray], on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def embed(self, token_ids: Sequence[np.ndarray], on_batch: Callable[[int, int], None] | None = None,
+              prefix: str | None = None) -> np.ndarray:
         """Normalised float32 vectors, one row per chunk, in the order given, from the
         chunker's token ids (the text is never tokenized again); ``on_batch(chunks,
-        tokens)`` hears of each batch done (progress)."""
+        tokens)`` hears of each batch done (progress). ``prefix``: put before each text
+        instead of the profile's document prefix (a query's)."""
         import torch
 
+        frame = self._frame(prefix)
         counts = [len(ids) for ids in token_ids]
         vectors = np.empty((len(token_ids), self.dimension), dtype=np.float32)
         pending = list(range(len(token_ids)))
@@ -203,14 +227,15 @@ class Embedder:
             pending = []
             for number, group in enumerate(groups):
                 try:
-                    features = {k: v.to(self.device) for k, v in self._features([token_ids[i] for i in group]).items()}
+                    batch = self._features([token_ids[i] for i in group], frame)
+                    features = {k: v.to(self.device) for k, v in batch.items()}
                     with torch.inference_mode(), self._autocast():
                         embedded = self.model(features)["sentence_embedding"]
                     vectors[group] = torch.nn.functional.normalize(embedded.float(), dim=1).cpu().numpy()
                 except Exception as error:
                     if not is_out_of_memory(error):
                         raise
-                    features = embedded = None
+                    batch = features = embedded = None
                     self._lower_budget(len(group), max(counts[i] for i in group), error)
                     pending = [i for rest in groups[number:] for i in rest]  # batched again, smaller
                     break
@@ -233,9 +258,17 @@ class Embedder:
         log.warning("out of memory on %s with a batch of %d chunks (%d padded tokens): batch token budget now %d, "
                     "batch split and run again", self.device, chunks, padded, self.batch_tokens)
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Vectors of texts that do not come from the chunker, the way chunks get theirs."""
-        return self.embed(self.token_ids(texts))
+    def embed_texts(self, texts: Sequence[str], prefix: str | None = None) -> np.ndarray:
+        """Vectors of texts that do not come from the chunker, the way chunks get theirs.
+
+        ``prefix``: what goes before each text instead of the profile's document prefix,
+        e.g. ``profile.query_prefix`` for a search query (models like nomic are trained
+        with one prefix for documents and another for queries). Texts are cut to what
+        fits the model with that prefix."""
+        if prefix is None:
+            return self.embed(self.token_ids(texts))
+        head, tail = self._frame(prefix)
+        return self.embed(self.token_ids(texts, self.max_tokens - len(head) - len(tail)), prefix=prefix)
 
     def _autocast(self):
         if self.precision != "bfloat16":

@@ -42,6 +42,25 @@ def write_corpus(folder: Path, documents: int = 12, words: int = 250, seed: int 
     return folder
 
 
+def finished_output(root: Path, embedder, docs_per_shard: int = 4) -> Path:
+    """A whole output made without Luigi: 12 documents (two of them rejected) in shards
+    of ``docs_per_shard``, and its _SUCCESS.json."""
+    from pipeline.corpus import write_manifest
+    from pipeline.shard_job import run_shard
+    from pipeline.summary import run_summary
+
+    corpus = write_corpus(root / "corpus", documents=10, words=120)
+    (corpus / "part-0" / "empty.md").write_bytes(b"")
+    (corpus / "part-1" / "binary.md").write_bytes(b"\x00\x01" * 100)
+    output = root / "out"
+    manifest = str(output / "manifest.parquet")
+    shards = -(-write_manifest(str(corpus), "*.md", docs_per_shard, manifest) // docs_per_shard)
+    for shard in range(shards):
+        run_shard(str(corpus), manifest, str(output), shard, embedder, shards)
+    (output / "_SUCCESS.json").write_text(json.dumps(run_summary(str(output), shards, {})))
+    return output
+
+
 # Cloud SDKs look for credentials on metadata servers (169.254.169.254) when none are
 # configured; tests only ever talk to 127.0.0.1, so those probes are switched off.
 NO_METADATA_PROBES = {"NO_GCE_CHECK": "true", "AWS_EC2_METADATA_DISABLED": "true"}

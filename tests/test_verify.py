@@ -9,11 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import write_corpus
+from helpers import finished_output
 from pipeline.cli import main
-from pipeline.corpus import write_manifest
-from pipeline.shard_job import rejects_path, run_shard, shard_path
-from pipeline.summary import run_summary
+from pipeline.shard_job import rejects_path
 from pipeline.verify import verify_output
 
 SHARDS = 3
@@ -21,18 +19,8 @@ SHARDS = 3
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, embedder):
-    """A whole output: 3 shards, rejects in one of them, and its _SUCCESS.json."""
-    root = tmp_path_factory.mktemp("verify")
-    corpus = write_corpus(root / "corpus", documents=10, words=120)
-    (corpus / "part-0" / "empty.md").write_bytes(b"")
-    (corpus / "part-1" / "binary.md").write_bytes(b"\x00\x01" * 100)
-    output = root / "out"
-    manifest = str(output / "manifest.parquet")
-    assert -(-write_manifest(str(corpus), "*.md", 4, manifest) // 4) == SHARDS
-    for shard in range(SHARDS):
-        run_shard(str(corpus), manifest, str(output), shard, embedder, SHARDS)
-    (output / "_SUCCESS.json").write_text(json.dumps(run_summary(str(output), SHARDS, {})))
-    return output
+    """A whole output: 3 shards, rejects in two of them, and its _SUCCESS.json."""
+    return finished_output(tmp_path_factory.mktemp("verify"), embedder)
 
 
 @pytest.fixture
