@@ -119,7 +119,7 @@ class PodLedger:
         return json.loads(storage.read_text(f"{self.folder}/{pod_id}.json"))
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(storage.read_text(f"{self.folder}/{item.relative}")) for item in storage.list_files(self.folder, "*.json")]
+        return [json.loads(storage.read_text(f"{self.folder}/{item.relative}")) for item in storage.list_files(self.folder, "*.json", hashes=False)]
 
     @staticmethod
     def dollars(pod: dict[str, Any], now: Optional[float] = None) -> float:

@@ -10,7 +10,6 @@ ranged reads, never downloaded whole. See docs/api.md.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -50,13 +49,7 @@ def list_embedding_files(output: str) -> list[str]:
     sorted. Hidden temp files a killed run left behind, and anything else in the folder,
     are skipped: only what was published in one step is complete."""
     folder = f"{_root(output)}/shards"
-    if storage.is_remote(folder):
-        names = [listed.relative for listed in storage.list_files(folder, "*.parquet")]
-    else:
-        # Listed here, not with storage.list_files, which hashes every file it lists.
-        local = storage.local_path(folder)
-        names = os.listdir(local) if local.is_dir() else []
-        names = [name for name in names if (local / name).is_file()]
+    names = [listed.relative for listed in storage.list_files(folder, "*.parquet", hashes=False)]
     return [f"{folder}/{name}" for name in sorted(names) if SHARD_NAME.fullmatch(name)]
 
 

@@ -26,7 +26,7 @@ from .summary import active_seconds
 
 def count_shards(output: str) -> int:
     """Shards published in an output: one listing, no file opened."""
-    return sum(1 for _ in storage.list_files(f"{output}/shards", "shard-*.parquet"))
+    return sum(1 for _ in storage.list_files(f"{output}/shards", "shard-*.parquet", hashes=False))
 
 
 class RunWatch:
@@ -103,7 +103,7 @@ def run_status(output: str, history: Optional[Path] = None) -> dict[str, Any]:
         raise PipelineError(f"{output} has no manifest.parquet: no run has started there")
     info = manifest_info(manifest)
     total = int(info["shards"])
-    stats = [shard_stats(f"{output}/shards/{found.relative}") for found in storage.list_files(f"{output}/shards", "shard-*.parquet")]
+    stats = [shard_stats(f"{output}/shards/{found.relative}") for found in storage.list_files(f"{output}/shards", "shard-*.parquet", hashes=False)]
     done = {s["shard"] for s in stats}
     events = shard_events(history, output) if history and history.exists() else {}
     intervals = [(dt.datetime.fromisoformat(s["started_at"]), dt.datetime.fromisoformat(s["finished_at"])) for s in stats]

@@ -167,9 +167,10 @@ class LocalBackend:
     def read_bytes(self, path: str) -> bytes:
         return local_path(path).read_bytes()
 
-    def list(self, root: str, pattern: str) -> Iterator[Listed]:
+    def list(self, root: str, pattern: str, hashes: bool = True) -> Iterator[Listed]:
         """Files in full-path sorted order (the order a bucket lists in), streamed:
-        only one folder's entries are held at a time.
+        only one folder's entries are held at a time. ``hashes=False`` leaves
+        ``content_hash`` empty instead of reading every file (an output's own files).
 
         Only what is inside the corpus is listed, and listing always ends: a symlinked
         folder is never followed (it may loop back to a parent or lead out of the
@@ -208,7 +209,7 @@ class LocalBackend:
                     yield from walk(folder / name, relative + "/")
                 elif _is_document(relative, pattern):
                     try:
-                        data_hash, size = _hash_file(folder / name)
+                        data_hash, size = _hash_file(folder / name) if hashes else ("", (folder / name).stat().st_size)
                     except OSError as exc:  # deleted since the folder was read, or unreadable
                         skip(folder / name, f"could not be read to hash it: {exc.strerror or exc}")
                         continue
@@ -341,7 +342,7 @@ class GCSBackend:
     def read_range(self, path: str, start: int, end: int) -> bytes:
         return retrying("reading", path, lambda: self._blob(path).download_as_bytes(start=start, end=end - 1, retry=None, checksum=None))
 
-    def list(self, root: str, pattern: str) -> Iterator[Listed]:
+    def list(self, root: str, pattern: str, hashes: bool = True) -> Iterator[Listed]:  # hashes come with the listing
         """Page by page, resuming from the last page token after a transient error.
 
         Memory stays flat: only the four fields the manifest needs are asked for and
@@ -500,7 +501,7 @@ class S3Backend:
     def read_range(self, path: str, start: int, end: int) -> bytes:
         return self._get(path, Range=f"bytes={start}-{end - 1}")
 
-    def list(self, root: str, pattern: str) -> Iterator[Listed]:
+    def list(self, root: str, pattern: str, hashes: bool = True) -> Iterator[Listed]:  # hashes come with the listing
         bucket, prefix = split_bucket(root)
         prefix = f"{prefix}/" if prefix else ""
         token = None
@@ -619,8 +620,10 @@ def delete(path: str) -> None:
     backend_for(path).delete(path)
 
 
-def list_files(root: str, pattern: str) -> Iterator[Listed]:
-    return backend_for(root).list(root, pattern)
+def list_files(root: str, pattern: str, hashes: bool = True) -> Iterator[Listed]:
+    """Matching files under ``root``, sorted; ``hashes=False`` when only names and sizes
+    are wanted (a local listing then reads no file: buckets report hashes anyway)."""
+    return backend_for(root).list(root, pattern, hashes)
 
 
 def check_corpus(root: str) -> None:

@@ -283,7 +283,7 @@ class EmbedAll(RunParameters, luigi.Task):
         info = manifest_info(self.manifest_path())
         wanted = {"corpus": self.corpus_location(), "pattern": self.pattern, "docs_per_shard": str(self.docs_per_shard)}
         problems = settings_mismatch(info, wanted, wanted)
-        first_shard = next(storage.list_files(f"{self.output_location}/shards", "shard-*.parquet"), None)
+        first_shard = next(storage.list_files(f"{self.output_location}/shards", "shard-*.parquet", hashes=False), None)
         if first_shard:
             existing = shard_metadata(f"{self.output_location}/shards/{first_shard.relative}")
             problems += settings_mismatch(existing, self.embedder().settings(), SHARED_SETTINGS)

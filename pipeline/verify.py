@@ -187,7 +187,7 @@ def _listed(output: str, folder: str, suffix: str, total: int, problems: list[st
     """The shard numbers with a file in ``folder`` (one listing); a file the manifest
     does not account for is a problem."""
     numbers = set()
-    for listed in storage.list_files(f"{output}/{folder}", f"*{suffix}"):
+    for listed in storage.list_files(f"{output}/{folder}", f"*{suffix}", hashes=False):
         number = listed.relative.removeprefix("shard-").removesuffix(suffix)
         if number.isdigit() and len(number) == 6 and int(number) < total and "/" not in listed.relative:
             numbers.add(int(number))
