@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -89,6 +89,13 @@ def write_manifest(corpus: str, pattern: str, docs_per_shard: int, dest: str) ->
     however large the corpus. If another worker published a manifest first, theirs
     is kept: the manifest never changes once written.
     """
+    return write_manifest_of(list_documents(corpus, pattern), corpus, pattern, docs_per_shard, dest)
+
+
+def write_manifest_of(listing: Iterable[storage.Listed], corpus: str, pattern: str, docs_per_shard: int,
+                      dest: str) -> int:
+    """Publish the manifest of documents already listed (sorted by path), e.g. a chosen
+    few files of a corpus (``EmbeddingInterface.batch_process``)."""
     if docs_per_shard < 1:
         raise PipelineError(f"docs_per_shard must be at least 1, not {docs_per_shard}")
     schema = MANIFEST_SCHEMA.with_metadata(
@@ -96,7 +103,7 @@ def write_manifest(corpus: str, pattern: str, docs_per_shard: int, dest: str) ->
     )
     count = 0
     with storage.atomic_output(dest, overwrite=False) as staged, pq.ParquetWriter(staged.path, schema) as writer:
-        listing = list_documents(corpus, pattern)
+        listing = iter(listing)
         while True:
             batch = list(itertools.islice(listing, _ROWS_PER_WRITE))
             if not batch:

@@ -148,7 +148,7 @@ class RunpodOrchestrator:
     def __init__(
         self,
         settings: PodSettings,
-        ledger: PodLedger,
+        ledger: PodLedger | str,
         api_key: Optional[str] = None,
         run_id: Optional[str] = None,
         clock: Callable[[], float] = time.time,
@@ -162,7 +162,7 @@ class RunpodOrchestrator:
         runpod.api_key = key  # the SDK does not read it from the environment itself
         self.runpod = runpod
         self.settings = settings
-        self.ledger = ledger
+        self.ledger = PodLedger(ledger) if isinstance(ledger, str) else ledger  # an output's ledger
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.clock = clock
         self.sleep = sleep

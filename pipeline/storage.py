@@ -209,7 +209,7 @@ class LocalBackend:
                     yield from walk(folder / name, relative + "/")
                 elif _is_document(relative, pattern):
                     try:
-                        data_hash, size = _hash_file(folder / name) if hashes else ("", (folder / name).stat().st_size)
+                        data_hash, size = hash_file(folder / name) if hashes else ("", (folder / name).stat().st_size)
                     except OSError as exc:  # deleted since the folder was read, or unreadable
                         skip(folder / name, f"could not be read to hash it: {exc.strerror or exc}")
                         continue
@@ -284,7 +284,7 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
+def hash_file(path: Path) -> tuple[str, int]:
     digest = hashlib.md5(usedforsecurity=False)
     size = 0
     with open(path, "rb") as f:

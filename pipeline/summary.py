@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from . import storage
 from .shard_job import shard_path
 from .shards import shard_metadata
 
@@ -82,3 +83,9 @@ def _cost(output: str) -> dict[str, Any]:
 
     report = cost_report(output)
     return {"dollars": report["dollars"], "pods": len(report["pods"]), "runs": len(report["runs"])}
+
+
+def publish_summary(output: str, summary: dict[str, Any]) -> None:
+    """Write ``{output}/_SUCCESS.json`` in one step: it is what says the run is done."""
+    with storage.atomic_output(f"{output}/_SUCCESS.json") as staged:
+        staged.path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -24,7 +24,7 @@ from .shards import shard_metadata, settings_mismatch
 from .status import RunWatch
 from . import storage
 from .storage import target
-from .summary import run_summary
+from .summary import publish_summary, run_summary
 
 config.apply_environment()
 install_one_line_errors()
@@ -257,8 +257,7 @@ class EmbedAll(RunParameters, luigi.Task):
         yield shards  # already done when requires() listed them (one worker) or others ran them
         summary = run_summary(self.output_location, total, self.defining_parameters())
         summary["documents_not_in_manifest"] = self._documents_left_out()
-        with storage.atomic_output(self.output().path) as staged:
-            staged.path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        publish_summary(self.output_location, summary)
         self.set_status_message(
             f"{total}/{total} shards, {summary['documents']} documents ({summary['rejected_documents']} rejected), "
             f"{summary['chunks']} chunks, {summary['tokens_per_second']:.0f} tokens/s"

@@ -183,7 +183,7 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
                           rejected_documents=len(rejects), chunks=count.rows, tokens=count.tokens)
 
 
-def _listed(output: str, folder: str, suffix: str, total: int, problems: list[str]) -> set[int]:
+def shard_numbers(output: str, folder: str, suffix: str, total: int, problems: list[str]) -> set[int]:
     """The shard numbers with a file in ``folder`` (one listing); a file the manifest
     does not account for is a problem."""
     numbers = set()
@@ -229,8 +229,8 @@ def verify_output(output: str, on_shard: Optional[Callable[[int], None]] = None)
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         verdict.problems.append(f"manifest.parquet: unreadable ({exc.__class__.__name__}: {exc})")
         return verdict
-    shards = _listed(output, "shards", ".parquet", total, verdict.problems)
-    rejects = _listed(output, "rejects", ".jsonl", total, verdict.problems)
+    shards = shard_numbers(output, "shards", ".parquet", total, verdict.problems)
+    rejects = shard_numbers(output, "rejects", ".jsonl", total, verdict.problems)
     seen = set()
     for shard, rows in manifest_shards(manifest_file(manifest), docs_per_shard, verdict.problems):
         seen.add(shard)

@@ -61,6 +61,26 @@ def finished_output(root: Path, embedder, docs_per_shard: int = 4) -> Path:
     return output
 
 
+
+@contextmanager
+def shard_failing(number: int) -> Iterator[None]:
+    """Inside, shard ``number`` fails as its work starts (the luigi task's ``run_shard``
+    raises) and the other shards run as usual."""
+    import pipeline.tasks
+
+    real_run_shard = pipeline.tasks.run_shard
+
+    def run_shard(corpus, manifest, output, shard, *args, **kwargs):
+        if shard == number:
+            raise RuntimeError(f"injected failure in shard {number}")
+        return real_run_shard(corpus, manifest, output, shard, *args, **kwargs)
+
+    pipeline.tasks.run_shard = run_shard
+    try:
+        yield
+    finally:
+        pipeline.tasks.run_shard = real_run_shard
+
 # Cloud SDKs look for credentials on metadata servers (169.254.169.254) when none are
 # configured; tests only ever talk to 127.0.0.1, so those probes are switched off.
 NO_METADATA_PROBES = {"NO_GCE_CHECK": "true", "AWS_EC2_METADATA_DISABLED": "true"}

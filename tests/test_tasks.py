@@ -8,8 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.embedder
-import pipeline.tasks
-from helpers import ROOT, luigi_env
+from helpers import ROOT, luigi_env, shard_failing
 from pipeline import CorpusManifest, EmbedAll
 from pipeline.errors import PipelineError
 
@@ -32,23 +31,15 @@ def test_the_model_loads_once_per_worker_however_many_shards(tmp_path, small_cor
     assert len(loads) == 1
 
 
-def test_a_failed_shard_does_not_sink_the_others_and_a_rerun_finishes(tmp_path, small_corpus, monkeypatch):
+def test_a_failed_shard_does_not_sink_the_others_and_a_rerun_finishes(tmp_path, small_corpus):
     output = tmp_path / "out"
-    real_run_shard = pipeline.tasks.run_shard
-
-    def failing_shard_one(corpus, manifest, out, shard, *args, **kwargs):
-        if shard == 1:
-            raise RuntimeError("injected failure in shard 1")
-        return real_run_shard(corpus, manifest, out, shard, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline.tasks, "run_shard", failing_shard_one)
-    assert not build(embed_all(small_corpus, output))
+    with shard_failing(1):
+        assert not build(embed_all(small_corpus, output))
     shards = output / "shards"
     assert sorted(p.name for p in shards.glob("shard-*.parquet")) == ["shard-000000.parquet", "shard-000002.parquet"]
     assert not (output / "_SUCCESS.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.parquet")}
 
-    monkeypatch.setattr(pipeline.tasks, "run_shard", real_run_shard)
     assert build(embed_all(small_corpus, output))
     assert (output / "_SUCCESS.json").exists()
     assert all((shards / name).stat().st_mtime_ns == mtime for name, mtime in before.items())

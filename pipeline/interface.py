@@ -1,0 +1,163 @@
+"""The pipeline as a Python object: embed texts, embed a few files, see and resume a run.
+
+``EmbeddingInterface`` is for code that drives the pipeline from Python (a notebook, an
+importer, a scheduler of its own). It holds the same settings as ``EmbedAll`` and goes
+through the same code: texts through the run's embedder, files through ``run_shard``,
+runs through the Luigi tasks (in this process, on a local scheduler), so its vectors
+and shards are the pipeline's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import storage
+from .corpus import manifest_info, write_manifest_of
+from .embedder import Embedder
+from .errors import PipelineError
+from .shard_job import run_shard, shard_path
+from .summary import publish_summary, run_summary
+from .tasks import EmbedAll
+from .verify import shard_numbers
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where a run stands, read from its targets: which shard files are published.
+
+    ``total_shards`` is None before the run has written its manifest (nothing started).
+    ``finished``: ``_SUCCESS.json`` exists and records this run's parameters.
+    Plain data (``dataclasses.asdict``) so it can be saved as JSON and passed back.
+    """
+
+    output: str
+    parameters: dict[str, Any]
+    total_shards: Optional[int]
+    done: tuple[int, ...]
+    finished: bool
+
+    @property
+    def missing(self) -> tuple[int, ...]:
+        """Shards still to make (all of them are unknown until the manifest exists: empty)."""
+        return tuple(sorted(set(range(self.total_shards or 0)) - set(self.done)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Checkpoint":
+        return cls(**{**data, "done": tuple(data["done"])})
+
+
+class RunFailed(PipelineError):
+    """Some shards of a resumed run failed (the others are kept); ``checkpoint`` says
+    which are still missing. Rerunning resumes from there."""
+
+    def __init__(self, message: str, checkpoint: Checkpoint):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class EmbeddingInterface:
+    """One output and its settings (``corpus``, ``model``, ``docs_per_shard``, … as
+    ``EmbedAll`` takes them; unset ones come from luigi.cfg / ``PIPELINE_*``)."""
+
+    def __init__(self, output: str, corpus: str = "", **settings: Any):
+        self.run = EmbedAll(output=str(output), corpus=str(corpus), **settings)
+        self.output = self.run.output_location
+
+    def embedder(self) -> Embedder:
+        """The run's model, loaded once per process and settings (shared with the tasks)."""
+        return self.run.embedder()
+
+    def generate_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 ``[len(texts), dimension]``, L2-normalised, each text with the model's
+        document prefix, as the pipeline embeds a chunk: the same text gives the same
+        vector as in a shard. A text longer than the model's input is cut to fit (the
+        pipeline's chunker never makes one)."""
+        if isinstance(texts, str):
+            raise PipelineError("generate_embeddings takes a list of texts, not one string")
+        return self.embedder().embed_texts(list(texts))
+
+    def get_checkpoint(self) -> Checkpoint:
+        """Which shards are done, from the published shard files (one listing, no file
+        opened), and whether the run's summary is written."""
+        manifest = self.run.manifest_path()
+        total = int(manifest_info(manifest)["shards"]) if storage.exists(manifest) else None
+        done = tuple(sorted(shard_numbers(self.output, "shards", ".parquet", total or 0, problems=[])))
+        return Checkpoint(self.output, self.run.defining_parameters(), total, done, bool(total) and self.run.complete())
+
+    def resume_from_checkpoint(self, checkpoint: Checkpoint | dict[str, Any]) -> Checkpoint:
+        """Run what is missing (the shards not published now, then the summary) through
+        the Luigi tasks on a local scheduler in this process, and return the new
+        checkpoint. A checkpoint of another output or other settings is refused. When a
+        shard fails, the others still run and ``RunFailed`` names what is left."""
+        import luigi
+
+        if isinstance(checkpoint, dict):
+            checkpoint = Checkpoint.from_dict(checkpoint)
+        if (checkpoint.output, checkpoint.parameters) != (self.output, self.run.defining_parameters()):
+            raise PipelineError(f"this checkpoint is of another run ({checkpoint.output}, {checkpoint.parameters}), "
+                                f"not of {self.output} with {self.run.defining_parameters()}")
+        result = luigi.build([self.run], local_scheduler=True, detailed_summary=True, log_level="INFO")
+        now = self.get_checkpoint()
+        if not now.finished:
+            left = ", ".join(map(str, now.missing[:10])) + (" …" if len(now.missing) > 10 else "")
+            raise RunFailed(f"{self.output}: the run did not finish: {len(now.missing)} shard(s) missing ({left}); "
+                            f"the others are kept. {result.one_line_summary}", now)
+        return now
+
+    def batch_process(self, file_paths: Iterable[str | os.PathLike]) -> str:
+        """Embed these files (local ones) into one Parquet shard and return its path.
+
+        The files make a small output of their own under ``{output}/batches/``, named by
+        the files' paths, contents and the model settings, with its manifest, rejects
+        and ``_SUCCESS.json``, so the reader, ``verify`` and ``search`` work on it. Asking
+        again for the same unchanged files returns the shard already made. Paths are
+        relative to the corpus when every file is inside it (so document ids match the
+        corpus run's), else to the files' common folder. A file that cannot be embedded
+        is rejected with its reason, as in a run."""
+        files = sorted({_local_file(path) for path in file_paths})
+        if not files:
+            raise PipelineError("batch_process needs at least one file")
+        root = _batch_root(files, self.run.corpus_location() if self.run.corpus else "")
+        listed = []
+        for file in files:
+            content_hash, size = storage.hash_file(file)
+            listed.append(storage.Listed(file.relative_to(root).as_posix(), size, content_hash))
+        embedder = self.embedder()
+        batch = hashlib.sha256(json.dumps(
+            [str(root), [(d.relative, d.content_hash) for d in listed], embedder.settings()]).encode()).hexdigest()[:16]
+        output = f"{self.output}/batches/batch-{batch}"
+        shard = shard_path(output, 0)
+        if storage.exists(shard):
+            return shard
+        storage.ensure_writable_dir(output)
+        manifest = f"{output}/manifest.parquet"
+        write_manifest_of(listed, str(root), "", len(listed), manifest)
+        run_shard(str(root), manifest, output, 0, embedder, 1, skip_duplicates=self.run.skip_duplicates)
+        publish_summary(output, run_summary(output, 1, {"corpus": str(root), "files": len(listed),
+                                                        "model": self.run.model, "max_tokens": self.run.max_tokens}))
+        return shard
+
+
+def _local_file(path: str | os.PathLike) -> Path:
+    if storage.is_remote(str(path)):
+        raise PipelineError(f"batch_process embeds local files; {path} is in a bucket: run EmbedAll on its corpus")
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise PipelineError(f"batch_process: {path} is not a file")
+    return file
+
+
+def _batch_root(files: list[Path], corpus: str) -> Path:
+    """The corpus, when it holds every file, else the files' common folder."""
+    if corpus and not storage.is_remote(corpus):
+        base = Path(corpus).resolve()
+        if all(file.is_relative_to(base) for file in files):
+            return base
+    return Path(os.path.commonpath([file.parent for file in files]))
