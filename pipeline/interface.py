@@ -67,7 +67,7 @@ class EmbeddingInterface:
     ``EmbedAll`` takes them; unset ones come from luigi.cfg / ``PIPELINE_*``)."""
 
     def __init__(self, output: str, corpus: str = "", **settings: Any):
-        self.run = EmbedAll(output=str(output), corpus=str(corpus), **settings)
+        self.run = EmbedAll(output=str(output), corpus=str(corpus or ""), **settings)
         self.output = self.run.output_location
 
     def embedder(self) -> Embedder:

@@ -74,6 +74,14 @@ def test_a_failing_shard_leaves_the_others_and_names_what_is_missing(tmp_path, c
     assert api.resume_from_checkpoint(failed.value.checkpoint).finished
 
 
+
+def test_checkpoints_and_resume_on_a_bucket_output(tmp_path, corpus, gcs_bucket):
+    api = interface(corpus, f"{gcs_bucket.url}/out")
+    assert api.get_checkpoint().total_shards is None
+    finished = api.resume_from_checkpoint(api.get_checkpoint())
+    assert (finished.done, finished.finished) == ((0, 1, 2), True)
+    assert verify_output(api.output).ok
+
 def test_a_checkpoint_of_another_output_or_other_settings_is_refused(tmp_path, corpus):
     api = interface(corpus, tmp_path / "out")
     other_output = interface(corpus, tmp_path / "elsewhere").get_checkpoint()
