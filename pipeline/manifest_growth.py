@@ -31,7 +31,10 @@ def documents_not_in_manifest(corpus: str, pattern: str, manifest: str) -> Itera
 
 def add_new_documents(corpus: str, pattern: str, manifest: str) -> int:
     """Append the documents the manifest lacks as new shards; returns how many. The
-    manifest is published again whole (old rows unchanged, then the new ones)."""
+    manifest is published again whole (old rows unchanged, then the new ones), and the
+    output's ``_SUCCESS.json`` deleted: it no longer describes the output, and left there
+    it would make a later run without this option (a pod's, or a rerun after a kill)
+    think the new shards were done."""
     new = documents_not_in_manifest(corpus, pattern, manifest)
     first = next(new, None)
     if first is None:
@@ -60,4 +63,5 @@ def add_new_documents(corpus: str, pattern: str, manifest: str) -> int:
             "pipeline.extended_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         })
     manifest_file.cache_clear()  # this process's copy of a bucket manifest is now old
+    storage.delete(f"{manifest.rsplit('/', 1)[0]}/_SUCCESS.json")
     return added

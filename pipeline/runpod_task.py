@@ -20,6 +20,7 @@ import luigi
 
 from . import config
 from .errors import PipelineError
+from .manifest_growth import add_new_documents
 from .pods import PodLedger, PodSettings, RunpodOrchestrator, cost_report
 from .status import RunWatch, count_shards
 from .tasks import CorpusManifest, EmbedAll, RunParameters
@@ -96,6 +97,11 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
     def complete(self):
         return self.clone(EmbedAll).complete()
 
+    def _work_done(self) -> bool:
+        """The pods' work is done: their EmbedAll's summary is written (``complete()``
+        is never true with ``--add-new-documents``, which asks the launcher to look)."""
+        return self.clone(EmbedAll, add_new_documents=False).complete()
+
     def pod_env(self) -> dict[str, str]:
         env = {
             "PIPELINE_CORPUS": self.corpus_location(),
@@ -142,6 +148,8 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         if self.pods > 1 and not self.pods_scheduler_url:
             raise PipelineError(f"--pods {self.pods} needs --pods-scheduler-url: a luigid all the pods can reach, "
                                 "which hands each shard to one of them (docs/runbook.md, 'Several pods')")
+        if self.add_new_documents and self._grow_manifest():
+            return
         if not self.image:
             # Build and ship this revision's container first (what `make image` does).
             from .image import build_and_push
@@ -173,10 +181,18 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                     raise PodEnded(f"pod(s) {', '.join(ended)} ended before the work was done ({done}/{total} shards); rerun to resume")
         finally:
             try:
-                self._end_pods("launcher finished" if self.complete() else "launcher stopped")
+                self._end_pods("launcher finished" if self._work_done() else "launcher stopped")
             finally:
                 for number, handler in previous.items():
                     signal.signal(number, handler)
+
+    def _grow_manifest(self) -> bool:
+        """``--add-new-documents``: the launcher appends the corpus's new documents as
+        new shards (the pods then run them as missing shards). True when there is nothing
+        to do, so no pod is started for nothing."""
+        added = add_new_documents(self.corpus_location(), self.pattern, self.manifest_path())
+        log.info("%d documents added to the corpus since the manifest was written: new shards", added)
+        return self._work_done()
 
     def _launch(self) -> str:
         self._budget_the_next_pod()
@@ -205,14 +221,14 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         """Report progress until the work is done (returns []) or pods end before it
         is (returns them)."""
         watch = RunWatch(self.output_location, self.total_shards())
-        while not self.complete():
+        while not self._work_done():
             message, percent = watch.figures()
             pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
             self.set_status_message(f"{pods}: {message}")
             self.set_progress_percentage(percent)
             ended = [pod_id for pod_id in live if not self._running(pod_id)]
             if ended:
-                return [] if self.complete() else ended
+                return [] if self._work_done() else ended
             time.sleep(self.poll_seconds)
         return []
 

@@ -69,3 +69,20 @@ def test_a_resumed_run_says_what_it_leaves_out_and_the_option_embeds_it(tmp_path
     assert new_paths == {"a-first.md", "z-last.md", "zz-after.md"}
     assert verify_output(str(output)).ok
     assert EmbedAll(**settings).complete()
+
+
+def test_a_grown_manifest_is_finished_by_a_plain_rerun_after_a_kill(tmp_path, embedder):
+    """Killed after the manifest grew: the old summary is gone, so a rerun without the
+    option (or a pod's run) makes the new shards instead of calling the output done."""
+    corpus = write_corpus(tmp_path / "corpus", documents=4, words=60)
+    output = tmp_path / "out"
+    settings = dict(corpus=str(corpus), output=str(output), docs_per_shard=2, device="cpu", batch_tokens=16384,
+                    precision="float32")
+    assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    add_documents(corpus, ["new-one.md", "new-two.md"])
+
+    assert add_new_documents(str(corpus), "*.md", str(output / "manifest.parquet")) == 2  # then killed
+    assert not (output / "_SUCCESS.json").exists() and not EmbedAll(**settings).complete()
+    assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    assert json.loads((output / "_SUCCESS.json").read_text())["documents"] == 6
+    assert verify_output(str(output)).ok

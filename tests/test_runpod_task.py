@@ -1,6 +1,7 @@
 """RunpodEmbedAll against the fake Runpod API, whose pods run the container's
 entrypoint (the watchdog) as local processes. Every scenario ends with no pod billed."""
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, wait_fo
 from pipeline import RunpodEmbedAll
 from pipeline.pods import PodLedger, cost_report
 from pipeline.shards import shard_stats
+from pipeline.verify import verify_output
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +62,23 @@ def test_happy_path_embeds_on_the_pod_and_ends_it(fake, corpus, tmp_path):
     wait_for(lambda: not fake.running_pods())
     report = cost_report(str(output))
     assert report["running"] == 0 and report["dollars"] == pytest.approx(fake.dollars(pod.id), abs=pod.cost_per_hr / 3600)  # within a second
+
+
+def test_new_documents_are_added_by_the_launcher_and_embedded_on_a_pod(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    assert luigi.build([task(corpus, output, add_new_documents=True)], local_scheduler=True, log_level="WARNING")
+    assert len(fake.pods) == 1, "a pod was started with nothing new to embed"
+
+    for name in ("added-1.md", "added-2.md"):
+        (corpus / name).write_text(f"# {name}\n\nA document added to the corpus after the first run.\n")
+    finished = {p.name: p.read_bytes() for p in (output / "shards").glob("*.parquet")}
+    assert luigi.build([task(corpus, output, add_new_documents=True)], local_scheduler=True, log_level="WARNING")
+    assert len(fake.pods) == 2
+    summary = json.loads((output / "_SUCCESS.json").read_text())
+    assert (summary["documents"], summary["shards"]) == (14, 5)
+    assert all((output / "shards" / name).read_bytes() == data for name, data in finished.items())
+    assert verify_output(str(output)).ok
 
 
 def test_a_failure_inside_the_pod_fails_the_task_and_ends_the_pod(fake, corpus, tmp_path):
