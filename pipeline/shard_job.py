@@ -249,6 +249,7 @@ def run_shard(
                 "rejected_documents": len(rejects),
                 "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
                 "front_matter_errors": counts["front_matter_errors"],
+                "skip_duplicates": skip_duplicates,
                 "chunks": counts["chunks"],
                 "tokens": counts["tokens"],
                 "started_at": started_at,

@@ -286,6 +286,10 @@ class EmbedAll(RunParameters, luigi.Task):
         if first_shard:
             existing = shard_metadata(f"{self.output_location}/shards/{first_shard.relative}")
             problems += settings_mismatch(existing, self.embedder().settings(), SHARED_SETTINGS)
+            # Shards made before the option was recorded did not skip duplicates.
+            skipped = json.loads(existing["stats"]).get("skip_duplicates", False)
+            if skipped != self.skip_duplicates:
+                problems.append(f"skip_duplicates: {skipped} in the output, {self.skip_duplicates} now")
         if problems:
             raise PipelineError(
                 f"output {self.output_location} was made with other settings ({'; '.join(problems)}); "

@@ -17,6 +17,7 @@ from helpers import ROOT, write_corpus
 from pipeline.chunking import MAX_TITLE_CHARS
 from pipeline.corpus import manifest_rows, write_manifest
 from pipeline.embedder import NullEmbedder
+from pipeline.errors import PipelineError
 from pipeline.shard_job import rejects_path, run_shard, shard_path
 
 SECRET = "TOPSECRET-outside-the-corpus"
@@ -338,3 +339,6 @@ def test_skip_duplicates_is_a_run_parameter_recorded_in_the_summary(tmp_path, du
     assert summary["parameters"]["skip_duplicates"] is True
     assert summary["rejected_by_reason"] == {"duplicate": 3} and summary["embedded_documents"] == 3
     assert task.complete() and not EmbedAll(**settings, skip_duplicates=False).complete()
+    # A rerun with the option off would mix shards that skip duplicates with shards that do not.
+    with pytest.raises(PipelineError, match="skip_duplicates: True in the output, False now"):
+        EmbedAll(**settings, skip_duplicates=False)._check_output_matches_settings()
