@@ -4,6 +4,7 @@
     python -m pipeline verify OUTPUT [--json]  prove the output is whole (exit 1 naming each problem)
     python -m pipeline search OUTPUT "query" [-k 5] [--json]  the chunks nearest a query (exact cosine)
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
+    python -m pipeline report OUTPUT [--html F] [--png F]  a page and a PNG: throughput, cost, rejects, chunk lengths
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
     python -m pipeline model PROFILE [--fetch] load a model offline (fetch it first)
@@ -16,6 +17,8 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from dotenv import find_dotenv, load_dotenv
 
@@ -42,17 +45,25 @@ def cost(output: str, as_json: bool) -> None:
     print(f"total: ${report['dollars']:.4f}" + (f"; {report['running']} pod(s) still running" if report["running"] else ""))
 
 
-def verify(output: str, as_json: bool) -> int:
-    """0 when the output is whole, 1 when it is not (one line per problem)."""
+@contextmanager
+def shard_progress(description: str) -> Iterator[Callable[[int], None]]:
+    """A bar of shards read (shown on a terminal only), and the ``on_shard(total)``
+    callback that moves it."""
     from tqdm import tqdm
 
+    with tqdm(unit="shard", desc=description, disable=None) as bar:
+        def tick(total: int) -> None:
+            bar.total = total
+            bar.update()
+
+        yield tick
+
+
+def verify(output: str, as_json: bool) -> int:
+    """0 when the output is whole, 1 when it is not (one line per problem)."""
     from .verify import format_verdict, verify_output
 
-    def tick(total: int) -> None:
-        bar.total = total
-        bar.update()
-
-    with tqdm(unit="shard", desc="verifying", disable=None) as bar:
+    with shard_progress("verifying") as tick:
         verdict = verify_output(output, on_shard=tick)
     print(json.dumps(verdict.as_dict(), indent=2) if as_json else format_verdict(output, verdict))
     return 0 if verdict.ok else 1
@@ -65,6 +76,28 @@ def search(output: str, query: str, k: int, as_json: bool) -> int:
 
     results = run_search(output.rstrip("/") or output, query, k)
     print(json.dumps(results, indent=2, ensure_ascii=False) if as_json else format_results(results))
+    return 0
+
+
+def report(output: str, html_file: str | None, png_file: str | None, history: str | None) -> int:
+    """Write the run report's page and image (by default ``./<output name>-report.html``
+    and ``.png``: a bucket output is never written to) and print their paths."""
+    from pathlib import Path, PurePosixPath
+
+    from . import storage
+    from .report import gather, render_html, render_png
+    from .status import configured_history
+
+    output = output.rstrip("/") or output
+    with shard_progress("reading") as tick:
+        figures = gather(output, Path(history) if history else configured_history(), on_shard=tick)
+    name = PurePosixPath(output).name if storage.is_remote(output) else storage.local_path(output).resolve().name
+    name = name or "output"  # gs://bucket has a name; / has none
+    page, image = Path(html_file or f"{name}-report.html"), Path(png_file or f"{name}-report.png")
+    page.write_text(render_html(figures), encoding="utf-8")
+    image.write_bytes(render_png(figures))
+    print(page)
+    print(image)
     return 0
 
 
@@ -87,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     cost_parser = commands.add_parser("cost", help="dollars spent on Runpod pods for an output")
     cost_parser.add_argument("output", help="the output folder or bucket prefix")
     cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    report_parser = commands.add_parser("report", help="a page and a PNG of a run: throughput, cost, rejects, lengths")
+    report_parser.add_argument("output", help="the output folder or bucket prefix")
+    report_parser.add_argument("--html", default=None, help="the page to write; default: ./<output name>-report.html")
+    report_parser.add_argument("--png", default=None, help="the image to write; default: ./<output name>-report.png")
+    report_parser.add_argument("--history", default=None,
+                               help="luigid's task history (sqlite file); default: luigi.cfg [task_history] db_connection")
     image_parser = commands.add_parser("image", help="build the pod's image and push it to PIPELINE_REGISTRY")
     image_parser.add_argument("--base-image", default=os.environ.get("PIPELINE_BASE_IMAGE", ""), help="a CUDA PyTorch image")
     image_parser.add_argument("--model", default=os.environ.get("PIPELINE_POD_MODEL", "nomic"), help="model profile baked in")
@@ -124,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.k < 1:
                 parser.error("-k must be at least 1")
             return search(args.output, args.query, args.k, args.json)
+        elif args.command == "report":
+            return report(args.output, args.html, args.png, args.history)
         elif args.command == "cost":
             cost(args.output, args.json)
         elif args.command == "estimate":

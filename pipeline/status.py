@@ -138,7 +138,7 @@ def format_status(status: dict[str, Any]) -> str:
     eta = "done" if s["eta_seconds"] == 0 else (format_duration(s["eta_seconds"]) if s["eta_seconds"] else "unknown")
     lines = [
         f"{s['output']}: {s['done']}/{s['shards']} shards done" + (", finished (_SUCCESS.json)" if s["finished"] else ""),
-        f"running: {_shard_list(s['running'])}; failed: {_shard_list(s['failed'])}"
+        f"running: {shard_list(s['running'])}; failed: {shard_list(s['failed'])}"
         + (f" (task history {s['history']})" if s["history"] else " (no task history: running and failed shards unknown)"),
         f"documents: {s['documents_done']:,} of {s['documents']:,} in done shards ({s['rejected_documents']:,} rejected); "
         f"{s['chunks']:,} chunks, {s['tokens']:,} tokens",
@@ -149,7 +149,7 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _shard_list(shards: list[int]) -> str:
+def shard_list(shards: list[int]) -> str:
     if not shards:
         return "none"
     shown = ", ".join(str(s) for s in shards[:20])

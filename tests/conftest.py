@@ -1,8 +1,10 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
-from helpers import NO_METADATA_PROBES, SHARED_CORPUS, write_corpus
+from helpers import NO_METADATA_PROBES, ROOT, SHARED_CORPUS, write_corpus
 
 os.environ.update(NO_METADATA_PROBES)
 
@@ -26,6 +28,47 @@ def shared_corpus():
     if not (SHARED_CORPUS.is_dir() and any(SHARED_CORPUS.rglob("*.md"))):
         pytest.skip("../shared/corpus is not present")
     return SHARED_CORPUS
+
+
+# ---------------------------------------------------------------------------------------
+# Headless Chromium, for tests that look at a page as a user would
+
+
+@pytest.fixture(scope="session")
+def artifacts_folder() -> Path:
+    """Where screenshots are kept for people to look at: ``$PIPELINE_TEST_ARTIFACTS``,
+    default ``test-artifacts/`` in the repository."""
+    folder = Path(os.environ.get("PIPELINE_TEST_ARTIFACTS") or ROOT / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium through the system chromedriver (never Selenium Manager, which
+    would download one); quit, with its driver, at the end."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        missing = " and ".join(name for name, path in {"chromium": chromium, "chromedriver": chromedriver}.items()
+                               if not path)
+        pytest.skip(f"no headless Chromium, the browser test is skipped: {missing} not found "
+                    "(apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing, the browser test is skipped "
+                                                                 "(pip install -e '.[dev]')")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 # Loopback only: no proxy, no background calls home.
+                 "--no-proxy-server", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,9 +11,7 @@ returned, and EmbedAll's figures naming it once the run is over. Screenshots of 
 Skipped, saying why, where Debian's chromium and chromium-driver (or selenium) are
 missing; .ci/run installs them."""
 
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -40,41 +38,11 @@ FAILED_RUN = re.compile(rf"(\d+)/({SHARDS}) shards done, .*; failed: shard {FAIL
 
 
 @pytest.fixture
-def artifacts() -> Path:
-    """The folder the screenshots are kept in, cleared of this test's old ones."""
-    folder = Path(os.environ.get("PIPELINE_TEST_ARTIFACTS") or ROOT / "test-artifacts")
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("web-view-*.png"):
+def artifacts(artifacts_folder) -> Path:
+    """The screenshot folder, cleared of this test's old ones."""
+    for old in artifacts_folder.glob("web-view-*.png"):
         old.unlink()
-    return folder
-
-
-@pytest.fixture
-def browser():
-    """Headless Chromium through the system chromedriver (never Selenium Manager, which
-    would download one); quit, with its driver, at the end."""
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and chromedriver):
-        missing = " and ".join(name for name, path in {"chromium": chromium, "chromedriver": chromedriver}.items()
-                               if not path)
-        pytest.skip(f"no headless Chromium, the web view test is skipped: {missing} not found "
-                    "(apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing, the web view test is skipped "
-                                                                 "(pip install -e '.[dev]')")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                 # Loopback only: no proxy, no background calls home.
-                 "--no-proxy-server", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    return artifacts_folder
 
 
 def show_task_list(driver, port: int) -> None:
