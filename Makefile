@@ -14,7 +14,7 @@ SCHEDULER_PORT ?= 8082
 EMBED_ARGS ?= --output output/sample --docs-per-shard 25
 LUIGI_STATE := var/luigi
 
-.PHONY: embed worker test chaos verify bench image cost-estimate luigid luigid-stop setup clean
+.PHONY: embed worker test chaos verify report bench image cost-estimate luigid luigid-stop setup clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,10 @@ chaos: $(STAMP)
 OUTPUT ?= output/sample
 verify: $(STAMP)
 	$(BIN)/python -m pipeline verify $(OUTPUT)
+
+# A page and a PNG of how a run went (docs/report.md): make report OUTPUT=gs://bucket/prefix
+report: $(STAMP)
+	$(BIN)/python -m pipeline report $(OUTPUT)
 
 # Benchmarks print figures side by side in one run; they are never timed tests.
 # Throughput (docs/performance.md): make bench CORPUS=dir BENCH_ARGS="--json bench.json"
