@@ -131,22 +131,31 @@ def write_manifest_of(listing: Iterable[storage.Listed], corpus: str, pattern: s
     return count
 
 
-@lru_cache(maxsize=4)
+def manifest_info(manifest: str) -> dict[str, str]:
+    """The manifest's own record of how it was made (corpus, pattern, shard size, counts),
+    read afresh each time (its footer only: a few ranged reads in a bucket), because
+    ``--add-new-documents`` may have grown it since this process last looked."""
+    with storage.open_for_reading(manifest) as file:
+        raw = pq.ParquetFile(file).metadata.metadata or {}
+    return {k.decode()[len("pipeline.") :]: v.decode() for k, v in raw.items() if k.startswith(b"pipeline.")}
+
+
 def manifest_file(manifest: str) -> str:
-    """A local copy of the manifest (it never changes once published, so one download
-    per process serves every shard)."""
+    """A local copy of the manifest: the file itself, or for a bucket one download per
+    process and version of the manifest (a grown one is fetched again), so every shard
+    reads its rows from a copy as new as the manifest."""
     if not storage.is_remote(manifest):
         return str(storage.local_path(manifest))
+    info = manifest_info(manifest)
+    return _downloaded(manifest, f"{info.get('documents')}@{info.get('extended_at', '')}")
+
+
+@lru_cache(maxsize=4)
+def _downloaded(manifest: str, version: str) -> str:
     folder = Path(tempfile.mkdtemp(prefix="manifest-"))
     copy = folder / "manifest.parquet"
     copy.write_bytes(storage.read_bytes(manifest))
     return str(copy)
-
-
-def manifest_info(manifest: str) -> dict[str, str]:
-    """The manifest's own record of how it was made (corpus, pattern, shard size, counts)."""
-    raw = pq.ParquetFile(manifest_file(manifest)).metadata.metadata or {}
-    return {k.decode()[len("pipeline.") :]: v.decode() for k, v in raw.items() if k.startswith(b"pipeline.")}
 
 
 def manifest_rows(manifest: str, shard: int) -> list[dict[str, Any]]:

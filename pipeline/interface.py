@@ -9,22 +9,26 @@ and shards are the pipeline's own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import luigi
 import numpy as np
 
 from . import storage
-from .corpus import manifest_info, write_manifest_of
+from .corpus import write_manifest_of
 from .embedder import Embedder
 from .errors import PipelineError
+from .manifest_growth import add_new_documents
 from .shard_job import run_shard, shard_path
+from .shards import PIPELINE_VERSION
 from .summary import publish_summary, run_summary
-from .tasks import EmbedAll
+from .tasks import EmbedAll, EmbedShard, RunParameters
 from .verify import shard_numbers
 
 
@@ -64,10 +68,14 @@ class RunFailed(PipelineError):
 
 class EmbeddingInterface:
     """One output and its settings (``corpus``, ``model``, ``docs_per_shard``, … as
-    ``EmbedAll`` takes them; unset ones come from luigi.cfg / ``PIPELINE_*``)."""
+    ``EmbedAll`` takes them; unset ones come from luigi.cfg / ``PIPELINE_*``).
+    ``add_new_documents=True``: each resume first appends the corpus's new documents."""
 
-    def __init__(self, output: str, corpus: str = "", **settings: Any):
-        self.run = EmbedAll(output=str(output), corpus=str(corpus or ""), **settings)
+    def __init__(self, output: str | os.PathLike, corpus: str | os.PathLike | None = None, **settings: Any):
+        self.add_new_documents = bool(settings.pop("add_new_documents", False))
+        if corpus is not None:
+            settings["corpus"] = os.fspath(corpus)
+        self.run = EmbedAll(output=os.fspath(output), **settings)
         self.output = self.run.output_location
 
     def embedder(self) -> Embedder:
@@ -81,21 +89,29 @@ class EmbeddingInterface:
         pipeline's chunker never makes one)."""
         if isinstance(texts, str):
             raise PipelineError("generate_embeddings takes a list of texts, not one string")
-        return self.embedder().embed_texts(list(texts))
+        texts = list(texts)
+        wrong = [type(text).__name__ for text in texts if not isinstance(text, str)]
+        if wrong:
+            raise PipelineError(f"generate_embeddings takes texts (str), not {wrong[0]}")
+        return self.embedder().embed_texts(texts)
 
     def get_checkpoint(self) -> Checkpoint:
         """Which shards are done, from the published shard files (one listing, no file
-        opened), and whether the run's summary is written."""
-        manifest = self.run.manifest_path()
-        total = int(manifest_info(manifest)["shards"]) if storage.exists(manifest) else None
-        done = tuple(sorted(shard_numbers(self.output, "shards", ".parquet", total or 0, problems=[])))
-        return Checkpoint(self.output, self.run.defining_parameters(), total, done, bool(total) and self.run.complete())
+        opened), and whether the run's summary is written. An output made from another
+        corpus, pattern or shard size is refused (PipelineError)."""
+        parameters = self.run.defining_parameters()
+        if not storage.exists(self.run.manifest_path()):
+            return Checkpoint(self.output, parameters, None, (), False)
+        total = self.run.check_manifest_matches()
+        done = tuple(sorted(shard_numbers(self.output, "shards", ".parquet", total, problems=[])))
+        return Checkpoint(self.output, parameters, total, done, len(done) == total and self.run.complete())
 
     def resume_from_checkpoint(self, checkpoint: Checkpoint | dict[str, Any]) -> Checkpoint:
         """Run what is missing (the shards not published now, then the summary) through
         the Luigi tasks on a local scheduler in this process, and return the new
         checkpoint. A checkpoint of another output or other settings is refused. When a
-        shard fails, the others still run and ``RunFailed`` names what is left."""
+        task fails, the others still run and ``RunFailed`` says what failed and what is
+        left."""
         import luigi
 
         if isinstance(checkpoint, dict):
@@ -103,46 +119,78 @@ class EmbeddingInterface:
         if (checkpoint.output, checkpoint.parameters) != (self.output, self.run.defining_parameters()):
             raise PipelineError(f"this checkpoint is of another run ({checkpoint.output}, {checkpoint.parameters}), "
                                 f"not of {self.output} with {self.run.defining_parameters()}")
-        result = luigi.build([self.run], local_scheduler=True, detailed_summary=True, log_level="INFO")
+        manifest = self.run.manifest_path()
+        if self.add_new_documents and storage.exists(manifest):
+            self.run.check_manifest_matches()  # never append another corpus's files
+            add_new_documents(self.run.corpus_location(), self.run.pattern, manifest)
+        before = self.get_checkpoint()
+        if before.missing and self.run.complete():
+            storage.delete(f"{self.output}/_SUCCESS.json")  # it counts shards that are gone; rebuilt at the end
+        self.run.forget_requirements()  # one task object per parameters and process: list the shards afresh
+        with _failures_recorded() as failures:
+            result = luigi.build([self.run], local_scheduler=True, detailed_summary=True, log_level="INFO")
         now = self.get_checkpoint()
         if not now.finished:
             left = ", ".join(map(str, now.missing[:10])) + (" …" if len(now.missing) > 10 else "")
-            raise RunFailed(f"{self.output}: the run did not finish: {len(now.missing)} shard(s) missing ({left}); "
-                            f"the others are kept. {result.one_line_summary}", now)
+            raise RunFailed(f"{self.output}: the run did not finish ({'; '.join(failures[:5]) or result.one_line_summary}); "
+                            f"{len(now.missing)} shard(s) missing ({left}), the others are kept", now)
         return now
 
     def batch_process(self, file_paths: Iterable[str | os.PathLike]) -> str:
         """Embed these files (local ones) into one Parquet shard and return its path.
 
         The files make a small output of their own under ``{output}/batches/``, named by
-        the files' paths, contents and the model settings, with its manifest, rejects
-        and ``_SUCCESS.json``, so the reader, ``verify`` and ``search`` work on it. Asking
-        again for the same unchanged files returns the shard already made. Paths are
-        relative to the corpus when every file is inside it (so document ids match the
-        corpus run's), else to the files' common folder. A file that cannot be embedded
-        is rejected with its reason, as in a run."""
+        the files' paths and contents and the run's model settings, with its manifest,
+        rejects and ``_SUCCESS.json``, so the reader, ``verify`` and ``search`` work on it.
+        Asking again for the same unchanged files returns the shard already made without
+        loading the model. Paths are relative to the corpus when every file is inside it
+        (so document ids match the corpus run's), else to the files' common folder. A
+        file that cannot be embedded is rejected with its reason, as in a run."""
         files = sorted({_local_file(path) for path in file_paths})
         if not files:
             raise PipelineError("batch_process needs at least one file")
-        root = _batch_root(files, self.run.corpus_location() if self.run.corpus else "")
+        root = _batch_root(files, self.run.corpus_location())
         listed = []
         for file in files:
             content_hash, size = storage.hash_file(file)
             listed.append(storage.Listed(file.relative_to(root).as_posix(), size, content_hash))
-        embedder = self.embedder()
-        batch = hashlib.sha256(json.dumps(
-            [str(root), [(d.relative, d.content_hash) for d in listed], embedder.settings()]).encode()).hexdigest()[:16]
-        output = f"{self.output}/batches/batch-{batch}"
+        run = self.run
+        making = [str(root), [(d.relative, d.content_hash) for d in listed], PIPELINE_VERSION,
+                  [run.model, run.model_path, run.max_tokens, run.device, run.precision, run.skip_duplicates]]
+        output = f"{self.output}/batches/batch-{hashlib.sha256(json.dumps(making).encode()).hexdigest()[:16]}"
         shard = shard_path(output, 0)
-        if storage.exists(shard):
+        if storage.exists(f"{output}/_SUCCESS.json"):
             return shard
-        storage.ensure_writable_dir(output)
-        manifest = f"{output}/manifest.parquet"
-        write_manifest_of(listed, str(root), "", len(listed), manifest)
-        run_shard(str(root), manifest, output, 0, embedder, 1, skip_duplicates=self.run.skip_duplicates)
+        if not storage.exists(shard):
+            storage.ensure_writable_dir(output)
+            manifest = f"{output}/manifest.parquet"
+            write_manifest_of(listed, str(root), "", len(listed), manifest)
+            run_shard(str(root), manifest, output, 0, self.embedder(), 1, skip_duplicates=run.skip_duplicates)
         publish_summary(output, run_summary(output, 1, {"corpus": str(root), "files": len(listed),
-                                                        "model": self.run.model, "max_tokens": self.run.max_tokens}))
+                                                        "model": run.model, "max_tokens": run.max_tokens}))
         return shard
+
+
+@contextlib.contextmanager
+def _failures_recorded() -> Iterator[list[str]]:
+    """The one-line errors of the pipeline's tasks that fail in this process meanwhile."""
+    failures: list[str] = []
+    _recorders.append(failures)
+    try:
+        yield failures
+    finally:
+        _recorders.remove(failures)
+
+
+_recorders: list[list[str]] = []
+
+
+@luigi.Task.event_handler(luigi.Event.FAILURE)
+def _record_failure(task, exception) -> None:
+    if _recorders and isinstance(task, RunParameters):
+        shard = f" {task.shard}" if isinstance(task, EmbedShard) else ""
+        what = str(exception) if isinstance(exception, PipelineError) else f"{type(exception).__name__}: {exception}"
+        _recorders[-1].append(f"{task.task_family}{shard}: {what}")
 
 
 def _local_file(path: str | os.PathLike) -> Path:
@@ -156,7 +204,7 @@ def _local_file(path: str | os.PathLike) -> Path:
 
 def _batch_root(files: list[Path], corpus: str) -> Path:
     """The corpus, when it holds every file, else the files' common folder."""
-    if corpus and not storage.is_remote(corpus):
+    if not storage.is_remote(corpus):
         base = Path(corpus).resolve()
         if all(file.is_relative_to(base) for file in files):
             return base

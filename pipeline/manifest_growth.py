@@ -42,6 +42,7 @@ def add_new_documents(corpus: str, pattern: str, manifest: str) -> int:
     info = manifest_info(manifest)
     per_shard, shards, documents = int(info["docs_per_shard"]), int(info["shards"]), int(info["documents"])
     old = pq.ParquetFile(manifest_file(manifest))
+    storage.delete(f"{manifest.rsplit('/', 1)[0]}/_SUCCESS.json")  # first: a kill after the growth leaves none
     added = 0
     with storage.atomic_output(manifest) as staged, pq.ParquetWriter(staged.path, old.schema_arrow) as writer:
         for batch in old.iter_batches(_ROWS_PER_WRITE):
@@ -62,6 +63,4 @@ def add_new_documents(corpus: str, pattern: str, manifest: str) -> int:
             "pipeline.created_at": info.get("created_at", ""),
             "pipeline.extended_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         })
-    manifest_file.cache_clear()  # this process's copy of a bucket manifest is now old
-    storage.delete(f"{manifest.rsplit('/', 1)[0]}/_SUCCESS.json")
     return added

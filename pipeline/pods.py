@@ -148,7 +148,7 @@ class RunpodOrchestrator:
     def __init__(
         self,
         settings: PodSettings,
-        ledger: PodLedger | str,
+        ledger: PodLedger | str | os.PathLike,
         api_key: Optional[str] = None,
         run_id: Optional[str] = None,
         clock: Callable[[], float] = time.time,
@@ -162,7 +162,7 @@ class RunpodOrchestrator:
         runpod.api_key = key  # the SDK does not read it from the environment itself
         self.runpod = runpod
         self.settings = settings
-        self.ledger = PodLedger(ledger) if isinstance(ledger, str) else ledger  # an output's ledger
+        self.ledger = PodLedger(os.fspath(ledger)) if isinstance(ledger, (str, os.PathLike)) else ledger  # an output's
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.clock = clock
         self.sleep = sleep

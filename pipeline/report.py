@@ -18,6 +18,7 @@ import datetime as dt
 import html
 import io
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -126,12 +127,13 @@ def shard_chunk_lengths(path: str) -> Counter:
     return Counter({item["values"]: item["counts"] for item in counted.to_pylist()})
 
 
-def gather(output: str, history: Optional[Path] = None, now: Optional[float] = None,
+def gather(output: str | os.PathLike, history: Optional[Path | str] = None, now: Optional[float] = None,
            on_shard: Optional[Callable[[int], None]] = None) -> RunReport:
     """The report's figures for a local or bucket output; ``now`` (epoch seconds) is when
     running pods are costed up to; ``on_shard(shards)`` is called after each shard read,
     for a progress bar. Raises PipelineError when there is nothing to report."""
-    output = output.rstrip("/") or output
+    output = os.fspath(output).rstrip("/") or os.fspath(output)
+    history = Path(history) if history else None
     manifest = f"{output}/manifest.parquet"
     if not storage.exists(manifest):
         raise PipelineError(f"{output} has no manifest.parquet: no run has started there")

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from .chunking import Chunk, chunk_document
 from .corpus import Document, Rejected, duplicates_in_shard, front_matter_json, iter_documents, manifest_rows
 from .embedder import Embedder
+from .errors import PipelineError
 from .progress import Progress, Reporter
 from .read_ahead import read_ahead
 from .readers import read_in_processes
@@ -209,6 +210,8 @@ def run_shard(
     ``skip_duplicates``: reject (reason ``duplicate``, unread) each document whose
     manifest content_hash an earlier document in manifest order has."""
     rows = manifest_rows(manifest, shard)
+    if not rows:  # never publish an empty shard for documents this manifest copy lacks
+        raise PipelineError(f"shard {shard} has no documents in {manifest}")
     if skip_duplicates:
         first_paths = duplicates_in_shard(manifest, shard)
         for row in rows:

@@ -206,19 +206,32 @@ class EmbedAll(RunParameters, luigi.Task):
         here when missing, so that workers started at the same moment all see it.
 
         Any problem (a missing corpus, an output made with other settings) leaves just
-        the manifest: its own task, or ``run``, then reports it as one clear line."""
+        the manifest: its own task, or ``run``, then reports it as one clear line.
+
+        The list is kept: luigi asks again just before ``run``, and shards added to the
+        manifest meanwhile (another worker's ``--add-new-documents``) are not done yet;
+        ``run`` takes them on instead of the run failing on 'unfulfilled dependencies'."""
+        if getattr(self, "_required", None):
+            return self._required
         manifest = self.clone(CorpusManifest)
         try:
             if not manifest.complete():
                 manifest.write()
             elif self.add_new_documents and not getattr(self, "_grown", False):
+                self.check_manifest_matches()  # never append another corpus's files
                 added = add_new_documents(self.corpus_location(), self.pattern, self.manifest_path())
                 self._grown = True  # luigi asks for requirements more than once
                 log.info("%d documents added to the corpus since the manifest was written: new shards", added)
             total = self._check_output_matches_settings()
         except Exception:  # reported by the tasks that run, not as a scheduling traceback
             return manifest
-        return [manifest, *self.shards(total)]
+        self._required = [manifest, *self.shards(total)]
+        return self._required
+
+    def forget_requirements(self) -> None:
+        """Luigi keeps one task object per parameters in a process: before another build
+        in the same process, list the shards (and look for new documents) afresh."""
+        self._required, self._grown = None, False
 
     def shards(self, total: int) -> list[EmbedShard]:
         return [self.clone(EmbedShard, shard=i) for i in range(total)]
@@ -240,21 +253,29 @@ class EmbedAll(RunParameters, luigi.Task):
         return defining
 
     def complete(self):
-        """Done when ``_SUCCESS.json`` exists and records these parameters. A rerun with
-        other settings is not 'done': it runs, and the settings check explains why it
-        cannot go on, instead of exiting 0 having done nothing."""
+        """Done when ``_SUCCESS.json`` exists, records these parameters and counts the
+        manifest's shards as it is now (it may have grown since). A rerun with other
+        settings is not 'done': it runs, and the settings check explains why it cannot go
+        on, instead of exiting 0 having done nothing."""
         path = self.output().path
         if self.add_new_documents or not storage.exists(path):
             return False  # asked to look for new documents: requires() looks
-        return json.loads(storage.read_text(path)).get("parameters") == self.defining_parameters()
+        summary = json.loads(storage.read_text(path))
+        return summary.get("parameters") == self.defining_parameters() and summary.get("shards") == self.total_shards()
 
     def run(self):
         total = self._check_output_matches_settings()
-        shards = self.shards(total)
-        done = sum(shard.complete() for shard in shards)
-        self.set_status_message(f"{done}/{total} shards done")
-        self.set_progress_percentage(int(100 * done / total))
-        yield shards  # already done when requires() listed them (one worker) or others ran them
+        while True:
+            shards = self.shards(total)
+            done = sum(shard.complete() for shard in shards)
+            self.set_status_message(f"{done}/{total} shards done")
+            self.set_progress_percentage(int(100 * done / total))
+            yield shards  # already done when requires() listed them (one worker) or others ran them
+            grown = self.total_shards()
+            if grown == total:
+                break
+            log.info("the manifest grew to %d shards during this run (--add-new-documents elsewhere): those too", grown)
+            total = grown
         summary = run_summary(self.output_location, total, self.defining_parameters())
         summary["documents_not_in_manifest"] = self._documents_left_out()
         publish_summary(self.output_location, summary)
@@ -277,22 +298,41 @@ class EmbedAll(RunParameters, luigi.Task):
                         "they are not in this run; rerun with --add-new-documents to embed them as new shards", count, first)
         return count
 
-    def _check_output_matches_settings(self) -> int:
-        """Refuse to add to an output made from another corpus, shard size or model."""
+    def check_manifest_matches(self) -> int:
+        """Refuse an output listed from another corpus, pattern or shard size (its
+        manifest says); the manifest's shard count. Loads no model (the Runpod launcher
+        asks too)."""
         info = manifest_info(self.manifest_path())
         wanted = {"corpus": self.corpus_location(), "pattern": self.pattern, "docs_per_shard": str(self.docs_per_shard)}
-        problems = settings_mismatch(info, wanted, wanted)
+        self._refuse(settings_mismatch(info, wanted, wanted))
+        return int(info["shards"])
+
+    def _check_output_matches_settings(self) -> int:
+        """Refuse to add to an output made from another corpus, shard size or model."""
+        total = self.check_manifest_matches()
         first_shard = next(storage.list_files(f"{self.output_location}/shards", "shard-*.parquet", hashes=False), None)
         if first_shard:
             existing = shard_metadata(f"{self.output_location}/shards/{first_shard.relative}")
-            problems += settings_mismatch(existing, self.embedder().settings(), SHARED_SETTINGS)
-            # Shards made before the option was recorded did not skip duplicates.
-            skipped = json.loads(existing["stats"]).get("skip_duplicates", False)
-            if skipped != self.skip_duplicates:
+            problems = settings_mismatch(existing, self.embedder().settings(), SHARED_SETTINGS)
+            skipped = self._skipped_duplicates(json.loads(existing["stats"]))
+            if skipped is not None and skipped != self.skip_duplicates:
                 problems.append(f"skip_duplicates: {skipped} in the output, {self.skip_duplicates} now")
+            self._refuse(problems)
+        return total
+
+    def _skipped_duplicates(self, stats: dict) -> bool | None:
+        """Whether the output's shards skip duplicates: their stats say, or for shards made
+        before they did, the summary's parameters; None when nothing says."""
+        if "skip_duplicates" in stats:
+            return stats["skip_duplicates"]
+        summary = self.output().path
+        if storage.exists(summary):
+            return json.loads(storage.read_text(summary)).get("parameters", {}).get("skip_duplicates", False)
+        return None
+
+    def _refuse(self, problems: list[str]) -> None:
         if problems:
             raise PipelineError(
                 f"output {self.output_location} was made with other settings ({'; '.join(problems)}); "
                 "use a new --output, or the settings it was made with"
             )
-        return int(info["shards"])

@@ -21,6 +21,21 @@ def add_documents(corpus, names):
         (corpus / name).write_text(f"---\ntitle: {name}\n---\n\n# {name}\n\nA document added later, called {name}.\n")
 
 
+def small_run(tmp_path):
+    """A 4-document corpus in shards of 2, and EmbedAll's settings for it (the session's
+    model settings, so the worker reuses the loaded model)."""
+    corpus = write_corpus(tmp_path / "corpus", documents=4, words=60)
+    output = tmp_path / "out"
+    return corpus, output, dict(corpus=str(corpus), output=str(output), docs_per_shard=2, device="cpu",
+                                batch_tokens=16384, precision="float32")
+
+
+def finished_run(tmp_path):
+    corpus, output, settings = small_run(tmp_path)
+    assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    return corpus, output, settings
+
+
 def test_new_documents_are_found_in_one_pass_and_appended_as_new_shards(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", documents=5, words=40)
     manifest = str(tmp_path / "manifest.parquet")
@@ -74,11 +89,7 @@ def test_a_resumed_run_says_what_it_leaves_out_and_the_option_embeds_it(tmp_path
 def test_a_grown_manifest_is_finished_by_a_plain_rerun_after_a_kill(tmp_path, embedder):
     """Killed after the manifest grew: the old summary is gone, so a rerun without the
     option (or a pod's run) makes the new shards instead of calling the output done."""
-    corpus = write_corpus(tmp_path / "corpus", documents=4, words=60)
-    output = tmp_path / "out"
-    settings = dict(corpus=str(corpus), output=str(output), docs_per_shard=2, device="cpu", batch_tokens=16384,
-                    precision="float32")
-    assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    corpus, output, settings = finished_run(tmp_path)
     add_documents(corpus, ["new-one.md", "new-two.md"])
 
     assert add_new_documents(str(corpus), "*.md", str(output / "manifest.parquet")) == 2  # then killed
@@ -86,3 +97,49 @@ def test_a_grown_manifest_is_finished_by_a_plain_rerun_after_a_kill(tmp_path, em
     assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
     assert json.loads((output / "_SUCCESS.json").read_text())["documents"] == 6
     assert verify_output(str(output)).ok
+
+
+def test_a_manifest_grown_during_a_run_is_finished_by_that_run(tmp_path, embedder):
+    """Another worker grows the manifest while this run embeds: the run makes the new
+    shards too, and its summary counts the manifest as it is at the end."""
+    import pipeline.tasks
+
+    corpus, output, settings = small_run(tmp_path)
+    real_run_shard = pipeline.tasks.run_shard
+
+    def growing_on_the_last_shard(corpus_location, manifest, out, shard, *args, **kwargs):
+        if shard == 1 and not (output / "grown").exists():
+            (output / "grown").touch()
+            add_documents(corpus, ["new-one.md", "new-two.md", "new-three.md"])
+            assert add_new_documents(corpus_location, "*.md", manifest) == 3
+        return real_run_shard(corpus_location, manifest, out, shard, *args, **kwargs)
+
+    pipeline.tasks.run_shard = growing_on_the_last_shard
+    try:
+        assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    finally:
+        pipeline.tasks.run_shard = real_run_shard
+    summary = json.loads((output / "_SUCCESS.json").read_text())
+    assert (summary["shards"], summary["documents"]) == (4, 7)
+    assert verify_output(str(output)).ok and EmbedAll(**settings).complete()
+
+
+def test_a_summary_that_counts_fewer_shards_than_the_manifest_is_not_done(tmp_path, embedder):
+    corpus, output, settings = finished_run(tmp_path)
+    summary = (output / "_SUCCESS.json").read_text()
+    add_documents(corpus, ["new-one.md"])
+    assert add_new_documents(str(corpus), "*.md", str(output / "manifest.parquet")) == 1
+    (output / "_SUCCESS.json").write_text(summary)  # a stale summary, written back by a run that started earlier
+    assert not EmbedAll(**settings).complete()
+    assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    assert json.loads((output / "_SUCCESS.json").read_text())["shards"] == 3 and verify_output(str(output)).ok
+
+
+def test_add_new_documents_with_another_corpus_is_refused_before_the_manifest_grows(tmp_path, embedder):
+    corpus, output, settings = finished_run(tmp_path)
+    manifest, summary = (output / "manifest.parquet").read_bytes(), (output / "_SUCCESS.json").read_bytes()
+    foreign = write_corpus(tmp_path / "foreign", documents=3, words=30, seed=99)
+
+    assert not luigi.build([EmbedAll(**{**settings, "corpus": str(foreign)}, add_new_documents=True)],
+                           local_scheduler=True, log_level="WARNING")
+    assert (output / "manifest.parquet").read_bytes() == manifest and (output / "_SUCCESS.json").read_bytes() == summary

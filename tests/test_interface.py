@@ -82,6 +82,37 @@ def test_checkpoints_and_resume_on_a_bucket_output(tmp_path, corpus, gcs_bucket)
     assert (finished.done, finished.finished) == ((0, 1, 2), True)
     assert verify_output(api.output).ok
 
+
+def test_a_shard_lost_after_the_summary_is_not_called_finished_and_resume_remakes_it(tmp_path, corpus):
+    api = interface(corpus, tmp_path / "out")
+    api.resume_from_checkpoint(api.get_checkpoint())
+    (tmp_path / "out" / "shards" / "shard-000001.parquet").unlink()  # _SUCCESS.json stays
+
+    checkpoint = api.get_checkpoint()
+    assert (checkpoint.missing, checkpoint.finished) == ((1,), False)
+    assert api.resume_from_checkpoint(checkpoint).finished
+    assert verify_output(api.output).ok
+
+
+def test_new_documents_are_added_on_resume_when_asked(tmp_path, corpus):
+    api = interface(corpus, tmp_path / "out", add_new_documents=True)
+    assert api.resume_from_checkpoint(api.get_checkpoint()).total_shards == 3
+    unchanged = api.resume_from_checkpoint(api.get_checkpoint())  # nothing new: still finished
+    assert (unchanged.total_shards, unchanged.finished) == (3, True)
+
+    for name in ("new-1.md", "new-2.md"):
+        (corpus / name).write_text(f"# {name}\n\nA document added after the first run.\n")
+    grown = api.resume_from_checkpoint(api.get_checkpoint())
+    assert (grown.total_shards, grown.done, grown.finished) == (4, (0, 1, 2, 3), True)
+    assert json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())["documents"] == 13
+    assert verify_output(api.output).ok
+
+
+def test_a_run_that_cannot_start_says_why(tmp_path):
+    api = interface(tmp_path / "no-such-corpus", tmp_path / "out")
+    with pytest.raises(RunFailed, match="CorpusManifest: .*no-such-corpus"):
+        api.resume_from_checkpoint(api.get_checkpoint())
+
 def test_a_checkpoint_of_another_output_or_other_settings_is_refused(tmp_path, corpus):
     api = interface(corpus, tmp_path / "out")
     other_output = interface(corpus, tmp_path / "elsewhere").get_checkpoint()
@@ -91,6 +122,9 @@ def test_a_checkpoint_of_another_output_or_other_settings_is_refused(tmp_path, c
     with pytest.raises(PipelineError, match="another run"):
         api.resume_from_checkpoint(other_shards)
     assert not (tmp_path / "out" / "shards").exists()
+    api.resume_from_checkpoint(api.get_checkpoint())
+    with pytest.raises(PipelineError, match="docs_per_shard"):  # opened with the wrong shard size
+        interface(corpus, tmp_path / "out", docs_per_shard=5).get_checkpoint()
 
 
 def test_generated_embeddings_are_the_vectors_the_pipeline_stored(tmp_path, corpus):
@@ -106,6 +140,9 @@ def test_generated_embeddings_are_the_vectors_the_pipeline_stored(tmp_path, corp
     np.testing.assert_allclose(vectors, stored, atol=2e-5)
     with pytest.raises(PipelineError, match="list of texts"):
         api.generate_embeddings("one string")
+    with pytest.raises(PipelineError, match="not NoneType"):
+        api.generate_embeddings(["a text", None])
+    assert api.generate_embeddings([]).shape == (0, 384)
 
 
 def test_batch_process_embeds_chosen_files_as_the_corpus_run_does(tmp_path, corpus):
@@ -130,14 +167,16 @@ def test_batch_process_embeds_chosen_files_as_the_corpus_run_does(tmp_path, corp
         np.testing.assert_allclose(row["embedding_vector"], corpus_rows[key]["embedding_vector"], atol=2e-5)
 
     made = Path(shard).stat().st_mtime_ns
-    assert api.batch_process(list(reversed(chosen))) == shard  # the same files: the shard already made
+    again = interface(corpus, tmp_path / "out")
+    again.embedder = lambda: pytest.fail("the model was loaded for a batch already made")
+    assert again.batch_process(list(reversed(chosen))) == shard  # the same files: the shard already made
     assert Path(shard).stat().st_mtime_ns == made
     chosen[0].write_text(chosen[0].read_text() + "\nA new last paragraph about volcanoes.\n")
     assert api.batch_process(chosen) != shard  # changed contents: a new batch
 
 
 def test_batch_process_outside_the_corpus_and_bad_paths(tmp_path, corpus):
-    api = interface(corpus, tmp_path / "out")
+    api = EmbeddingInterface(tmp_path / "out", corpus=corpus, **SETTINGS)  # paths as Path
     loose = tmp_path / "loose"
     loose.mkdir()
     (loose / "a.md").write_text("# Bees\n\nBees make honey from nectar.\n")
@@ -158,7 +197,7 @@ def test_the_orchestrator_is_public_and_keeps_its_ledger_in_the_output(tmp_path,
     monkeypatch.setenv("HOME", str(tmp_path))
     try:
         pods = RunpodOrchestrator(PodSettings(image="registry.local/embedding:abc123", poll_interval=0.05,
-                                              api_max_wait=0.05), str(tmp_path / "out"), api_key=fake.api_key)
+                                              api_max_wait=0.05), tmp_path / "out", api_key=fake.api_key)
         pod_id = pods.start_pod("NVIDIA RTX A6000")
         assert pods.wait_until_running(pod_id)["runtime"]
         assert pods.get_pod_status(pod_id)["desiredStatus"] == "RUNNING"

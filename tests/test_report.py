@@ -156,7 +156,7 @@ def test_a_run_in_progress_says_so_and_names_its_running_shard(finished, tmp_pat
     history.task_scheduled(shard)
     history.task_started(shard, "worker-host")
 
-    report = gather(str(output), path, now=NOW)
+    report = gather(output, str(path), now=NOW)  # Path and str both taken
     assert not report.finished and (len(report.shards), report.shards_total) == (2, 3)
     assert report.running == [1] and report.failed == [] and report.history == str(path)
     assert sum(report.chunk_lengths.values()) == report.totals["chunks"] < success(finished)["chunks"]
