@@ -58,7 +58,7 @@ def test_three_workers_share_the_shards_and_finish_a_killed_workers_shard(tmp_pa
             for n in range(WORKERS)
         }
         try:
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 480  # three model loads and shards on a busy 2-core machine
             while True:  # kill a worker that has published a shard, in the middle of its next one
                 assert time.monotonic() < deadline, "no worker was ever seen running a shard after publishing one"
                 done_by = publishers(output)
