@@ -266,19 +266,6 @@ class _FrontMatterLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def _load_yaml(text: str) -> Any:
-    """The front matter's YAML, without aliases. With libyaml (PyYAML's C parser, in its
-    wheels) the events are checked for an alias first, then it is loaded in C: 6 times
-    faster than the pure-Python loader on ../shared/corpus's front matter, with the same
-    values. libyaml stops at 1,000 levels of nesting, Python's stack sooner."""
-    if not getattr(yaml, "__with_libyaml__", False):
-        return yaml.load(text, Loader=_FrontMatterLoader)
-    for event in yaml.parse(text, Loader=yaml.CSafeLoader):
-        if isinstance(event, yaml.AliasEvent):
-            raise _AliasFound(f"front matter uses a YAML alias (*{event.anchor}), which is not read")
-    return yaml.load(text, Loader=yaml.CSafeLoader)
-
-
 def split_front_matter(text: str) -> tuple[dict[str, Any], int, Optional[str]]:
     """(fields, offset where the body starts, error or None).
 
@@ -292,14 +279,12 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], int, Optional[str]]:
     if match.end() > MAX_FRONT_MATTER_CHARS:
         return {}, match.end(), f"front matter is longer than {MAX_FRONT_MATTER_CHARS:,} characters"
     try:
-        fields = _plain(_load_yaml(match.group(1) or "") or {})
+        fields = _plain(yaml.load(match.group(1) or "", Loader=_FrontMatterLoader) or {})
     except _AliasFound as exc:
         return {}, match.end(), str(exc)
     except RecursionError:
         return {}, match.end(), "front matter is nested too deeply"
     except yaml.YAMLError as exc:
-        if "exceeded maximum nesting depth" in str(exc):  # libyaml's limit
-            return {}, match.end(), "front matter is nested too deeply"
         first_line = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         return {}, match.end(), f"front matter is not valid YAML: {first_line}"
     if not isinstance(fields, dict):
