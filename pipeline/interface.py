@@ -24,7 +24,6 @@ from . import storage
 from .corpus import write_manifest_of
 from .embedder import Embedder
 from .errors import PipelineError
-from .manifest_growth import add_new_documents
 from .shard_job import run_shard, shard_path
 from .shards import PIPELINE_VERSION
 from .summary import publish_summary, run_summary
@@ -37,7 +36,8 @@ class Checkpoint:
     """Where a run stands, read from its targets: which shard files are published.
 
     ``total_shards`` is None before the run has written its manifest (nothing started).
-    ``finished``: ``_SUCCESS.json`` exists and records this run's parameters.
+    ``finished``: every shard is published and ``_SUCCESS.json`` records this run's
+    parameters and the manifest's shard count.
     Plain data (``dataclasses.asdict``) so it can be saved as JSON and passed back.
     """
 
@@ -112,17 +112,13 @@ class EmbeddingInterface:
         checkpoint. A checkpoint of another output or other settings is refused. When a
         task fails, the others still run and ``RunFailed`` says what failed and what is
         left."""
-        import luigi
-
         if isinstance(checkpoint, dict):
             checkpoint = Checkpoint.from_dict(checkpoint)
         if (checkpoint.output, checkpoint.parameters) != (self.output, self.run.defining_parameters()):
             raise PipelineError(f"this checkpoint is of another run ({checkpoint.output}, {checkpoint.parameters}), "
                                 f"not of {self.output} with {self.run.defining_parameters()}")
-        manifest = self.run.manifest_path()
-        if self.add_new_documents and storage.exists(manifest):
-            self.run.check_manifest_matches()  # never append another corpus's files
-            add_new_documents(self.run.corpus_location(), self.run.pattern, manifest)
+        if self.add_new_documents and storage.exists(self.run.manifest_path()):
+            self.run.grow_manifest()
         before = self.get_checkpoint()
         if before.missing and self.run.complete():
             storage.delete(f"{self.output}/_SUCCESS.json")  # it counts shards that are gone; rebuilt at the end

@@ -20,7 +20,6 @@ import luigi
 
 from . import config
 from .errors import PipelineError
-from .manifest_growth import add_new_documents
 from .pods import PodLedger, PodSettings, RunpodOrchestrator, cost_report
 from .status import RunWatch, count_shards
 from .tasks import CorpusManifest, EmbedAll, RunParameters
@@ -190,9 +189,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         """``--add-new-documents``: the launcher appends the corpus's new documents as
         new shards (the pods then run them as missing shards). True when there is nothing
         to do, so no pod is started for nothing."""
-        self.clone(EmbedAll).check_manifest_matches()  # never append another corpus's files
-        added = add_new_documents(self.corpus_location(), self.pattern, self.manifest_path())
-        log.info("%d documents added to the corpus since the manifest was written: new shards", added)
+        self.clone(EmbedAll).grow_manifest()
         return self._work_done()
 
     def _launch(self) -> str:

@@ -218,15 +218,21 @@ class EmbedAll(RunParameters, luigi.Task):
             if not manifest.complete():
                 manifest.write()
             elif self.add_new_documents and not getattr(self, "_grown", False):
-                self.check_manifest_matches()  # never append another corpus's files
-                added = add_new_documents(self.corpus_location(), self.pattern, self.manifest_path())
+                self.grow_manifest()
                 self._grown = True  # luigi asks for requirements more than once
-                log.info("%d documents added to the corpus since the manifest was written: new shards", added)
             total = self._check_output_matches_settings()
         except Exception:  # reported by the tasks that run, not as a scheduling traceback
             return manifest
         self._required = [manifest, *self.shards(total)]
         return self._required
+
+    def grow_manifest(self) -> int:
+        """``--add-new-documents``: append the corpus's new documents to the manifest as
+        new shards, after checking it is this corpus's manifest; how many."""
+        self.check_manifest_matches()  # never append another corpus's files
+        added = add_new_documents(self.corpus_location(), self.pattern, self.manifest_path())
+        log.info("%d documents added to the corpus since the manifest was written: new shards", added)
+        return added
 
     def forget_requirements(self) -> None:
         """Luigi keeps one task object per parameters in a process: before another build
