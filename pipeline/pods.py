@@ -306,7 +306,16 @@ class RunpodOrchestrator:
             return
         if pod:
             log.warning("runpod: a failed create left pod %s; terminating it", pod["id"])
+            self._record_if_unrecorded(pod["id"], name)
             self.terminate_pod(pod["id"], reason="create failed")
+
+    def _record_if_unrecorded(self, pod_id: str, name: str) -> None:
+        """Write down a pod whose create never came back to us, so that terminating it
+        records when it ended and what it cost."""
+        try:
+            self.ledger.get(pod_id)
+        except FileNotFoundError:
+            self.ledger.record(self._record_for(pod_id, name))
 
     def _find_by_name(self, name: str) -> Optional[dict]:
         return next((p for p in self._call("listing pods", self.runpod.get_pods) if p.get("name") == name), None)
@@ -379,11 +388,8 @@ class RunpodOrchestrator:
         for pod in self._call("listing pods", self.runpod.get_pods):
             name = pod.get("name", "")
             if name.startswith(prefix):
-                if name in self._creating:  # created, but its record was never written
-                    try:
-                        self.ledger.get(pod["id"])
-                    except FileNotFoundError:
-                        self.ledger.record(self._record_for(pod["id"], name))
+                if name in self._creating:  # created, but its record may never have been written
+                    self._record_if_unrecorded(pod["id"], name)
                 self.terminate_pod(pod["id"], reason=reason)
                 ended.append(pod["id"])
         return ended

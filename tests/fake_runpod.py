@@ -72,8 +72,9 @@ class FakeRunpod:
     provisioning_seconds: float = 0.2
     stuck_provisioning: bool = False
     # Queued faults, one per request: 500, 429, "non-json", "after-500" (the request
-    # is carried out, then the answer is lost as a 500), or "new-shape" (a 200 whose
-    # data lacks the field asked for, as after an API change).
+    # is carried out, then the answer is lost as a 500), "new-shape" (a 200 whose
+    # data lacks the field asked for, as after an API change), or "after-new-shape"
+    # (the request is carried out, then answered so).
     failures: list = field(default_factory=list)
     # Where a cloud_type ALL pod lands, and so what it is billed.
     all_cloud_lands_on: str = "COMMUNITY"
@@ -169,6 +170,8 @@ class FakeRunpod:
                 except LookupError as exc:
                     return 200, {"errors": [{"message": str(exc)}], "data": None}
                 data[node.alias.value if node.alias else name] = select(value, node)
+        if fault == "after-new-shape":
+            return 200, {"data": {}}
         if fault:
             return int(str(fault)[len("after-") :]), {"message": "injected failure after the work was done"}
         return 200, {"data": data}

@@ -148,6 +148,20 @@ def test_a_create_whose_answer_was_lost_is_found_not_duplicated(tmp_path, fake):
     pods.terminate_pod(pod_id)
 
 
+def test_a_create_that_fails_for_good_after_making_the_pod_ends_it_and_records_it(tmp_path, fake):
+    """An answer we do not retry (one of a new shape) to a create the server carried
+    out: the pod is terminated, and the ledger still says when it ran and what it cost."""
+    pods = orchestrator(tmp_path, fake)
+    fake.failures = [None, None, "after-new-shape"]
+    with pytest.raises(PodError, match="creating a NVIDIA GeForce RTX 4090 pod"):
+        pods.start_pod()
+    [pod_id] = fake.pods
+    assert fake.pods[pod_id].terminated_at
+    record = pods.ledger.get(pod_id)
+    assert record["end_reason"] == "create failed"
+    assert PodLedger.dollars(record) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
+
+
 def test_env_values_that_would_break_the_query_travel_encoded(tmp_path, fake):
     service_account = json.dumps({"type": "service_account", "private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----\n"}, indent=1)
     pods = orchestrator(tmp_path, fake, env={"GOOGLE_CREDENTIALS_JSON": service_account, "PIPELINE_OUTPUT": "gs://b/out"})

@@ -100,8 +100,9 @@ def test_the_launcher_ends_a_pod_whose_container_would_linger(fake, corpus, tmp_
 def test_ctrl_c_of_the_launcher_ends_the_pod(fake, corpus, tmp_path):
     fake.pod_runtime.command = [sys.executable, "-c", "import time; time.sleep(600)"]  # a pod that never ends itself
     output = tmp_path / "out"
-    launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "launcher.log", "w") as log_file:
+        launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
+                                    stdout=log_file, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: fake.pods)
         launcher.send_signal(signal.SIGINT)
@@ -109,8 +110,11 @@ def test_ctrl_c_of_the_launcher_ends_the_pod(fake, corpus, tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+    log = (tmp_path / "launcher.log").read_text()
     assert launcher.returncode != 0
-    [record] = PodLedger(str(output)).records()
+    records = PodLedger(str(output)).records()
+    assert len(records) == 1, log
+    [record] = records
     # A signal during pod creation leaves the pod to the sweep, which records the same cause.
     assert record["end_reason"].startswith("launcher got SIGINT") and fake.pods[record["pod_id"]].terminated_at
 
