@@ -30,36 +30,6 @@ MAX_TITLE_CHARS = 1_000
 _ENCODE_BATCH = 512
 
 
-class _LongBlockGuess:
-    """Which blocks to tokenize with character offsets. Offsets are needed only to cut
-    a block longer than the budget into windows, and cost about a sixth of the
-    tokenizer's time (``encode_batch`` against ``encode_batch_fast``). A block with more
-    characters than the budget times the characters per token seen in the last batch
-    is taken to be long and tokenized with offsets; any other block without, and again
-    with them if it turns out long after all. Learning the ratio keeps the guess good
-    for any language (about 4.4 characters per token in English, about 1 in Chinese).
-    Per process; a wrong guess costs time, never a different chunk."""
-
-    chars_per_token = 4.0
-
-    @classmethod
-    def encode(cls, tokenizer: Tokenizer, texts: list[str], budget: int) -> list:
-        limit = budget * cls.chars_per_token
-        guessed_long = [k for k, t in enumerate(texts) if len(t) > limit]
-        guessed_short = [k for k, t in enumerate(texts) if len(t) <= limit]
-        encodings: list = [None] * len(texts)
-        fast = tokenizer.encode_batch_fast([texts[k] for k in guessed_short], add_special_tokens=False)
-        for k, encoding in zip(guessed_short, fast):
-            encodings[k] = encoding
-        with_offsets = guessed_long + [k for k in guessed_short if len(encodings[k].ids) > budget]
-        for k, encoding in zip(with_offsets, tokenizer.encode_batch([texts[k] for k in with_offsets], add_special_tokens=False)):
-            encodings[k] = encoding
-        tokens = sum(len(e.ids) for e in encodings)
-        if tokens >= budget:
-            cls.chars_per_token = sum(len(t) for t in texts) / tokens
-        return encodings
-
-
 @dataclass(frozen=True)
 class Block:
     start: int
@@ -247,7 +217,7 @@ def chunk_document(text: str, body_start: int, tokenizer: Tokenizer, settings: C
 
     for batch_start in range(0, len(found), _ENCODE_BATCH):
         batch = found[batch_start : batch_start + _ENCODE_BATCH]
-        encodings = _LongBlockGuess.encode(tokenizer, [text[b.start : b.end] for b in batch], budget)
+        encodings = tokenizer.encode_batch([text[b.start : b.end] for b in batch], add_special_tokens=False)
         for block, encoding in zip(batch, encodings):
             ids = np.array(encoding.ids, dtype=np.int32)
             tokens = len(ids)

@@ -188,7 +188,7 @@ class Embedder:
         ``encode`` truncates), or to ``limit``: for texts that do not come from the
         chunker (queries)."""
         limit = self.chunker.max_tokens if limit is None else limit
-        return [np.array(e.ids[:limit], dtype=np.int32) for e in self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [np.array(e.ids[:limit], dtype=np.int32) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def _features(self, group: Sequence[np.ndarray], frame: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
         """One padded batch for the model: each chunk's ids framed by the template

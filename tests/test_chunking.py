@@ -1,6 +1,6 @@
 """The markdown-aware, token-bounded chunker, with the real model's tokenizer."""
 
-from pipeline.chunking import MAX_BLOCK_CHARS, ChunkerSettings, _LongBlockGuess, blocks, chunk_document
+from pipeline.chunking import MAX_BLOCK_CHARS, ChunkerSettings, blocks, chunk_document
 from pipeline.corpus import decode, split_front_matter
 
 DOC = """---
@@ -96,32 +96,6 @@ def test_long_paragraph_is_split_in_overlapping_windows_within_the_limit(embedde
         assert second.char_start < first.char_end, "windows do not overlap"
         assert text[second.char_start - 1] == " ", "window starts mid-word"
     assert chunks[-1].char_end == len(text.rstrip())
-
-
-def test_the_long_block_guess_never_changes_a_chunk(embedder, monkeypatch):
-    """Blocks are tokenized without offsets unless taken to be long: every guess, right
-    or wrong, gives the chunks of tokenizing every block with offsets; and the guess
-    learns a language's characters per token (Chinese: one token per character)."""
-    english = " ".join(f"word{i % 50} alpha beta" for i in range(300))
-    chinese = "资本论第一卷商品和货币" * 60
-    text = f"# Mixed\n\nShort one.\n\n{english}\n\n短段落。\n\n{chinese}\n\n## End\n\n{english[:300]}\n"
-
-    def chunks_guessing(chars_per_token):
-        monkeypatch.setattr(_LongBlockGuess, "chars_per_token", chars_per_token)
-        return chunks_of(text, embedder, overlap=16)
-
-    every_block_with_offsets = chunks_guessing(0.0)
-    assert len(every_block_with_offsets) > 6  # both long paragraphs cut into windows
-    assert chunks_guessing(1e9) == every_block_with_offsets  # every long block found after the fast pass
-    assert chunks_guessing(4.0) == every_block_with_offsets
-    for chunk, expected in zip(chunks_guessing(4.0), every_block_with_offsets):
-        assert chunk.token_ids.tolist() == expected.token_ids.tolist()
-
-    chunks_guessing(4.0)
-    chunks_of(chinese, embedder)
-    assert _LongBlockGuess.chars_per_token < 1.5
-    chunks_of(english, embedder)
-    assert _LongBlockGuess.chars_per_token > 3
 
 
 def test_chunking_is_deterministic(embedder):
