@@ -8,7 +8,7 @@
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
     python -m pipeline model PROFILE [--fetch] load a model offline (fetch it first)
-    python -m pipeline bench [--corpus C] [--json F]  throughput, side by side
+    python -m pipeline bench [--corpus C] [--json F] [--rounds N]  throughput, side by side
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--batch-tokens", type=int, default=0, help="padded tokens per batch; 0: by device")
     bench_parser.add_argument("--precision", default="auto", help="auto, float32, float16 or bfloat16")
     bench_parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    bench_parser.add_argument("--rounds", type=int, default=3,
+                              help="alternating rounds of baseline and embedder, and runs of the feed (medians are reported)")
     args = parser.parse_args(argv)
     load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
             from .sample import ensure_sample_corpus
 
-            print(bench(args.corpus or ensure_sample_corpus(), args.model, args.device, args.batch_tokens, args.precision, args.json))
+            print(bench(args.corpus or ensure_sample_corpus(), args.model, args.device, args.batch_tokens, args.precision, args.json, args.rounds))
         elif args.command == "model":
             from .embedder import check_model, fetch_model
 

@@ -23,13 +23,17 @@ REQUIRED = ("baseline_tokens_per_s", "embedder_tokens_per_s", "feed_tokens_per_s
 @pytest.mark.slow
 def test_bench_prints_the_table_and_writes_the_figures(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", documents=6, words=250)
-    result = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--corpus", str(corpus), "--json", str(tmp_path / "b.json")],
+    result = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--corpus", str(corpus), "--json", str(tmp_path / "b.json"),
+                             "--rounds", "2"],
                             cwd=ROOT, env=luigi_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     figures = json.loads((tmp_path / "b.json").read_text())
     assert all(figures[key] > 0 for key in REQUIRED)
     assert figures["documents"] == 6 and figures["chunks"] >= 6 and figures["tokens"] > 6 * 200
     assert 0 < figures["utilisation"] < 1
+    # Baseline and embedder alternate in rounds; the ratio is the rounds' median, the feed a median of runs.
+    assert len(figures["embedder_vs_baseline_rounds"]) == 2 and figures["feed_rounds"] == 2
+    assert figures["embedder_vs_baseline"] == pytest.approx(np.median(figures["embedder_vs_baseline_rounds"]))
     # The stand-in GPU sleeps through its batches; the time it is busy cannot exceed the run.
     assert 0 < figures["stand_in_gpu_busy"] <= 1 and 0 < figures["stand_in_in_turn_gpu_busy"] <= 1
     assert 0 < figures["stand_in_readers_gpu_busy"] <= 1 and figures["stand_in_reader_processes"] >= 1
