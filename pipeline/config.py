@@ -48,6 +48,13 @@ DEFAULTS = {
     # GPUs per pod: the pod runs one worker per GPU, sharing a scheduler in the pod.
     "gpus_per_pod": "1",
     "poll_seconds": "30",
+    # The launcher's own limits (docs/runbook.md): a pod that makes no shard this long
+    # after it runs, or no new shard this long, is ended; one not running this long
+    # after its creation too; a free GPU is looked for this long.
+    "first_shard_seconds": "1800",
+    "idle_seconds": "3600",
+    "provisioning_seconds": "1200",
+    "capacity_seconds": "1800",
     # Storage calls: attempts per call, and the most seconds to wait between two.
     "storage_retries": "8",
     "storage_retry_max_wait": "30",

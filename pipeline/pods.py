@@ -2,7 +2,9 @@
 
 Built on the runpod SDK, which has no retries of its own: a 5xx or 429 without a
 GraphQL error comes back as a body the SDK then fails to read (``KeyError: 'data'``
-or a JSON decode error). Every call here is retried with backoff. A pod is written to
+or a JSON decode error), and one with a GraphQL error ("internal error") as a
+``QueryError`` like any refused request. ``_StatusAwareRequests`` lets the SDK see the
+HTTP status, so every 5xx and 429 is retried with backoff, whatever its body says. A pod is written to
 the ledger the moment its creation returns, and a creation that failed in transit is
 looked up by its unique name before it is tried again, so no pod is ever orphaned.
 """
@@ -47,6 +49,49 @@ class PodStuck(PodError):
     """A pod did not start running before the provisioning deadline (it was terminated)."""
 
 
+class PodLimit(PodError):
+    """The launcher ended a pod at one of the run's limits (spend, deadlines);
+    ``reason`` is the limit's one line."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class ApiUnavailable(Exception):
+    """The API answered 5xx or 429: an outage or a rate limit, to be retried."""
+
+
+class _StatusAwareRequests:
+    """The ``requests`` module as the SDK's query runner sees it, except that an answer
+    of status 5xx or 429 raises ``ApiUnavailable`` before the SDK reads its body (a
+    GraphQL error body would otherwise become a ``QueryError``, and a retry is lost)."""
+
+    def __init__(self, requests_module):
+        self._requests = requests_module
+
+    def __getattr__(self, name):
+        return getattr(self._requests, name)
+
+    def post(self, *args, **kwargs):
+        response = self._requests.post(*args, **kwargs)
+        if response.status_code >= 500 or response.status_code == 429:
+            try:
+                detail = response.json()["errors"][0]["message"]
+            except Exception:
+                detail = response.text[:120].strip() or response.reason
+            raise ApiUnavailable(f"HTTP {response.status_code}: {detail}")
+        return response
+
+
+def let_the_sdk_see_http_status() -> None:
+    """Wrap the SDK's HTTP calls once per process (idempotent)."""
+    from runpod.api import graphql
+
+    if not isinstance(graphql.requests, _StatusAwareRequests):
+        graphql.requests = _StatusAwareRequests(graphql.requests)
+
+
 @dataclass
 class PodSettings:
     image: str
@@ -57,8 +102,8 @@ class PodSettings:
     container_disk_gb: int = 40
     env: dict[str, str] = field(default_factory=dict)
     docker_args: str = ""
-    provisioning_timeout: float = 1200  # image pulls of big images take 10+ minutes
-    capacity_timeout: float = 1800  # how long to keep looking for a free GPU
+    provisioning_timeout: float = 1200  # image pulls of big images take 10+ minutes (--provisioning-seconds)
+    capacity_timeout: float = 1800  # how long to keep looking for a free GPU (--capacity-seconds)
     capacity_retry_wait: float = 30  # first wait between rounds of the GPU list; doubles
     poll_interval: float = 10
     api_attempts: int = 6
@@ -134,12 +179,17 @@ def _is_transient(exc: BaseException) -> bool:
     change in the API's shape and is not retried."""
     if isinstance(exc, KeyError):
         return exc.args == ("data",)
-    if isinstance(exc, (json.JSONDecodeError, ConnectionError, TimeoutError)):
+    if isinstance(exc, (ApiUnavailable, json.JSONDecodeError, ConnectionError, TimeoutError)):
         return True
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & {"ConnectionError", "Timeout", "ChunkedEncodingError", "JSONDecodeError"}:
         return True
-    return "QueryError" in names and bool(re.search(r"rate limit|too many requests|try again later", str(exc), re.I))
+    return "QueryError" in names and bool(_TRANSIENT_MESSAGE.search(str(exc)))
+
+
+# A GraphQL error that says "try again" even on a 200 answer.
+_TRANSIENT_MESSAGE = re.compile(r"rate limit|too many requests|try again later|internal (server )?error|"
+                                r"temporarily unavailable|service unavailable|timed? ?out", re.I)
 
 
 class RunpodOrchestrator:
@@ -160,6 +210,7 @@ class RunpodOrchestrator:
         if not key:
             raise PipelineError("RUNPOD_API_KEY is not set: put your Runpod API key in the environment or in .env")
         runpod.api_key = key  # the SDK does not read it from the environment itself
+        let_the_sdk_see_http_status()
         self.runpod = runpod
         self.settings = settings
         self.ledger = PodLedger(os.fspath(ledger)) if isinstance(ledger, (str, os.PathLike)) else ledger  # an output's
@@ -170,6 +221,7 @@ class RunpodOrchestrator:
         # Creates in flight, by pod name: what the ledger needs if the pod must be
         # swept before its record was written (a signal between create and record).
         self._creating: dict[str, tuple[str, float, float]] = {}
+        self._terminated: set[str] = set()  # confirmed gone: not asked or logged again
 
     # -- calls ------------------------------------------------------------------------
 
@@ -197,6 +249,9 @@ class RunpodOrchestrator:
             prices = {self.settings.cloud_type: prices[self.settings.cloud_type]}
         known = [p for p in prices.values() if p]
         per_gpu = min(known) if known else 0.0
+        if not per_gpu and not self.settings.spot:
+            log.warning("runpod: the API lists no price for %s in cloud %s: the pod's own billed price (costPerHr) "
+                        "is read as soon as it exists", gpu_type, self.settings.cloud_type)
         if self.settings.spot:
             if not per_gpu:
                 raise NotOffered(f"runpod: no spot price listed for {gpu_type} in cloud {self.settings.cloud_type}")
@@ -209,7 +264,8 @@ class RunpodOrchestrator:
         """Start one pod, trying the preferred GPU types in order, in rounds, until one
         has capacity or ``capacity_timeout`` passes. Returns the pod id."""
         types = list((gpu_type,) if gpu_type else self.settings.gpu_types)
-        deadline = self.clock() + self.settings.capacity_timeout
+        began = self.clock()
+        deadline = began + self.settings.capacity_timeout
         wait = self.settings.capacity_retry_wait
         while True:
             for gpu in list(types):
@@ -223,10 +279,12 @@ class RunpodOrchestrator:
                     continue
                 if pod_id:
                     return pod_id
-            if self.clock() + wait > deadline:
-                raise NoCapacity(f"runpod: no capacity for {', '.join(types)} in cloud {self.settings.cloud_type} for {self.settings.capacity_timeout:.0f}s")
-            log.warning("runpod: no capacity for %s; trying again in %.0fs", ", ".join(types), wait)
-            self.sleep(wait)
+            left = deadline - self.clock()
+            if left <= 0:
+                raise NoCapacity(f"runpod: no capacity for {', '.join(types)} in cloud {self.settings.cloud_type} "
+                                 f"in {self.clock() - began:.0f}s of looking (--capacity-seconds {self.settings.capacity_timeout:g})")
+            log.warning("runpod: no capacity for %s; trying again in %.0fs", ", ".join(types), min(wait, left))
+            self.sleep(min(wait, left))  # the last round is at the deadline, not before it
             wait = min(wait * 2, 300)
 
     def _try_create(self, gpu_type: str) -> Optional[str]:
@@ -247,6 +305,8 @@ class RunpodOrchestrator:
             try:
                 pod = self._create(arguments, price / s.gpu_count)
                 break
+            except PipelineError:
+                raise  # the launcher stopping (a signal): its sweep ends whatever was made
             except Exception as exc:
                 if "QueryError" in type(exc).__name__ and _NO_CAPACITY.search(str(exc)):
                     log.info("runpod: no %s free: %s", gpu_type, exc)
@@ -271,7 +331,9 @@ class RunpodOrchestrator:
             self._call(f"terminating unrecorded pod {pod['id']}", self.runpod.terminate_pod, pod["id"])
             raise
         self._creating.pop(name, None)
-        log.info("runpod: started pod %s (%s, $%.3f/h)", pod["id"], gpu_type, price)
+        log.info("runpod: started pod %s (%s, $%.3f/h listed)", pod["id"], gpu_type, price)
+        # Its own billed price at once: a pod that never runs is billed from now too.
+        self.record_billed_price(self.get_pod_status(pod["id"]) or {"id": pod["id"]})
         return pod["id"]
 
     def _create(self, arguments: dict[str, Any], price_per_gpu: float) -> dict:
@@ -289,8 +351,10 @@ class RunpodOrchestrator:
         return ledger_record(pod_id, name, self.run_id, gpu_type, s.gpu_count, s.cloud_type, price, s.image, started)
 
     def _pod_identity(self, name: str, gpu_type: str, price: float) -> dict[str, str]:
+        # No listed price: the watchdog reads its pod's costPerHr instead of trusting a 0.
+        listed = {"PIPELINE_WATCHDOG_PRICE_PER_HOUR": str(price)} if price else {}
         return {
-            "PIPELINE_WATCHDOG_PRICE_PER_HOUR": str(price),
+            **listed,
             "PIPELINE_WATCHDOG_CREATED_AT": str(self.clock()),
             "PIPELINE_POD_NAME": name,
             "PIPELINE_POD_RUN_ID": self.run_id,
@@ -324,31 +388,43 @@ class RunpodOrchestrator:
         """The pod as the API shows it, or None once it is gone (terminated)."""
         return self._call(f"reading pod {pod_id}", self.runpod.get_pod, pod_id)
 
-    def wait_until_running(self, pod_id: str) -> dict:
+    def wait_until_running(self, pod_id: str, limit: Optional[Callable[[], Optional[str]]] = None) -> dict:
         """Poll until the pod's container runs; past the provisioning deadline (a stuck
-        image pull, a broken host) the pod is terminated and PodStuck raised."""
+        image pull, a broken host) the pod is terminated and PodStuck raised. ``limit()``
+        is asked at every poll (provisioning is billed): a reason it returns ends the pod
+        and raises PodLimit."""
         deadline = self.clock() + self.settings.provisioning_timeout
         while True:
             pod = self.get_pod_status(pod_id)
             if pod is None:
                 raise PodError(f"runpod: pod {pod_id} disappeared while starting")
+            self.record_billed_price(pod)
             if pod.get("runtime"):
-                self._record_actual_price(pod)
                 return pod
             if self.clock() >= deadline:
                 self.terminate_pod(pod_id, reason="stuck provisioning")
                 raise PodStuck(f"runpod: pod {pod_id} was not running after {self.settings.provisioning_timeout:.0f}s; terminated it")
+            reason = limit() if limit else None
+            if reason:
+                self.terminate_pod(pod_id, reason=f"launcher: {reason}")
+                raise PodLimit(f"runpod: {reason}: ended pod {pod_id} while it was starting", reason)
             self.sleep(self.settings.poll_interval)
 
-    def _record_actual_price(self, pod: dict) -> None:
+    def record_billed_price(self, pod: dict) -> None:
         """The ledger starts with the listed price; the pod's own ``costPerHr`` is what
-        is billed (with cloud ALL it may be the secure price, not the lower one)."""
-        actual = pod.get("costPerHr")
+        is billed (with cloud ALL it may be the secure price, not the lower one; with no
+        listed price, the only one). A pod with no price at all cannot be held to a
+        budget, so it is ended."""
+        actual = float(pod.get("costPerHr") or 0)
         record = self.ledger.get(pod["id"])
-        if actual and abs(float(actual) - record["price_per_hour"]) > 1e-9:
-            log.info("runpod: pod %s is billed $%.3f/h (listed $%.3f/h)", pod["id"], float(actual), record["price_per_hour"])
-            record["price_per_hour"] = float(actual)
+        if actual and abs(actual - record["price_per_hour"]) > 1e-9:
+            log.info("runpod: pod %s is billed $%.3f/h (listed $%.3f/h)", pod["id"], actual, record["price_per_hour"])
+            record["price_per_hour"] = actual
             self.ledger.record(record)
+        elif not actual and not record["price_per_hour"]:
+            self.terminate_pod(pod["id"], reason="no price known")
+            raise PodError(f"runpod: pod {pod['id']} ({record['gpu_type']}) has no price: none is listed and the pod shows "
+                           "no costPerHr, so its cost and --max-dollars could not be counted; ended it")
 
     def stop_pod(self, pod_id: str) -> None:
         """Stop without terminating: the pod's disk is kept and still billed. Teardown
@@ -358,18 +434,34 @@ class RunpodOrchestrator:
     def terminate_pod(self, pod_id: str, reason: str = "done") -> None:
         """End the pod and its billing, confirmed: the SDK's terminate_pod returns
         normally even when the API answered 5xx or 429, so only a pod the API no longer
-        shows counts as ended. Safe to call twice."""
+        shows counts as ended, and then its ledger record is closed. Safe to call twice:
+        a pod already confirmed gone is neither asked about nor logged again."""
+        if pod_id in self._terminated:
+            return
         for attempt in range(1, self.settings.api_attempts + 1):
             try:
                 self._call(f"terminating pod {pod_id}", self.runpod.terminate_pod, pod_id)
             except PodError:
                 pass  # an already-gone pod is an error to the API: its absence below decides
-            if self.get_pod_status(pod_id) is None:
+            try:
+                gone = self.get_pod_status(pod_id) is None
+            except PodError as exc:  # the API cannot say yet: ask again
+                log.warning("runpod: could not confirm pod %s ended (%s)", pod_id, exc)
+                gone = False
+            if gone:
                 break
             log.warning("runpod: pod %s still exists after terminate; attempt %d", pod_id, attempt)
             self.sleep(min(self.settings.api_max_wait, 2**attempt * self.settings.api_max_wait / 32))
         else:
-            raise PodError(f"runpod: pod {pod_id} is still there after {self.settings.api_attempts} terminations: end it in the Runpod console")
+            raise PodError(f"runpod: pod {pod_id} is still there after {self.settings.api_attempts} terminations: "
+                           f"end it in the Runpod console, or with `python -m pipeline pods sweep OUTPUT`")
+        self._terminated.add(pod_id)
+        self.close_record(pod_id, reason)
+        log.info("runpod: terminated pod %s (%s)", pod_id, reason)
+
+    def close_record(self, pod_id: str, reason: str) -> None:
+        """Mark a pod the API no longer shows as ended now in the ledger (if it is there
+        and not already closed, by its watchdog say)."""
         try:
             record = self.ledger.get(pod_id)
         except FileNotFoundError:
@@ -377,7 +469,13 @@ class RunpodOrchestrator:
         if record["stopped_at_epoch"] is None:
             PodLedger.mark_ended(record, reason, self.clock())
             self.ledger.record(record)
-        log.info("runpod: terminated pod %s (%s)", pod_id, reason)
+
+    def pods_of(self, output: str) -> list[dict]:
+        """The pods the API shows (still billed) that this pipeline started for ``output``:
+        named by it and given that output in their environment."""
+        wanted = f"PIPELINE_OUTPUT={output}"
+        return [pod for pod in self._call("listing pods", self.runpod.get_pods)
+                if pod.get("name", "").startswith(POD_NAME_PREFIX) and wanted in (pod.get("env") or [])]
 
     def sweep(self, run_only: bool = True, reason: str = "sweep") -> list[str]:
         """Terminate every pod named by this pipeline (this run's, or all of them):

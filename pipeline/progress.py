@@ -81,3 +81,27 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class LiveLine:
+    """One line kept current: in place on a terminal (tqdm), and where there is none (a
+    log file, CI) the same text logged when it says something new (``key`` changed) or
+    ``log_every`` seconds after the last time, so a quiet wait still shows it is alive."""
+
+    def __init__(self, logger, log_every: float = 60, clock: Callable[[], float] = time.monotonic):
+        self.logger, self.log_every, self.clock = logger, log_every, clock
+        self.bar = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)
+        self._key: object = None
+        self._logged = float("-inf")
+
+    def show(self, text: str, key: object) -> None:
+        if not self.bar.disable:
+            self.bar.set_description_str(text)
+            return
+        now = self.clock()
+        if key != self._key or now - self._logged >= self.log_every:
+            self.logger.info("%s", text)
+            self._key, self._logged = key, now
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,28 +1,37 @@
 """RunpodEmbedAll: run EmbedAll on a Runpod GPU pod and never leave the pod running.
 
-The launcher builds the manifest itself (a listing: cheap), starts a pod whose
-container runs ``python -m pipeline.watchdog`` (EmbedAll, then the pod ends itself),
-follows progress by the shard targets appearing, and terminates the pod when the work
-is done, when it fails, and on SIGINT/SIGTERM. Its output is EmbedAll's
-``_SUCCESS.json``, so it is complete exactly when the work is.
+The launcher builds the manifest itself (a listing: cheap), ends this output's pods
+that no live launcher follows, starts a pod whose container runs
+``python -m pipeline.watchdog`` (EmbedAll, then the pod ends itself), follows progress
+by the shard targets appearing, and terminates the pod when the work is done, when it
+fails, at a limit of its own (spend, the first shard's and the next shard's
+deadlines, runtime: the watchdog's, for a pod whose watchdog never started), and on
+SIGINT/SIGTERM (one line, exit code 30). Its output is EmbedAll's ``_SUCCESS.json``,
+so it is complete exactly when the work is.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
 import time
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlparse
 
 import luigi
 
-from . import config
+from . import config, storage
 from .errors import PipelineError
-from .pods import PodLedger, PodSettings, RunpodOrchestrator, cost_report
+from .launcher_limits import RunGuard, RunLimits
+from .orphans import LauncherLease, clear_the_way
+from .pods import PodLedger, PodLimit, PodSettings, RunpodOrchestrator, cost_report
+from .progress import LiveLine, format_duration
 from .status import RunWatch, count_shards
 from .tasks import CorpusManifest, EmbedAll, RunParameters
+from .watchdog import Limits
 
 log = logging.getLogger("luigi-interface")
 
@@ -61,8 +70,22 @@ def pod_credentials(environ: Mapping[str, str], schemes: set[str]) -> dict[str, 
     return env
 
 
-class PodEnded(Exception):
+class PodEnded(PipelineError):
     """The pod stopped before the work was done (a crash, a watchdog limit)."""
+
+
+class LauncherStopped(PipelineError):
+    """SIGINT or SIGTERM: the pods are ended, and the task fails with one line."""
+
+
+def is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class RunpodEmbedAll(RunParameters, luigi.Task):
@@ -85,7 +108,16 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                                     description="a luigid every pod can reach (needed for --pods above 1)")
     gpus_per_pod = luigi.IntParameter(default=int(config.setting("gpus_per_pod")), significant=False,
                                       description="GPUs per pod; the pod runs one worker per GPU, each pinned to its own")
-    poll_seconds = luigi.FloatParameter(default=float(config.setting("poll_seconds")), significant=False)
+    poll_seconds = luigi.FloatParameter(default=float(config.setting("poll_seconds")), significant=False,
+                                        description="how often the launcher looks at its pods, the shards and the spend")
+    first_shard_seconds = luigi.FloatParameter(default=float(config.setting("first_shard_seconds")), significant=False,
+                                               description="end the pods when no shard comes this long after a pod runs")
+    idle_seconds = luigi.FloatParameter(default=float(config.setting("idle_seconds")), significant=False,
+                                        description="end the pods when no new shard comes this long (the pod's watchdog too)")
+    provisioning_seconds = luigi.FloatParameter(default=float(config.setting("provisioning_seconds")), significant=False,
+                                                description="end a pod that is not running this long after its creation")
+    capacity_seconds = luigi.FloatParameter(default=float(config.setting("capacity_seconds")), significant=False,
+                                            description="how long to look for a free GPU before giving up")
 
     def requires(self):
         return self.clone(CorpusManifest)
@@ -115,6 +147,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             "PIPELINE_READERS": str(self.readers),
             "PIPELINE_SKIP_DUPLICATES": str(self.skip_duplicates).lower(),
             "PIPELINE_WATCHDOG_MAX_DOLLARS": str(self.max_dollars),
+            "PIPELINE_WATCHDOG_IDLE_SECONDS": f"{self.idle_seconds:g}",
             "PIPELINE_GPUS": str(self.gpus_per_pod),
         }
         if self.model_path:
@@ -122,24 +155,30 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         if self.pods_scheduler_url:
             env["PIPELINE_SCHEDULER_URL"] = self.pods_scheduler_url
         env.update({k: os.environ[k] for k in PASSED_THROUGH if os.environ.get(k)})
-        for name in ("PIPELINE_WATCHDOG_IDLE_SECONDS", "PIPELINE_WATCHDOG_MAX_SECONDS", "PIPELINE_WATCHDOG_CHECK_SECONDS"):
+        for name in ("PIPELINE_WATCHDOG_MAX_SECONDS", "PIPELINE_WATCHDOG_CHECK_SECONDS"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
         schemes = {location.split("://", 1)[0] for location in (env["PIPELINE_CORPUS"], self.output_location) if "://" in location}
         env.update(pod_credentials(os.environ, schemes))
         return env
 
-    def orchestrator(self) -> RunpodOrchestrator:
+    def orchestrator(self, image: str) -> RunpodOrchestrator:
         settings = PodSettings(
-            image=self.image,
+            image=image,
             gpu_types=tuple(g.strip() for g in self.gpu_types.split(",") if g.strip()),
             cloud_type=self.cloud_type,
             spot=self.spot,
             gpu_count=self.gpus_per_pod,
             env=self.pod_env(),
             poll_interval=self.poll_seconds,
+            provisioning_timeout=self.provisioning_seconds,
+            capacity_timeout=self.capacity_seconds,
         )
         return RunpodOrchestrator(settings, PodLedger(self.output_location))
+
+    def limits(self) -> RunLimits:
+        return RunLimits(self.max_dollars, self.first_shard_seconds, self.idle_seconds,
+                         Limits.from_env(dict(os.environ)).max_seconds, self.poll_seconds)
 
     def run(self):
         if self.pods < 1 or self.gpus_per_pod < 1:
@@ -149,41 +188,67 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                                 "which hands each shard to one of them (docs/runbook.md, 'Several pods')")
         if self.add_new_documents and self._grow_manifest():
             return
-        if not self.image:
+        self._warn_about_what_pods_cannot_reach()
+        image = self.image
+        if not image:
             # Build and ship this revision's container first (what `make image` does).
             from .image import build_and_push
 
-            self.image = build_and_push(os.environ.get("PIPELINE_REGISTRY", ""))
-        self._orchestrator = self.orchestrator()
+            image = build_and_push(os.environ.get("PIPELINE_REGISTRY", ""))
+        self._orchestrator = self.orchestrator(image)
         self._pods: list[str] = []
+        self._ended: int | None = None  # how many of them _end_pods has ended
+        self._end_reason = ""
+        self._guard = RunGuard(self.limits(), clock=self._orchestrator.clock)
+        self._lease = LauncherLease(self.output_location, self._orchestrator.run_id, self.poll_seconds)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            live = [self._launch() for _ in range(self.pods)]
-            replaced = 0
-            while True:
-                ended = self._follow(live)
-                if not ended:
-                    break
-                live = [pod_id for pod_id in live if pod_id not in ended]
-                for pod_id in ended:
-                    taken_back = self.spot and not self._ended_by_its_watchdog(pod_id)
-                    self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back" if taken_back else "ended before the run was done")
-                    if taken_back and replaced < self.spot_relaunches:
-                        # A new pod resumes from the published shards.
-                        replaced += 1
-                        log.warning("pod %s, a spot pod, was taken back; a new one takes over (%d of %d)", pod_id, replaced, self.spot_relaunches)
-                        live.append(self._launch())
-                    elif live:
-                        log.warning("pod %s ended before the run was done; %d other pod(s) go on with its shards", pod_id, len(live))
-                if not live:
-                    done, total = count_shards(self.output_location), self.total_shards()
-                    raise PodEnded(f"pod(s) {', '.join(ended)} ended before the work was done ({done}/{total} shards); rerun to resume")
+            self._lease.renew(force=True)
+            clear_the_way(self._orchestrator, self.output_location)
+            self._follow_until_done()
+        except PodLimit as exc:
+            self._end_reason = self._end_reason or f"launcher: {exc.reason}"
+            raise PodLimit(f"{exc}; rerun to resume (finished shards are kept)") from None
         finally:
             try:
-                self._end_pods("launcher finished" if self._work_done() else "launcher stopped")
+                self._end_pods(self._end_reason or ("launcher finished" if self._work_done() else "launcher stopped"))
             finally:
+                self._lease.release()
                 for number, handler in previous.items():
                     signal.signal(number, handler)
+
+    def _follow_until_done(self) -> None:
+        """Launch the pods, follow them, replace spot pods taken back; returns when the
+        work is done and raises when it cannot be."""
+        live = [self._launch() for _ in range(self.pods)]
+        replaced = 0
+        while True:
+            ended = self._follow(live)
+            if not ended:
+                return
+            live = [pod_id for pod_id in live if pod_id not in ended]
+            for pod_id in ended:
+                taken_back = self.spot and not self._ended_by_its_watchdog(pod_id)
+                self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back" if taken_back else "ended before the run was done")
+                if taken_back and replaced < self.spot_relaunches:
+                    # A new pod resumes from the published shards.
+                    replaced += 1
+                    log.warning("pod %s, a spot pod, was taken back; a new one takes over (%d of %d)", pod_id, replaced, self.spot_relaunches)
+                    live.append(self._launch())
+                elif live:
+                    log.warning("pod %s ended before the run was done; %d other pod(s) go on with its shards", pod_id, len(live))
+            if not live:
+                done, total = count_shards(self.output_location), self.total_shards()
+                raise PodEnded(f"pod(s) {', '.join(ended)} ended before the work was done ({done}/{total} shards); rerun to resume")
+
+    def _warn_about_what_pods_cannot_reach(self) -> None:
+        """A pod runs elsewhere: this machine's disk and loopback are not its own."""
+        for flag, location in (("--corpus", self.corpus_location()), ("--output", self.output_location)):
+            if not storage.is_remote(location):
+                log.warning("%s %s is on this machine's disk, which a Runpod pod cannot read: use a gs:// or s3:// location", flag, location)
+        if self.pods_scheduler_url and is_loopback(self.pods_scheduler_url):
+            log.warning("--pods-scheduler-url %s is this machine's loopback, which a Runpod pod cannot reach: "
+                        "give a luigid address the pods can reach", self.pods_scheduler_url)
 
     def _grow_manifest(self) -> bool:
         """``--add-new-documents``: the launcher appends the corpus's new documents as
@@ -196,7 +261,8 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._budget_the_next_pod()
         pod_id = self._orchestrator.start_pod()
         self._pods.append(pod_id)
-        self._orchestrator.wait_until_running(pod_id)
+        self._orchestrator.wait_until_running(pod_id, limit=lambda: self._limit_reached([pod_id]))
+        self._guard.pod_running()
         return pod_id
 
     def _ended_by_its_watchdog(self, pod_id: str) -> bool:
@@ -207,39 +273,73 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         except FileNotFoundError:
             return False
 
+    def _run_spend(self) -> tuple[float, float, float | None]:
+        """(dollars this run has spent, dollars per hour its running pods cost, when its
+        oldest running pod was created), from the ledger: each pod's own billed price."""
+        records = [r for r in PodLedger(self.output_location).records() if r["run_id"] == self._orchestrator.run_id]
+        now = self._orchestrator.clock()
+        running = [r for r in records if r["stopped_at_epoch"] is None]
+        return (sum(PodLedger.dollars(r, now) for r in records), sum(r["price_per_hour"] for r in running),
+                min((r["started_at_epoch"] for r in running), default=None))
+
     def _budget_the_next_pod(self) -> None:
         """--max-dollars is for the whole run: a new pod gets its share of what is left."""
-        report = cost_report(self.output_location)
-        spent = next((r["dollars"] for r in report["runs"] if r["run_id"] == self._orchestrator.run_id), 0.0)
+        spent, _, _ = self._run_spend()
         if spent >= self.max_dollars:
             raise PodEnded(f"this run has spent ${spent:.2f} of its ${self.max_dollars:.2f}: no new pod; rerun with a larger --max-dollars to resume")
         self._orchestrator.settings.env["PIPELINE_WATCHDOG_MAX_DOLLARS"] = f"{(self.max_dollars - spent) / self.pods:.4f}"
 
-    def _follow(self, live: list[str]) -> list[str]:
-        """Report progress until the work is done (returns []) or pods end before it
-        is (returns them)."""
-        watch = RunWatch(self.output_location, self.total_shards())
-        while not self._work_done():
-            message, percent = watch.figures()
-            pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
-            self.set_status_message(f"{pods}: {message}")
-            self.set_progress_percentage(percent)
-            ended = [pod_id for pod_id in live if not self._running(pod_id)]
-            if ended:
-                return [] if self._work_done() else ended
-            time.sleep(self.poll_seconds)
-        return []
+    def _limit_reached(self, pods: list[str]) -> str | None:
+        """A limit's one-line reason (then the pods are ended), or None. Renews the lease."""
+        self._lease.renew()
+        spent, per_hour, oldest = self._run_spend()
+        return self._guard.breach(spent, per_hour, oldest)
 
-    def _running(self, pod_id: str) -> bool:
-        status = self._orchestrator.get_pod_status(pod_id)
+    def _follow(self, live: list[str]) -> list[str]:
+        """Report progress until the work is done (returns []) or pods end before it is
+        (returns them); past a limit the pods are ended and PodLimit raised."""
+        watch = RunWatch(self.output_location, self.total_shards())
+        line = LiveLine(log)
+        try:
+            while not self._work_done():
+                figures = watch.snapshot()
+                self._guard.saw_shards(figures.done)
+                pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
+                spent, per_hour, _ = self._run_spend()
+                text = (f"{pods}: {figures.done}/{figures.total} shards, {figures.tokens_per_second:,.0f} tokens/s, "
+                        f"ETA {figures.eta}, ${spent:.4f} of ${self.max_dollars:g} (${per_hour:.3f}/h)")
+                waiting = self._guard.deadline_in()
+                if waiting:
+                    text += f"; {waiting[0]} due within {format_duration(max(waiting[1], 0))}"
+                self.set_status_message(text)
+                self.set_progress_percentage(figures.percent)
+                line.show(text, (figures.done, len(live)))
+                statuses = {pod_id: self._orchestrator.get_pod_status(pod_id) for pod_id in live}
+                ended = [pod_id for pod_id, status in statuses.items() if not self._running(status)]
+                if ended:
+                    return [] if self._work_done() else ended
+                for status in statuses.values():
+                    self._orchestrator.record_billed_price(status)
+                reason = self._limit_reached(live)
+                if reason:
+                    log.error("launcher: %s: ending pod(s) %s", reason, ", ".join(live))
+                    self._end_reason = f"launcher: {reason}"
+                    raise PodLimit(f"{reason}: ended pod(s) {', '.join(live)} ({figures.done}/{figures.total} shards done)", reason)
+                time.sleep(self.poll_seconds)
+            return []
+        finally:
+            line.close()
+
+    @staticmethod
+    def _running(status: dict | None) -> bool:
         return status is not None and status.get("desiredStatus") in ("RUNNING", "CREATED")
 
     def _end_pods(self, reason: str) -> None:
         """Terminate every pod of this run, then sweep by name; one failure never stops
         the rest, and signals wait until it is done."""
         orchestrator = getattr(self, "_orchestrator", None)
-        if orchestrator is None:
-            return
+        if orchestrator is None or getattr(self, "_ended", None) == len(self._pods):
+            return  # nothing started, or all ended already (a signal, then the failure handler)
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         errors = []
         try:
@@ -257,10 +357,13 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                 signal.signal(number, handler)
         if errors:
             raise errors[0]
+        self._ended = len(self._pods)
 
     def _on_signal(self, number, _frame):
-        self._end_pods(f"launcher got {signal.Signals(number).name}")
-        raise KeyboardInterrupt(f"launcher got {signal.Signals(number).name}")
+        self._end_reason = f"launcher got {signal.Signals(number).name}"
+        self._end_pods(self._end_reason)
+        raise LauncherStopped(f"{self._end_reason}: ended this run's pod(s) ({', '.join(self._pods) or 'none had started'}); "
+                              "finished shards are kept: rerun the same command to resume")
 
     def on_success(self):
         self._end_pods("done")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,31 +30,56 @@ def count_shards(output: str) -> int:
     return sum(1 for _ in storage.list_files(f"{output}/shards", "shard-*.parquet", hashes=False))
 
 
+@dataclass
+class RunFigures:
+    done: int
+    total: int
+    shards_per_hour: float
+    tokens_per_second: float
+    eta: str  # "done", "unknown" or a duration
+    dollars: float
+    percent: int
+
+
 class RunWatch:
     """The whole run's progress as one process sees it, cheap enough to ask often:
-    shards published (one listing), the rate since this watch first looked (every
-    worker's shards count), and dollars from the pod ledger."""
+    shards published (one listing), the rates since this watch first looked (every
+    worker's shards count; each new shard's footer is read once, for its tokens), and
+    dollars from the pod ledger."""
 
     def __init__(self, output: str, total: int, clock=time.monotonic):
         self.output, self.total, self.clock = output, total, clock
         self.first: Optional[tuple[float, int]] = None
+        self.seen: set[str] = set()
+        self.tokens = 0  # in shards published since the first look
         self.failed: set[int] = set()  # shards that failed here and have not been made since
 
-    def figures(self) -> tuple[str, int]:
-        """(status message, percent): shards done/total, shards/h, ETA and dollars, and
-        the shards that failed in this process."""
-        done, now = count_shards(self.output), self.clock()
+    def snapshot(self) -> RunFigures:
+        names = {found.relative for found in storage.list_files(f"{self.output}/shards", "shard-*.parquet", hashes=False)}
+        done, now = len(names), self.clock()
         if self.first is None:
-            self.first = (now, done)
+            self.first, self.seen = (now, done), names
+        for name in sorted(names - self.seen):
+            try:
+                self.tokens += int(shard_stats(f"{self.output}/shards/{name}")["tokens"])
+            except Exception:  # a figure on a screen is no reason to fail
+                pass
+        self.seen |= names
         elapsed, made = now - self.first[0], done - self.first[1]
         rate = made / elapsed * 3600 if elapsed > 0 and made > 0 else 0.0
         eta = "done" if done >= self.total else (format_duration((self.total - done) / rate * 3600) if rate else "unknown")
-        dollars = cost_report(self.output)["dollars"]
-        percent = int(100 * done / self.total) if self.total else 100
-        message = f"{done}/{self.total} shards done, {rate:.1f} shards/h, ETA {eta}, ${dollars:.2f} spent"
+        return RunFigures(done, self.total, rate, self.tokens / elapsed if elapsed > 0 else 0.0, eta,
+                          cost_report(self.output)["dollars"], int(100 * done / self.total) if self.total else 100)
+
+    def figures(self) -> tuple[str, int]:
+        """(status message, percent): shards done/total, shards/h, tokens/s, ETA and
+        dollars, and the shards that failed in this process."""
+        f = self.snapshot()
+        message = (f"{f.done}/{f.total} shards done, {f.shards_per_hour:.1f} shards/h, {f.tokens_per_second:,.0f} tokens/s, "
+                   f"ETA {f.eta}, ${f.dollars:.2f} spent")
         if self.failed:
             message += f"; failed: shard {', '.join(str(s) for s in sorted(self.failed))}"
-        return message, percent
+        return message, f.percent
 
 
 def history_file(db_connection: str) -> Optional[Path]:

@@ -700,7 +700,7 @@ def temp_name_for(dest: str) -> Path:
     return staging_folder(dest) / f".{name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -713,7 +713,7 @@ def _pid_alive(pid: int) -> bool:
 def _writer_is_gone(temp: Path) -> bool:
     match = _TEMP_WRITER.search(temp.name)
     if match and match["host"] == socket.gethostname():
-        return not _pid_alive(int(match["pid"]))
+        return not pid_alive(int(match["pid"]))
     try:
         return time.time() - temp.stat().st_mtime > ABANDONED_AFTER_SECONDS
     except FileNotFoundError:

@@ -71,10 +71,11 @@ class FakeRunpod:
     capacity: dict = field(default_factory=lambda: {gpu: 10 for gpu in GPU_TYPES})
     provisioning_seconds: float = 0.2
     stuck_provisioning: bool = False
-    # Queued faults, one per request: 500, 429, "non-json", "after-500" (the request
-    # is carried out, then the answer is lost as a 500), "new-shape" (a 200 whose
-    # data lacks the field asked for, as after an API change), or "after-new-shape"
-    # (the request is carried out, then answered so).
+    # Queued faults, one per request: 500, 429, "non-json", "graphql-500" (a 500 whose
+    # body is a GraphQL error, "internal error", as the real API answers some outages),
+    # "drop" (the connection closes with no answer), "new-shape" (a 200 whose data
+    # lacks the field asked for, as after an API change). "after-" before any of them:
+    # the request is carried out first, then its answer is lost so.
     failures: list = field(default_factory=list)
     # Where a cloud_type ALL pod lands, and so what it is billed.
     all_cloud_lands_on: str = "COMMUNITY"
@@ -87,6 +88,12 @@ class FakeRunpod:
     # in tests/docker_engine.py) with the pod's env and Runpod's own variables, and
     # terminating the pod kills it.
     pod_runtime: Optional[Any] = None
+    # False: pods reach RUNNING but their container never starts (a crash loop, a wrong
+    # image, an entrypoint that dies before Python): only the launcher can end them.
+    start_containers: bool = True
+    # GPU types whose prices the API does not list (None); their pods are still billed
+    # at the real price, which each pod shows as its costPerHr.
+    unlisted_prices: set = field(default_factory=set)
 
     def __post_init__(self):
         self.pods: dict[str, FakePod] = {}
@@ -103,6 +110,9 @@ class FakeRunpod:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, payload = fake.handle(self.path, self.headers.get("Authorization", ""), body)
+                if payload is DROP:
+                    self.close_connection = True  # no status line: the client sees the connection end
+                    return
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -146,12 +156,8 @@ class FakeRunpod:
             return 401, {"message": "unauthorized"}
         with self._lock:
             fault = self.failures.pop(0) if self.failures else None
-        if fault == "non-json":
-            return 502, b"<html>Bad Gateway</html>"
-        if fault == "new-shape":
-            return 200, {"data": {}}
-        if fault and not str(fault).startswith("after-"):
-            return int(fault), {"message": "injected failure"}
+        if fault is not None and not str(fault).startswith("after-"):
+            return lost_answer(fault)
         query = json.loads(body)["query"]
         try:
             document = parse(query)
@@ -170,15 +176,19 @@ class FakeRunpod:
                 except LookupError as exc:
                     return 200, {"errors": [{"message": str(exc)}], "data": None}
                 data[node.alias.value if node.alias else name] = select(value, node)
-        if fault == "after-new-shape":
-            return 200, {"data": {}}
-        if fault:
-            return int(str(fault)[len("after-") :]), {"message": "injected failure after the work was done"}
+        if fault is not None:
+            return lost_answer(str(fault)[len("after-") :])
         return 200, {"data": data}
 
     def _gpuTypes(self, query: dict) -> list[dict]:
         ids = [query["id"]] if "id" in query else list(GPU_TYPES)
-        return [{"id": gpu, **GPU_TYPES[gpu], "maxGpuCount": 8, "lowestPrice": {"minimumBidPrice": self._minimum_bid(gpu), "uninterruptablePrice": GPU_TYPES[gpu]["communityPrice"]}} for gpu in ids if gpu in GPU_TYPES]
+        return [self._listing(gpu) for gpu in ids if gpu in GPU_TYPES]
+
+    def _listing(self, gpu: str) -> dict:
+        if gpu in self.unlisted_prices:
+            prices = {name: None for name in GPU_TYPES[gpu] if name.endswith("Price")}
+            return {"id": gpu, **GPU_TYPES[gpu], **prices, "maxGpuCount": 8, "lowestPrice": {"minimumBidPrice": None, "uninterruptablePrice": None}}
+        return {"id": gpu, **GPU_TYPES[gpu], "maxGpuCount": 8, "lowestPrice": {"minimumBidPrice": self._minimum_bid(gpu), "uninterruptablePrice": GPU_TYPES[gpu]["communityPrice"]}}
 
     @staticmethod
     def _minimum_bid(gpu: str) -> float:
@@ -217,7 +227,7 @@ class FakeRunpod:
                 provisioned_at=None if self.stuck_provisioning else now + self.provisioning_seconds,
             )
             self.pods[pod.id] = pod
-        if self.pod_runtime:
+        if self.pod_runtime and self.start_containers:
             from pipeline.pods import decode_env
 
             pod.container_env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
@@ -232,7 +242,7 @@ class FakeRunpod:
 
     def _reap(self, pod: FakePod) -> None:
         with self._lock:
-            if not (self.pod_runtime and pod.running and self.pod_runtime.exited(pod.id)):
+            if not (self.pod_runtime and pod.running and pod.id in self.pod_runtime.processes and self.pod_runtime.exited(pod.id)):
                 return
             if self.restart_exited_containers:
                 pod.restarts += 1
@@ -293,6 +303,22 @@ class FakeRunpod:
             "uptimeSeconds": int(now - pod.provisioned_at) if provisioned else 0,
             "runtime": {"uptimeInSeconds": int(now - pod.provisioned_at), "ports": []} if provisioned else None,
         }
+
+
+DROP = object()  # the handler closes the connection without answering
+
+
+def lost_answer(fault: Any) -> tuple[int, Any]:
+    """How the API answers a request it failed (or carried out, then failed to answer)."""
+    if fault == "non-json":
+        return 502, b"<html>Bad Gateway</html>"
+    if fault == "new-shape":
+        return 200, {"data": {}}
+    if fault == "graphql-500":
+        return 500, {"errors": [{"message": "internal error"}], "data": None}
+    if fault == "drop":
+        return 0, DROP
+    return int(fault), {"message": "injected failure"}
 
 
 def assert_no_pod_billed(api: FakeRunpod, timeout: float = 60) -> None:

@@ -104,10 +104,9 @@ def test_an_answer_of_a_new_shape_fails_at_once_instead_of_being_retried(tmp_pat
 def test_a_pod_of_cloud_all_is_billed_at_its_own_price_not_the_lowest_listed(tmp_path, fake):
     fake.all_cloud_lands_on = "SECURE"
     pods = orchestrator(tmp_path, fake, cloud_type="ALL")
-    pod_id = pods.start_pod()
-    assert pods.ledger.get(pod_id)["price_per_hour"] == GPU_TYPES["NVIDIA GeForce RTX 4090"]["communityPrice"]
-    pods.wait_until_running(pod_id)
+    pod_id = pods.start_pod()  # the listed price is the community one; the pod's own is read at once
     assert pods.ledger.get(pod_id)["price_per_hour"] == GPU_TYPES["NVIDIA GeForce RTX 4090"]["securePrice"]
+    pods.wait_until_running(pod_id)
     pods.terminate_pod(pod_id)
     assert PodLedger.dollars(pods.ledger.get(pod_id)) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
 

@@ -33,7 +33,7 @@ RUNNING_SHARD = re.compile(
     rf"[\d,]+ tokens/s, [\d.]+ docs/s, [\d.]+ chunks/s, [\d,]+ chunks"
 )
 # The wrapper's figures once a shard is done, so that the run's ETA is a real one.
-WHOLE_RUN = re.compile(rf"([1-9]\d*)/({SHARDS}) shards done, [\d.]+ shards/h, ETA ({DURATION}), \$\d+\.\d\d spent")
+WHOLE_RUN = re.compile(rf"([1-9]\d*)/({SHARDS}) shards done, [\d.]+ shards/h, [\d,]+ tokens/s, ETA ({DURATION}), \$\d+\.\d\d spent")
 FAILED_RUN = re.compile(rf"(\d+)/({SHARDS}) shards done, .*; failed: shard {FAILING}$")
 
 

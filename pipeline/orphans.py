@@ -1,0 +1,179 @@
+"""Pods nobody follows: each launcher's lease on its run, and what a new launch,
+``cost``, ``status`` and ``pods sweep`` do about the pods of an output whose launcher
+is gone.
+
+A launcher killed outright (SIGKILL, a lost laptop) leaves its pods to their watchdogs,
+and a pod whose container never starts has none: it bills until someone ends it. So a
+launcher holds ``{output}/_runs/launchers/<run id>.json`` (host, pid, a heartbeat)
+while it follows its pods, and every launch first looks for this output's pods, in the
+API (by name and ``PIPELINE_OUTPUT``) and in the ledger. It ends those whose launcher is
+gone, refuses to start beside a live launcher's, and closes the ledger records of pods
+the API no longer shows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import storage
+from .errors import PipelineError
+from .pods import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, ledger_record
+
+log = logging.getLogger("luigi-interface")
+
+SWEEP_HINT = "python -m pipeline pods sweep {output}"
+
+
+class LauncherLease:
+    """This launcher's claim on its run's pods, renewed while it follows them and
+    removed when it ends. Another launcher reads it to tell a live owner from a dead one."""
+
+    def __init__(self, output: str, run_id: str, poll_seconds: float, clock: Callable[[], float] = time.time):
+        self.path = f"{output}/_runs/launchers/{run_id}.json"
+        self.run_id, self.poll_seconds, self.clock = run_id, poll_seconds, clock
+        self._renewed = float("-inf")
+
+    def renew(self, force: bool = False) -> None:
+        """Write the heartbeat (at most every ten seconds unless forced)."""
+        now = self.clock()
+        if not force and now - self._renewed < 10:
+            return
+        lease = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                 "heartbeat_epoch": now, "poll_seconds": self.poll_seconds}
+        with storage.atomic_output(self.path) as staged:
+            staged.path.write_text(json.dumps(lease, indent=2) + "\n", encoding="utf-8")
+        self._renewed = now
+
+    def release(self) -> None:
+        storage.delete(self.path)
+
+
+def lease_is_live(lease: dict[str, Any], now: float) -> bool:
+    """On this host, a launcher is live while its process is; from another host, while
+    its heartbeat is recent (five polls, and at least fifteen minutes)."""
+    if lease.get("host") == socket.gethostname():
+        return storage.pid_alive(int(lease["pid"]))
+    return now - float(lease["heartbeat_epoch"]) < max(5 * float(lease.get("poll_seconds") or 30), 900)
+
+
+def live_launchers(output: str, now: Optional[float] = None) -> dict[str, dict[str, Any]]:
+    """{run id: lease} of the launchers still following pods of this output."""
+    now = time.time() if now is None else now
+    folder = f"{output}/_runs/launchers"
+    leases = {}
+    for item in storage.list_files(folder, "*.json", hashes=False):
+        try:
+            lease = json.loads(storage.read_text(f"{folder}/{item.relative}"))
+        except (FileNotFoundError, ValueError):
+            continue  # released (or half-written) while we listed
+        if lease_is_live(lease, now):
+            leases[lease["run_id"]] = lease
+    return leases
+
+
+def pod_env(pod: dict[str, Any]) -> dict[str, str]:
+    """A pod's environment as the API lists it (``["NAME=value", …]``)."""
+    return dict(item.split("=", 1) for item in pod.get("env") or [] if "=" in item)
+
+
+def pod_run_id(pod: dict[str, Any]) -> str:
+    env = pod_env(pod)
+    if env.get("PIPELINE_POD_RUN_ID"):
+        return env["PIPELINE_POD_RUN_ID"]
+    return pod.get("name", "").removeprefix(POD_NAME_PREFIX).rsplit("-", 1)[0]
+
+
+@dataclass
+class Survey:
+    """This output's pods: those the API still bills (by run), and the ledger's
+    records of pods that are running by its account but gone from the API."""
+
+    billed: list[dict[str, Any]] = field(default_factory=list)
+    gone: list[dict[str, Any]] = field(default_factory=list)
+
+
+def survey(orchestrator: RunpodOrchestrator, output: str) -> Survey:
+    everything = orchestrator._call("listing pods", orchestrator.runpod.get_pods)
+    shown = {pod["id"] for pod in everything}
+    billed = {pod["id"]: pod for pod in everything
+              if pod.get("name", "").startswith(POD_NAME_PREFIX) and pod_env(pod).get("PIPELINE_OUTPUT") == output}
+    gone = []
+    for record in orchestrator.ledger.records():
+        if record["stopped_at_epoch"] is not None:
+            continue
+        if record["pod_id"] in shown:
+            billed.setdefault(record["pod_id"], next(p for p in everything if p["id"] == record["pod_id"]))
+        else:
+            gone.append(record)
+    return Survey(list(billed.values()), gone)
+
+
+def end_pods(orchestrator: RunpodOrchestrator, pods: list[dict[str, Any]], reason: str) -> list[str]:
+    """Terminate pods found in the API, first writing down any the ledger lacks (from
+    their own environment and price), so what they cost is not lost."""
+    for pod in pods:
+        try:
+            orchestrator.ledger.get(pod["id"])
+        except FileNotFoundError:
+            env = pod_env(pod)
+            orchestrator.ledger.record(ledger_record(
+                pod["id"], pod.get("name", ""), pod_run_id(pod), env.get("PIPELINE_POD_GPU_TYPE", ""),
+                int(pod.get("gpuCount") or 1), env.get("PIPELINE_POD_CLOUD_TYPE", ""), float(pod.get("costPerHr") or 0),
+                pod.get("imageName", ""), float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or orchestrator.clock())))
+        orchestrator.terminate_pod(pod["id"], reason=reason)
+    return [pod["id"] for pod in pods]
+
+
+def close_gone(orchestrator: RunpodOrchestrator, records: list[dict[str, Any]]) -> list[str]:
+    """Close the records of pods the API no longer shows. Their real end is unknown (it
+    was before now), so the dollars they show are an upper bound, and the reason says so."""
+    for record in records:
+        orchestrator.close_record(record["pod_id"], "gone: the API no longer showed it; it ended at or before this time")
+        log.warning("runpod: pod %s (run %s) was RUNNING in the ledger but the API no longer shows it: record closed",
+                    record["pod_id"], record["run_id"])
+    return [record["pod_id"] for record in records]
+
+
+def clear_the_way(orchestrator: RunpodOrchestrator, output: str) -> None:
+    """Before a launch: end this output's pods whose launcher is gone, refuse to start
+    beside a live launcher's, and close the records of pods that are gone."""
+    found = survey(orchestrator, output)
+    live = live_launchers(output)
+    followed = [pod for pod in found.billed if pod_run_id(pod) in live and pod_run_id(pod) != orchestrator.run_id]
+    if followed:
+        lease = live[pod_run_id(followed[0])]
+        raise PipelineError(
+            f"run {lease['run_id']}'s launcher (pid {lease['pid']} on {lease['host']}) is still following pod(s) "
+            f"{', '.join(p['id'] for p in followed)} of {output}: let it finish, stop it (Ctrl-C), or end its pods with "
+            f"`{SWEEP_HINT.format(output=output)}`; no new pod was started")
+    orphans = [pod for pod in found.billed if pod_run_id(pod) != orchestrator.run_id]
+    for pod in orphans:
+        log.warning("runpod: pod %s of run %s is still billed but its launcher is gone: terminating it", pod["id"], pod_run_id(pod))
+    end_pods(orchestrator, orphans, f"orphan: its launcher was gone (ended by run {orchestrator.run_id})")
+    close_gone(orchestrator, found.gone)
+
+
+def sweep_output(orchestrator: RunpodOrchestrator, output: str) -> tuple[list[str], list[str]]:
+    """``pods sweep``: end every billed pod of this output, whoever follows it, and close
+    the records of pods that are gone. Returns (ended, closed)."""
+    found = survey(orchestrator, output)
+    return end_pods(orchestrator, found.billed, "ended by `pods sweep`"), close_gone(orchestrator, found.gone)
+
+
+def gone_pods(output: str, api_key: Optional[str] = None) -> Optional[list[str]]:
+    """Pods the ledger calls running that the API no longer shows; None when the API
+    cannot be asked (no key) or nothing in the ledger is running."""
+    from .pods import PodSettings
+
+    running = [r for r in PodLedger(output).records() if r["stopped_at_epoch"] is None]
+    if not running or not (api_key or os.environ.get("RUNPOD_API_KEY")):
+        return None
+    orchestrator = RunpodOrchestrator(PodSettings(image=""), PodLedger(output), api_key=api_key)
+    shown = {pod["id"] for pod in orchestrator._call("listing pods", orchestrator.runpod.get_pods)}
+    return [r["pod_id"] for r in running if r["pod_id"] not in shown]
