@@ -4,6 +4,7 @@
     python -m pipeline verify OUTPUT [--json]  prove the output is whole (exit 1 naming each problem)
     python -m pipeline search OUTPUT "query" [-k 5] [--json]  the chunks nearest a query (exact cosine)
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
+    python -m pipeline pods sweep OUTPUT       end every billed pod of an output; close records of pods gone
     python -m pipeline report OUTPUT [--html F] [--png F]  a page and a PNG: throughput, cost, rejects, chunk lengths
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
@@ -26,9 +27,12 @@ from .errors import PipelineError
 
 
 def cost(output: str, as_json: bool) -> None:
+    from .orphans import gone_pods
     from .pods import cost_report
 
     report = cost_report(output)
+    gone = gone_pods(output)
+    report["gone"] = gone
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -38,11 +42,43 @@ def cost(output: str, as_json: bool) -> None:
     print(f"{'pod':<16} {'run':<10} {'gpu':<26} {'$/h':>7} {'hours':>8} {'dollars':>9}  state")
     for pod in report["pods"]:
         state = f"ended: {pod['end_reason']}" if pod["stopped_at_epoch"] else "RUNNING"
+        if gone and pod["pod_id"] in gone:
+            state = "RUNNING in the ledger, but the API no longer shows it"
         print(f"{pod['pod_id']:<16} {pod['run_id']:<10} {pod['gpu_type']:<26} {pod['price_per_hour']:>7.3f} "
               f"{pod['hours']:>8.3f} {pod['dollars']:>9.4f}  {state}")
     for run in report["runs"]:
         print(f"run {run['run_id']}: {run['pods']} pod(s), ${run['dollars']:.4f}" + (f", {run['running']} still running" if run["running"] else ""))
     print(f"total: ${report['dollars']:.4f}" + (f"; {report['running']} pod(s) still running" if report["running"] else ""))
+    note = gone_note(output, gone, report["running"])
+    if note:
+        print(note)
+
+
+def gone_note(output: str, gone: list[str] | None, running: int) -> str:
+    """What the API says of the pods the ledger calls running ("" when none are)."""
+    if not running:
+        return ""
+    if gone is None:
+        return "(not checked with the Runpod API: RUNPOD_API_KEY is not set)"
+    if not gone:
+        return "(the Runpod API shows them all: they are billed)"
+    return (f"{len(gone)} of them ({', '.join(gone)}) the Runpod API no longer shows: "
+            f"`python -m pipeline pods sweep {output}` closes their records")
+
+
+def pods(action: str, output: str) -> int:
+    """``pods sweep``: end every billed pod of the output, whoever follows it."""
+    from .orphans import sweep_output
+    from .pods import PodLedger, PodSettings, RunpodOrchestrator
+
+    orchestrator = RunpodOrchestrator(PodSettings(image=""), PodLedger(output))
+    ended, closed = sweep_output(orchestrator, output)
+    for pod_id in ended:
+        print(f"terminated pod {pod_id}")
+    for pod_id in closed:
+        print(f"closed the record of pod {pod_id}: the API no longer shows it")
+    print(f"{output}: {len(ended)} pod(s) terminated, {len(closed)} record(s) closed; no pod of this output is billed now")
+    return 0
 
 
 @contextmanager
@@ -120,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     cost_parser = commands.add_parser("cost", help="dollars spent on Runpod pods for an output")
     cost_parser.add_argument("output", help="the output folder or bucket prefix")
     cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    pods_parser = commands.add_parser("pods", help="the Runpod pods of an output")
+    pods_parser.add_argument("action", choices=["sweep"], help="sweep: terminate every billed pod of the output and close its record")
+    pods_parser.add_argument("output", help="the output folder or bucket prefix")
     report_parser = commands.add_parser("report", help="a page and a PNG of a run: throughput, cost, rejects, lengths")
     report_parser.add_argument("output", help="the output folder or bucket prefix")
     report_parser.add_argument("--html", default=None, help="the page to write; default: ./<output name>-report.html")
@@ -169,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             return report(args.output, args.html, args.png, args.history)
         elif args.command == "cost":
             cost(args.output, args.json)
+        elif args.command == "pods":
+            return pods(args.action, args.output.rstrip("/") or args.output)
         elif args.command == "estimate":
             from .estimate import estimate
             from .sample import ensure_sample_corpus

@@ -97,8 +97,9 @@ def sample_corpus(corpus: str, pattern: str, model: str, sample_size: int = 200,
 def hourly_price(gpu_type: str, cloud_type: str = "COMMUNITY") -> tuple[float, str]:
     if os.environ.get("RUNPOD_API_KEY"):
         try:
-            import runpod
+            from .pods import import_runpod
 
+            runpod = import_runpod()
             runpod.api_key = os.environ["RUNPOD_API_KEY"]
             gpu = runpod.get_gpu(gpu_type)
             price = gpu["securePrice" if cloud_type == "SECURE" else "communityPrice"]

@@ -84,6 +84,20 @@ class _StatusAwareRequests:
         return response
 
 
+def import_runpod():
+    """The SDK, without the root logging handler it installs at import time (its upload
+    helper calls ``logging.basicConfig``), which printed every log line of ours twice."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    import runpod
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    return runpod
+
+
 def let_the_sdk_see_http_status() -> None:
     """Wrap the SDK's HTTP calls once per process (idempotent)."""
     from runpod.api import graphql
@@ -204,8 +218,7 @@ class RunpodOrchestrator:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        import runpod
-
+        runpod = import_runpod()
         key = api_key or os.environ.get("RUNPOD_API_KEY")
         if not key:
             raise PipelineError("RUNPOD_API_KEY is not set: put your Runpod API key in the environment or in .env")

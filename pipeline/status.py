@@ -19,6 +19,7 @@ from typing import Any, Optional
 from . import storage
 from .corpus import manifest_info
 from .errors import PipelineError
+from .orphans import gone_pods
 from .pods import cost_report
 from .progress import format_duration
 from .shards import shard_stats
@@ -156,6 +157,7 @@ def run_status(output: str, history: Optional[Path] = None) -> dict[str, Any]:
         "finished": storage.exists(f"{output}/_SUCCESS.json"),
         "dollars": cost["dollars"],
         "pods_running": cost["running"],
+        "pods_gone": gone_pods(output) if cost["running"] else None,
     }
 
 
@@ -172,6 +174,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"while shards were being made, by {len(s['workers'])} worker process(es); ETA {eta}",
         f"cost: ${s['dollars']:.4f} on Runpod" + (f"; {s['pods_running']} pod(s) still running" if s["pods_running"] else ""),
     ]
+    if s["pods_gone"]:
+        lines.append(f"  of which {', '.join(s['pods_gone'])} the Runpod API no longer shows: "
+                     f"`python -m pipeline pods sweep {s['output']}` closes their records")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from fake_runpod import GPU_TYPES, FakeRunpod
 from pipeline.errors import PipelineError
-from pipeline.pods import NoCapacity, PodError, PodLedger, PodSettings, PodStuck, RunpodOrchestrator, decode_env
+from pipeline.pods import NoCapacity, PodError, PodLedger, PodLimit, PodSettings, PodStuck, RunpodOrchestrator, decode_env
 
 FAST = dict(provisioning_timeout=5, capacity_timeout=3, capacity_retry_wait=0.05, poll_interval=0.05, api_attempts=5, api_max_wait=0.05)
 
@@ -254,3 +254,92 @@ def test_terminating_a_pod_the_api_no_longer_knows_is_done_whatever_the_error_sa
     monkeypatch.setattr(pods.runpod, "terminate_pod", unknown_wording)
     pods.terminate_pod(pod_id, reason="again")  # the launcher's last word after the watchdog's
     assert pods.ledger.get(pod_id)["end_reason"] == "done"
+
+
+# -- what the real API does (issue 18) -------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["graphql-500", "after-graphql-500", "drop", "after-drop"])
+def test_a_create_answered_with_a_server_error_or_no_answer_is_retried_and_never_duplicated(tmp_path, fake, fault):
+    """A 500 whose body is a GraphQL error ("internal error") reads to the SDK like any
+    refused request; a dropped connection leaves no answer at all. Both are retried, and
+    a create the server carried out is found by its name."""
+    pods = orchestrator(tmp_path, fake)
+    fake.failures = [None, None, fault]  # our price lookup, the SDK's gpuTypes check, then the create
+    pod_id = pods.start_pod()
+    assert list(fake.pods) == [pod_id] and fake.failures == []
+    assert pods.ledger.get(pod_id)["pod_id"] == pod_id
+    pods.terminate_pod(pod_id)
+
+
+def test_a_status_poll_answered_with_graphql_500s_is_retried(tmp_path, fake):
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    fake.failures = ["graphql-500", "graphql-500"]
+    assert pods.get_pod_status(pod_id)["id"] == pod_id
+    pods.terminate_pod(pod_id)
+
+
+def test_the_ledger_is_closed_when_the_check_after_a_terminate_gets_server_errors(tmp_path, fake):
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    fake.failures = [None, "graphql-500", "graphql-500"]  # the terminate goes through; the checks fail
+    pods.terminate_pod(pod_id)
+    record = pods.ledger.get(pod_id)
+    assert fake.pods[pod_id].terminated_at and record["end_reason"] == "done"
+    assert PodLedger.dollars(record) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
+
+
+def test_terminating_twice_asks_the_api_and_logs_once(tmp_path, fake, caplog):
+    pods = orchestrator(tmp_path, fake)
+    pod_id = pods.start_pod()
+    pods.terminate_pod(pod_id, reason="first")
+    asked = len(fake.requests)
+    with caplog.at_level("INFO", logger="luigi-interface"):
+        pods.terminate_pod(pod_id, reason="second")
+    assert len(fake.requests) == asked and "terminated pod" not in caplog.text
+    assert pods.ledger.get(pod_id)["end_reason"] == "first"
+
+
+def test_a_gpu_with_no_listed_price_is_recorded_at_the_pods_own_price_with_a_warning(tmp_path, fake, caplog):
+    fake.unlisted_prices = {"NVIDIA GeForce RTX 4090"}
+    pods = orchestrator(tmp_path, fake)
+    with caplog.at_level("WARNING", logger="luigi-interface"):
+        pod_id = pods.start_pod()
+    assert "lists no price for NVIDIA GeForce RTX 4090" in caplog.text
+    billed = fake.pods[pod_id].cost_per_hr
+    assert billed > 0 and pods.ledger.get(pod_id)["price_per_hour"] == billed  # before it ever runs
+    assert "PIPELINE_WATCHDOG_PRICE_PER_HOUR" not in fake.pods[pod_id].env, "the watchdog was told a price of 0"
+    pods.terminate_pod(pod_id)
+    assert PodLedger.dollars(pods.ledger.get(pod_id)) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
+
+
+def test_a_pod_with_no_price_anywhere_is_ended_not_run_unbudgeted(tmp_path, fake, monkeypatch):
+    fake.unlisted_prices = {"NVIDIA GeForce RTX 4090"}
+    monkeypatch.setitem(GPU_TYPES["NVIDIA GeForce RTX 4090"], "communityPrice", 0.0)  # and the pod shows none
+    pods = orchestrator(tmp_path, fake)
+    with pytest.raises(PodError, match="has no price"):
+        pods.start_pod()
+    [pod_id] = fake.pods
+    assert fake.pods[pod_id].terminated_at and pods.ledger.get(pod_id)["end_reason"] == "no price known"
+
+
+def test_capacity_is_looked_for_until_the_deadline_and_the_message_says_how_long(tmp_path, fake):
+    for gpu in fake.capacity:
+        fake.capacity[gpu] = 0
+    now = [1000.0]
+    pods = RunpodOrchestrator(PodSettings(image="x", **{**FAST, "capacity_timeout": 30, "capacity_retry_wait": 4}),
+                              PodLedger(str(tmp_path / "out")), api_key=fake.api_key,
+                              clock=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds))
+    with pytest.raises(NoCapacity, match=r"in 30s of looking \(--capacity-seconds 30\)"):
+        pods.start_pod()
+    assert now[0] == 1030.0  # rounds at 0, 4, 12, 28 and a last one at the deadline
+
+
+def test_a_limit_during_provisioning_ends_the_pod(tmp_path, fake):
+    fake.stuck_provisioning = True
+    pods = orchestrator(tmp_path, fake, provisioning_timeout=60)
+    pod_id = pods.start_pod()
+    with pytest.raises(PodLimit, match="spend limit"):
+        pods.wait_until_running(pod_id, limit=lambda: "spend limit: test")
+    assert pods.ledger.get(pod_id)["end_reason"] == "launcher: spend limit: test"

@@ -1,0 +1,72 @@
+"""The launcher's own limits, on a clock the test moves."""
+
+from pipeline.launcher_limits import RunGuard, RunLimits
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def guard(**limits):
+    clock = Clock()
+    return RunGuard(RunLimits(**{"max_dollars": 1.0, "first_shard_seconds": 60, "idle_seconds": 30, "max_seconds": 3600,
+                                 "poll_seconds": 36, **limits}), clock=clock), clock
+
+
+def test_spend_is_judged_one_look_ahead():
+    g, _ = guard(max_dollars=1.0, poll_seconds=36)  # at $10/h one look is $0.10
+    assert g.breach(spent=0.89, dollars_per_hour=10) is None
+    reason = g.breach(spent=0.90, dollars_per_hour=10)
+    assert reason.startswith("spend limit: $0.9000 spent of --max-dollars 1")
+
+
+def test_no_deadline_before_a_pod_runs():
+    g, clock = guard()
+    g.saw_shards(0)
+    clock.now += 10_000
+    assert g.deadline_in() is None and g.breach(0, 0) is None
+
+
+def test_the_first_shard_is_due_within_its_deadline_of_the_pod_running():
+    g, clock = guard(first_shard_seconds=60, idle_seconds=30)
+    g.saw_shards(0)
+    g.pod_running()
+    clock.now += 59
+    g.saw_shards(0)
+    assert g.breach(0, 0) is None and g.deadline_in()[0] == "first shard"
+    clock.now += 2
+    assert g.breach(0, 0) == "no shard within 60s of the pod running (--first-shard-seconds)"
+
+
+def test_after_a_shard_the_idle_deadline_counts_from_it():
+    g, clock = guard(first_shard_seconds=60, idle_seconds=30)
+    g.saw_shards(3)  # shards made before this launch do not count as progress
+    g.pod_running()
+    clock.now += 50
+    g.saw_shards(4)
+    clock.now += 29
+    assert g.breach(0, 0) is None and g.deadline_in() == ("next shard", 1)
+    clock.now += 2
+    assert g.breach(0, 0) == "no new shard for 30s (--idle-seconds)"
+
+
+def test_a_new_pod_running_starts_a_first_shard_deadline_again():
+    g, clock = guard(first_shard_seconds=60, idle_seconds=30)
+    g.saw_shards(0)
+    g.pod_running()
+    clock.now += 10
+    g.saw_shards(1)
+    clock.now += 20
+    g.pod_running()  # a spot pod's replacement: it loads its model first
+    clock.now += 45
+    assert g.breach(0, 0) is None
+
+
+def test_runtime_counts_from_the_oldest_pods_creation():
+    g, clock = guard(max_seconds=100)
+    assert g.breach(0, 0, oldest_created=clock.now - 99) is None
+    assert g.breach(0, 0, oldest_created=clock.now - 101).startswith("runtime limit")
