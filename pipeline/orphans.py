@@ -62,19 +62,23 @@ def lease_is_live(lease: dict[str, Any], now: float) -> bool:
     return now - float(lease["heartbeat_epoch"]) < max(5 * float(lease.get("poll_seconds") or 30), 900)
 
 
+def launchers(output: str) -> list[tuple[str, dict[str, Any]]]:
+    """(path, lease) of every launcher that has followed pods of this output and not
+    released its lease: live ones, and dead ones (killed outright)."""
+    folder = f"{output}/_runs/launchers"
+    found = []
+    for item in storage.list_files(folder, "*.json", hashes=False):
+        try:
+            found.append((f"{folder}/{item.relative}", json.loads(storage.read_text(f"{folder}/{item.relative}"))))
+        except (FileNotFoundError, ValueError):
+            continue  # released (or half-written) while we listed
+    return found
+
+
 def live_launchers(output: str, now: Optional[float] = None) -> dict[str, dict[str, Any]]:
     """{run id: lease} of the launchers still following pods of this output."""
     now = time.time() if now is None else now
-    folder = f"{output}/_runs/launchers"
-    leases = {}
-    for item in storage.list_files(folder, "*.json", hashes=False):
-        try:
-            lease = json.loads(storage.read_text(f"{folder}/{item.relative}"))
-        except (FileNotFoundError, ValueError):
-            continue  # released (or half-written) while we listed
-        if lease_is_live(lease, now):
-            leases[lease["run_id"]] = lease
-    return leases
+    return {lease["run_id"]: lease for _, lease in launchers(output) if lease_is_live(lease, now)}
 
 
 def pod_env(pod: dict[str, Any]) -> dict[str, str]:
@@ -99,7 +103,7 @@ class Survey:
 
 
 def survey(orchestrator: RunpodOrchestrator, output: str) -> Survey:
-    everything = orchestrator._call("listing pods", orchestrator.runpod.get_pods)
+    everything = orchestrator.list_pods()
     shown = {pod["id"] for pod in everything}
     billed = {pod["id"]: pod for pod in everything
               if pod.get("name", "").startswith(POD_NAME_PREFIX) and pod_env(pod).get("PIPELINE_OUTPUT") == output}
@@ -157,6 +161,9 @@ def clear_the_way(orchestrator: RunpodOrchestrator, output: str) -> None:
         log.warning("runpod: pod %s of run %s is still billed but its launcher is gone: terminating it", pod["id"], pod_run_id(pod))
     end_pods(orchestrator, orphans, f"orphan: its launcher was gone (ended by run {orchestrator.run_id})")
     close_gone(orchestrator, found.gone)
+    for path, lease in launchers(output):
+        if lease["run_id"] not in live:
+            storage.delete(path)  # a dead launcher's: its pods are ended now
 
 
 def sweep_output(orchestrator: RunpodOrchestrator, output: str) -> tuple[list[str], list[str]]:
@@ -174,6 +181,10 @@ def gone_pods(output: str, api_key: Optional[str] = None) -> Optional[list[str]]
     running = [r for r in PodLedger(output).records() if r["stopped_at_epoch"] is None]
     if not running or not (api_key or os.environ.get("RUNPOD_API_KEY")):
         return None
-    orchestrator = RunpodOrchestrator(PodSettings(image=""), PodLedger(output), api_key=api_key)
-    shown = {pod["id"] for pod in orchestrator._call("listing pods", orchestrator.runpod.get_pods)}
+    orchestrator = RunpodOrchestrator(PodSettings(image="", api_attempts=3, api_max_wait=5), PodLedger(output), api_key=api_key)
+    try:
+        shown = {pod["id"] for pod in orchestrator.list_pods()}
+    except PipelineError as exc:  # a report is still worth having without the API's word
+        log.warning("could not ask the Runpod API which pods it still shows: %s", exc)
+        return None
     return [r["pod_id"] for r in running if r["pod_id"] not in shown]

@@ -315,8 +315,10 @@ class RunpodOrchestrator:
         )
         self._creating[name] = (gpu_type, price, self.clock())  # billing starts no earlier
         for attempt in range(1, s.api_attempts + 1):
+            began = self.clock()
             try:
                 pod = self._create(arguments, price / s.gpu_count)
+                self._creating[name] = (gpu_type, price, began)  # not the attempts that made nothing
                 break
             except PipelineError:
                 raise  # the launcher stopping (a signal): its sweep ends whatever was made
@@ -334,6 +336,7 @@ class RunpodOrchestrator:
                 pod = self._find_by_name(name)
                 if pod:
                     log.warning("runpod: creating %s failed in transit but the pod exists; keeping it", name)
+                    self._creating[name] = (gpu_type, price, began)  # made during the attempt whose answer was lost
                     break
                 log.warning("runpod: creating a %s pod: %s; retry %d", gpu_type, _describe(exc), attempt)
         record = self._record_for(pod["id"], name)
@@ -395,7 +398,7 @@ class RunpodOrchestrator:
             self.ledger.record(self._record_for(pod_id, name))
 
     def _find_by_name(self, name: str) -> Optional[dict]:
-        return next((p for p in self._call("listing pods", self.runpod.get_pods) if p.get("name") == name), None)
+        return next((p for p in self.list_pods() if p.get("name") == name), None)
 
     def get_pod_status(self, pod_id: str) -> Optional[dict]:
         """The pod as the API shows it, or None once it is gone (terminated)."""
@@ -483,12 +486,9 @@ class RunpodOrchestrator:
             PodLedger.mark_ended(record, reason, self.clock())
             self.ledger.record(record)
 
-    def pods_of(self, output: str) -> list[dict]:
-        """The pods the API shows (still billed) that this pipeline started for ``output``:
-        named by it and given that output in their environment."""
-        wanted = f"PIPELINE_OUTPUT={output}"
-        return [pod for pod in self._call("listing pods", self.runpod.get_pods)
-                if pod.get("name", "").startswith(POD_NAME_PREFIX) and wanted in (pod.get("env") or [])]
+    def list_pods(self) -> list[dict]:
+        """Every pod of the account the API still shows (and bills), with its env."""
+        return self._call("listing pods", self.runpod.get_pods)
 
     def sweep(self, run_only: bool = True, reason: str = "sweep") -> list[str]:
         """Terminate every pod named by this pipeline (this run's, or all of them):
@@ -496,7 +496,7 @@ class RunpodOrchestrator:
         a signal interrupted before its id came back."""
         prefix = f"{POD_NAME_PREFIX}{self.run_id}-" if run_only else POD_NAME_PREFIX
         ended = []
-        for pod in self._call("listing pods", self.runpod.get_pods):
+        for pod in self.list_pods():
             name = pod.get("name", "")
             if name.startswith(prefix):
                 if name in self._creating:  # created, but its record may never have been written

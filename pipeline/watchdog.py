@@ -51,10 +51,11 @@ class Limits:
         )
 
 
-def terminate_own_pod(env: dict[str, str], max_wait: float = 60) -> bool:
+def terminate_own_pod(env: dict[str, str], max_wait: float = 60, before_retry: Callable[[], None] = lambda: None) -> bool:
     """Terminate the pod this runs in, and keep at it until the API no longer shows it:
     the SDK's terminate returns normally on a 5xx, and a pod left running costs money
-    every second. Never raises. (A successful terminate kills this very process.)"""
+    every second. ``before_retry`` runs before each attempt after the first (the ledger's
+    stop time moves with it). Never raises. (A successful terminate kills this very process.)"""
     pod_id, key = env.get("RUNPOD_POD_ID"), env.get("RUNPOD_API_KEY")
     if not pod_id or not key:
         log.warning("watchdog: RUNPOD_POD_ID or RUNPOD_API_KEY missing: not in a pod, nothing to terminate")
@@ -74,6 +75,7 @@ def terminate_own_pod(env: dict[str, str], max_wait: float = 60) -> bool:
         except Exception as exc:
             log.warning("watchdog: terminating pod %s failed (%s); attempt %d", pod_id, exc, attempt)
         time.sleep(min(2**attempt, max_wait))
+        before_retry()
 
 
 def _price_per_hour(env: dict[str, str], limits: Limits) -> float:
@@ -271,14 +273,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         # Into the ledger first: a terminated pod's container is killed at once, so
         # nothing after a successful terminate runs. The launcher may be gone.
         ledger_updated = bool(pod_id and output) and record_end(output, pod_id, f"watchdog: {reason}", env)
-        if not terminate_own_pod(env) and ledger_updated:
+        # A terminate that failed is tried again later: the pod is billed until then.
+        later = (lambda: record_end(output, pod_id, f"watchdog: {reason}", env, again=True)) if ledger_updated else (lambda: None)
+        if not terminate_own_pod(env, before_retry=later) and ledger_updated:
             record_end(output, pod_id, None, env)  # it is still running after all: say so
     return code
 
 
-def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, str]) -> bool:
-    """Mark the pod ended now in the ledger (``reason`` None: running again). Writes the
-    whole record from the pod's env if the launcher died before writing it."""
+def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, str], again: bool = False) -> bool:
+    """Mark the pod ended now in the ledger (``reason`` None: running again; ``again``:
+    move an end this watchdog wrote to now, before another try). Writes the whole record
+    from the pod's env if the launcher died before writing it."""
     from .pods import PodLedger, ledger_record
 
     try:
@@ -294,6 +299,9 @@ def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, s
             )
         if reason is None:
             record.update(stopped_at=None, stopped_at_epoch=None, end_reason="watchdog could not terminate it")
+        elif again and record["end_reason"] == reason:
+            record.update(stopped_at=None, stopped_at_epoch=None)
+            PodLedger.mark_ended(record, reason, time.time())
         else:
             PodLedger.mark_ended(record, reason, time.time())
         ledger.record(record)

@@ -333,7 +333,7 @@ def assert_no_pod_billed(api: FakeRunpod, timeout: float = 60) -> None:
     for pod in api.pods.values():
         record = PodLedger(pod.env["PIPELINE_OUTPUT"]).get(pod.id)
         assert record["stopped_at_epoch"] is not None, f"the ledger shows {pod.id} as running"
-        assert PodLedger.dollars(record) == pytest.approx(api.dollars(pod.id), abs=1e-4)
+        assert PodLedger.dollars(record) == pytest.approx(api.dollars(pod.id), abs=1e-4), (record, pod)
 
 
 class LocalProcesses:

@@ -3,10 +3,12 @@ entrypoint (the watchdog) as local processes. Every scenario ends with no pod bi
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import luigi
 import pytest
@@ -14,7 +16,8 @@ import pytest
 from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
 from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, wait_for, write_corpus
 from pipeline import RunpodEmbedAll
-from pipeline.pods import PodLedger, cost_report
+from pipeline.errors import PipelineError
+from pipeline.pods import PodLedger, PodLimit, cost_report
 from pipeline.shards import shard_stats
 from pipeline.verify import verify_output
 
@@ -248,3 +251,161 @@ def test_without_an_image_it_builds_one_first_and_says_what_is_missing(fake, cor
                               cwd=ROOT, env=launcher_env(fake), capture_output=True, text=True, timeout=120)
     assert launcher.returncode == 30 and "ERROR: PIPELINE_REGISTRY is not set" in launcher.stderr
     assert fake.pods == {}
+
+
+# -- the launcher's own limits, orphans and signals (issue 18) ---------------------------
+
+
+def run_in_this_process(launcher):
+    """The launcher's run() itself, after its manifest, so a test sees what it raises."""
+    assert luigi.build([launcher.requires()], local_scheduler=True, log_level="WARNING")
+    launcher.set_status_message = launcher.set_progress_percentage = lambda _value: None  # what a worker gives it
+    launcher.run()
+
+
+def test_a_running_pod_whose_container_never_starts_is_ended_at_the_spend_limit(fake, corpus, tmp_path):
+    """No watchdog runs in the pod: only the launcher can hold it to --max-dollars."""
+    fake.start_containers = False
+    output = tmp_path / "out"
+    budget = 0.0003  # about three seconds of an RTX 4090 at $0.34/h
+    with pytest.raises(PodLimit, match=r"spend limit: \$0\.000\d+ spent of --max-dollars 0\.0003"):
+        run_in_this_process(task(corpus, output, max_dollars=budget))
+    [pod] = fake.pods.values()
+    assert pod.terminated_at, "the pod was left billing"
+    one_look = pod.cost_per_hr * 0.2 / 3600
+    assert fake.dollars(pod.id) <= budget + one_look, f"spent {fake.dollars(pod.id)} against {budget}"
+    assert PodLedger(str(output)).get(pod.id)["end_reason"].startswith("launcher: spend limit")
+
+
+def test_a_running_pod_that_makes_no_shard_is_ended_at_the_first_shard_deadline(fake, corpus, tmp_path):
+    fake.start_containers = False
+    output = tmp_path / "out"
+    launcher = subprocess.run(luigi_command(*launcher_args(corpus, output), "--first-shard-seconds", "2"), cwd=ROOT,
+                              env=launcher_env(fake), capture_output=True, text=True, timeout=120)
+    assert launcher.returncode == 30, launcher.stderr[-3000:]
+    [record] = PodLedger(str(output)).records()
+    assert record["end_reason"] == "launcher: no shard within 2s of the pod running (--first-shard-seconds)"
+    assert "ERROR: no shard within 2s of the pod running (--first-shard-seconds): ended pod(s)" in launcher.stderr
+    assert "Traceback" not in launcher.stderr
+    # The live line came before any shard did.
+    assert re.search(r"pod fakepod\d+: 0/4 shards, 0 tokens/s, ETA unknown, \$0\.\d{4} of \$25 \(\$0\.340/h\); first shard due within", launcher.stderr)
+
+
+def test_a_pod_that_stops_making_shards_is_ended_at_the_idle_deadline(fake, corpus, tmp_path):
+    one_shard = " ".join(luigi_command("EmbedShard", "--local-scheduler", "--shard", "0"))
+    fake.pod_runtime.command = ["sh", "-c", f"{one_shard} && exec sleep 600"]  # one shard, then it hangs
+    output = tmp_path / "out"
+    with pytest.raises(PodLimit, match="no new shard for 3s"):
+        run_in_this_process(task(corpus, output, idle_seconds=3))
+    assert len(list((output / "shards").glob("*.parquet"))) == 1
+    [record] = PodLedger(str(output)).records()
+    assert record["end_reason"] == "launcher: no new shard for 3s (--idle-seconds)"
+    assert fake.pods[record["pod_id"]].env["PIPELINE_WATCHDOG_IDLE_SECONDS"] == "3"  # the watchdog's limit too
+
+
+def start_launcher(fake, corpus, output, log_path):
+    with open(log_path, "w") as log_file:
+        return subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
+                                stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def test_a_relaunch_ends_the_pod_a_killed_launcher_left_and_says_so(fake, corpus, tmp_path, caplog):
+    fake.start_containers = False  # its pod would bill for ever: no watchdog runs in it
+    output = tmp_path / "out"
+    launcher = start_launcher(fake, corpus, output, tmp_path / "launcher.log")
+    try:
+        wait_for(lambda: fake.pods and (output / "_runs" / "launchers").exists() and PodLedger(str(output)).records())
+        [orphan] = fake.pods
+        launcher.kill()  # SIGKILL: nothing of the launcher runs again
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert PodLedger(str(output)).get(orphan)["stopped_at_epoch"] is None and not fake.pods[orphan].terminated_at
+
+    fake.start_containers = True
+    with caplog.at_level("WARNING", logger="luigi-interface"):
+        assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    assert f"pod {orphan} of run" in caplog.text and "its launcher is gone: terminating it" in caplog.text
+    assert fake.pods[orphan].terminated_at and len(fake.pods) == 2
+    record = PodLedger(str(output)).get(orphan)
+    assert record["end_reason"].startswith("orphan: its launcher was gone")
+    assert not list((output / "_runs" / "launchers").glob("*.json")), "a finished launcher left its lease"
+
+
+def test_a_launch_beside_a_live_launcher_refuses_and_starts_no_pod(fake, corpus, tmp_path):
+    fake.start_containers = False
+    output = tmp_path / "out"
+    first = start_launcher(fake, corpus, output, tmp_path / "first.log")
+    try:
+        wait_for(lambda: fake.pods and PodLedger(str(output)).records())
+        with pytest.raises(PipelineError, match=r"launcher \(pid \d+ on .*\) is still following pod\(s\) fakepod0001 .*pods sweep"):
+            run_in_this_process(task(corpus, output))
+        assert list(fake.pods) == ["fakepod0001"] and not fake.pods["fakepod0001"].terminated_at
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    assert PodLedger(str(output)).get("fakepod0001")["end_reason"] == "launcher got SIGTERM"
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_the_launcher_with_one_line_and_exit_30(fake, corpus, tmp_path, signal_number):
+    fake.pod_runtime.command = [sys.executable, "-c", "import time; time.sleep(600)"]  # a pod that never ends itself
+    output = tmp_path / "out"
+    launcher = start_launcher(fake, corpus, output, tmp_path / "launcher.log")
+    try:
+        wait_for(lambda: any(p.provisioned_at and time.time() > p.provisioned_at for p in fake.pods.values())
+                 and "first shard due" in (tmp_path / "launcher.log").read_text())
+        launcher.send_signal(signal_number)
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    log = (tmp_path / "launcher.log").read_text()
+    name = signal.Signals(signal_number).name
+    [pod_id] = fake.pods
+    assert launcher.returncode == 30, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    assert f"ERROR: launcher got {name}: ended this run's pod(s) ({pod_id}); finished shards are kept" in log
+    assert log.count(f"terminated pod {pod_id}") == 1, log[-3000:]
+    assert log.count("runpod: started pod") == 1, "a log line was printed twice"
+    assert "which a Runpod pod cannot read" in log  # a local corpus and output
+    assert PodLedger(str(output)).get(pod_id)["end_reason"] == f"launcher got {name}"
+
+
+def test_server_errors_on_create_and_polls_do_not_end_the_run(fake, corpus, tmp_path):
+    output = tmp_path / "out"
+    fake.failures = [None, None, "after-graphql-500", "graphql-500", None, "graphql-500", "drop", None, "graphql-500"]
+    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    assert len(fake.pods) == 1 and fake.failures == []
+    assert verify_output(str(output)).ok
+
+
+def test_cost_and_status_flag_a_pod_the_api_no_longer_knows_and_pods_sweep_ends_the_rest(fake, corpus, tmp_path):
+    from pipeline.pods import PodSettings, RunpodOrchestrator
+
+    output = tmp_path / "out"
+    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    pods = RunpodOrchestrator(PodSettings(image="registry.local/embedding:test", env={"PIPELINE_OUTPUT": str(output)},
+                                          poll_interval=0.05, api_max_wait=0.05), PodLedger(str(output)), api_key=fake.api_key)
+    fake.start_containers = False  # pods that stay until something ends them
+    gone, billed = pods.start_pod(), pods.start_pod()
+    fake._podTerminate({"podId": gone})  # ended behind the ledger's back (the console, say)
+    env = launcher_env(fake)
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    cost = command("cost", str(output))
+    assert f"{gone} " in cost.stdout and "RUNNING in the ledger, but the API no longer shows it" in cost.stdout, cost.stdout
+    assert f"1 of them ({gone}) the Runpod API no longer shows" in cost.stdout
+    status = command("status", str(output))
+    assert f"of which {gone} the Runpod API no longer shows" in status.stdout, status.stdout + status.stderr
+
+    swept = command("pods", "sweep", str(output))
+    assert swept.returncode == 0, swept.stderr
+    assert f"terminated pod {billed}" in swept.stdout and f"closed the record of pod {gone}" in swept.stdout
+    assert fake.pods[billed].terminated_at and not fake.running_pods()
+    assert PodLedger(str(output)).get(billed)["end_reason"] == "ended by `pods sweep`"
+    assert "still running" not in command("cost", str(output)).stdout
+    # When a gone pod ended is unknown: its record ends when it was found gone, an upper bound.
+    assert PodLedger(str(output)).get(gone)["stopped_at_epoch"] >= fake.pods.pop(gone).terminated_at
