@@ -88,6 +88,11 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def seconds_setting(name: str, description: str) -> luigi.FloatParameter:
+    """A launcher's wait or deadline, in seconds, defaulting to its setting."""
+    return luigi.FloatParameter(default=float(config.setting(name)), significant=False, description=description)
+
+
 class RunpodEmbedAll(RunParameters, luigi.Task):
     """EmbedAll on a Runpod GPU pod; ``--image`` is what ``make image`` pushed."""
 
@@ -108,16 +113,11 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                                     description="a luigid every pod can reach (needed for --pods above 1)")
     gpus_per_pod = luigi.IntParameter(default=int(config.setting("gpus_per_pod")), significant=False,
                                       description="GPUs per pod; the pod runs one worker per GPU, each pinned to its own")
-    poll_seconds = luigi.FloatParameter(default=float(config.setting("poll_seconds")), significant=False,
-                                        description="how often the launcher looks at its pods, the shards and the spend")
-    first_shard_seconds = luigi.FloatParameter(default=float(config.setting("first_shard_seconds")), significant=False,
-                                               description="end the pods when no shard comes this long after a pod runs")
-    idle_seconds = luigi.FloatParameter(default=float(config.setting("idle_seconds")), significant=False,
-                                        description="end the pods when no new shard comes this long (the pod's watchdog too)")
-    provisioning_seconds = luigi.FloatParameter(default=float(config.setting("provisioning_seconds")), significant=False,
-                                                description="end a pod that is not running this long after its creation")
-    capacity_seconds = luigi.FloatParameter(default=float(config.setting("capacity_seconds")), significant=False,
-                                            description="how long to look for a free GPU before giving up")
+    poll_seconds = seconds_setting("poll_seconds", "how often the launcher looks at its pods, the shards and the spend")
+    first_shard_seconds = seconds_setting("first_shard_seconds", "end the pods when no shard comes this long after a pod runs")
+    idle_seconds = seconds_setting("idle_seconds", "end the pods when no new shard comes this long (the pod's watchdog too)")
+    provisioning_seconds = seconds_setting("provisioning_seconds", "end a pod that is not running this long after its creation")
+    capacity_seconds = seconds_setting("capacity_seconds", "how long to look for a free GPU before giving up")
 
     def requires(self):
         return self.clone(CorpusManifest)
@@ -306,7 +306,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                 self._guard.saw_shards(figures.done)
                 pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
                 spent, per_hour, _ = self._run_spend()
-                text = (f"{pods}: {figures.done}/{figures.total} shards, {figures.tokens_per_second:,.0f} tokens/s, "
+                text = (f"{pods}: {figures.done}/{figures.total} shards done, {figures.tokens_per_second:,.0f} tokens/s, "
                         f"ETA {figures.eta}, ${spent:.4f} of ${self.max_dollars:g} (${per_hour:.3f}/h)")
                 waiting = self._guard.deadline_in()
                 if waiting:

@@ -288,7 +288,7 @@ def test_a_running_pod_that_makes_no_shard_is_ended_at_the_first_shard_deadline(
     assert "ERROR: no shard within 2s of the pod running (--first-shard-seconds): ended pod(s)" in launcher.stderr
     assert "Traceback" not in launcher.stderr
     # The live line came before any shard did.
-    assert re.search(r"pod fakepod\d+: 0/4 shards, 0 tokens/s, ETA unknown, \$0\.\d{4} of \$25 \(\$0\.340/h\); first shard due within", launcher.stderr)
+    assert re.search(r"pod fakepod\d+: 0/4 shards done, 0 tokens/s, ETA unknown, \$0\.\d{4} of \$25 \(\$0\.340/h\); first shard due within", launcher.stderr)
 
 
 def test_a_pod_that_stops_making_shards_is_ended_at_the_idle_deadline(fake, corpus, tmp_path):

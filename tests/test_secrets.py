@@ -267,7 +267,8 @@ def test_a_pod_whose_work_fails_leaks_no_secret_in_its_errors(scenario, tmp_path
     assert launcher.returncode == 30 and "ended before the work was done" in launcher.stderr, launcher.stderr[-3000:]
     [pod_id] = scenario.fake.pods
     assert "cannot load model" in scenario.fake.pod_runtime.logs(pod_id)
-    assert any("Traceback" in error and "PodEnded" in error for error in scenario.errors.values()), scenario.errors
+    assert any("RunpodEmbedAll: pod(s) " in error and "ended before the work was done" in error
+               for error in scenario.errors.values()), scenario.errors  # the web view's one line
     scenario.assert_pods_got_their_own_credentials_only()
     scenario.scan(leaks, launcher, tmp_path / "luigid")
     leaks.assert_none()
