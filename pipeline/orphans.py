@@ -82,8 +82,16 @@ def live_launchers(output: str, now: Optional[float] = None) -> dict[str, dict[s
 
 
 def pod_env(pod: dict[str, Any]) -> dict[str, str]:
-    """A pod's environment as the API lists it (``["NAME=value", …]``)."""
-    return dict(item.split("=", 1) for item in pod.get("env") or [] if "=" in item)
+    """A pod's environment as the API lists it (``["NAME=value", …]``; ``{key, value}``
+    pairs are read too)."""
+    env = {}
+    for item in pod.get("env") or []:
+        if isinstance(item, dict) and "key" in item:
+            env[str(item["key"])] = str(item.get("value", ""))
+        elif isinstance(item, str) and "=" in item:
+            name, value = item.split("=", 1)
+            env[name] = value
+    return env
 
 
 def pod_run_id(pod: dict[str, Any]) -> str:

@@ -201,6 +201,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._end_reason = ""
         self._guard = RunGuard(self.limits(), clock=self._orchestrator.clock)
         self._lease = LauncherLease(self.output_location, self._orchestrator.run_id, self.poll_seconds)
+        self._line = LiveLine(log)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._lease.renew(force=True)
@@ -213,6 +214,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             try:
                 self._end_pods(self._end_reason or ("launcher finished" if self._work_done() else "launcher stopped"))
             finally:
+                self._line.close()
                 self._lease.release()
                 for number, handler in previous.items():
                     signal.signal(number, handler)
@@ -261,7 +263,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._budget_the_next_pod()
         pod_id = self._orchestrator.start_pod()
         self._pods.append(pod_id)
-        self._orchestrator.wait_until_running(pod_id, limit=lambda: self._limit_reached([pod_id]))
+        self._orchestrator.wait_until_running(pod_id, limit=lambda: self._while_starting(pod_id))
         self._guard.pod_running()
         return pod_id
 
@@ -289,46 +291,52 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             raise PodEnded(f"this run has spent ${spent:.2f} of its ${self.max_dollars:.2f}: no new pod; rerun with a larger --max-dollars to resume")
         self._orchestrator.settings.env["PIPELINE_WATCHDOG_MAX_DOLLARS"] = f"{(self.max_dollars - spent) / self.pods:.4f}"
 
-    def _limit_reached(self, pods: list[str]) -> str | None:
+    def _limit_reached(self, spend: tuple[float, float, float | None]) -> str | None:
         """A limit's one-line reason (then the pods are ended), or None. Renews the lease."""
         self._lease.renew()
-        spent, per_hour, oldest = self._run_spend()
-        return self._guard.breach(spent, per_hour, oldest)
+        return self._guard.breach(*spend)
+
+    def _while_starting(self, pod_id: str) -> str | None:
+        """At each poll of a pod not running yet (provisioning is billed): the live line
+        and the limits."""
+        spend = self._run_spend()
+        self._show(f"pod {pod_id} starting: ${spend[0]:.4f} of ${self.max_dollars:g} (${spend[1]:.3f}/h); "
+                   f"ended if not running within {format_duration(self.provisioning_seconds)} of its creation", 0, ("starting", pod_id))
+        return self._limit_reached(spend)
+
+    def _show(self, text: str, percent: int, key: object) -> None:
+        """The live line: on the terminal (or the log) and in the web view."""
+        self.set_status_message(text)
+        self.set_progress_percentage(percent)
+        self._line.show(text, key)
 
     def _follow(self, live: list[str]) -> list[str]:
         """Report progress until the work is done (returns []) or pods end before it is
         (returns them); past a limit the pods are ended and PodLimit raised."""
         watch = RunWatch(self.output_location, self.total_shards())
-        line = LiveLine(log)
-        try:
-            while not self._work_done():
-                figures = watch.snapshot()
-                self._guard.saw_shards(figures.done)
-                pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
-                spent, per_hour, _ = self._run_spend()
-                text = (f"{pods}: {figures.done}/{figures.total} shards done, {figures.tokens_per_second:,.0f} tokens/s, "
-                        f"ETA {figures.eta}, ${spent:.4f} of ${self.max_dollars:g} (${per_hour:.3f}/h)")
-                waiting = self._guard.deadline_in()
-                if waiting:
-                    text += f"; {waiting[0]} due within {format_duration(max(waiting[1], 0))}"
-                self.set_status_message(text)
-                self.set_progress_percentage(figures.percent)
-                line.show(text, (figures.done, len(live)))
-                statuses = {pod_id: self._orchestrator.get_pod_status(pod_id) for pod_id in live}
-                ended = [pod_id for pod_id, status in statuses.items() if not self._running(status)]
-                if ended:
-                    return [] if self._work_done() else ended
-                for status in statuses.values():
-                    self._orchestrator.record_billed_price(status)
-                reason = self._limit_reached(live)
-                if reason:
-                    log.error("launcher: %s: ending pod(s) %s", reason, ", ".join(live))
-                    self._end_reason = f"launcher: {reason}"
-                    raise PodLimit(f"{reason}: ended pod(s) {', '.join(live)} ({figures.done}/{figures.total} shards done)", reason)
-                time.sleep(self.poll_seconds)
-            return []
-        finally:
-            line.close()
+        while not self._work_done():
+            statuses = {pod_id: self._orchestrator.get_pod_status(pod_id) for pod_id in live}
+            ended = [pod_id for pod_id, status in statuses.items() if not self._running(status)]
+            if ended:
+                return [] if self._work_done() else ended
+            for status in statuses.values():
+                self._orchestrator.record_billed_price(status)
+            figures, spend = watch.snapshot(), self._run_spend()
+            self._guard.saw_shards(figures.done)
+            pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
+            text = (f"{pods}: {figures.done}/{figures.total} shards done, {figures.tokens_per_second:,.0f} tokens/s, "
+                    f"ETA {figures.eta}, ${spend[0]:.4f} of ${self.max_dollars:g} (${spend[1]:.3f}/h)")
+            waiting = self._guard.deadline_in()
+            if waiting:
+                text += f"; {waiting[0]} due within {format_duration(max(waiting[1], 0))}"
+            self._show(text, figures.percent, (figures.done, len(live)))
+            reason = self._limit_reached(spend)
+            if reason:
+                log.error("launcher: %s: ending pod(s) %s", reason, ", ".join(live))
+                self._end_reason = f"launcher: {reason}"
+                raise PodLimit(f"{reason}: ended pod(s) {', '.join(live)} ({figures.done}/{figures.total} shards done)", reason)
+            time.sleep(self.poll_seconds)
+        return []
 
     @staticmethod
     def _running(status: dict | None) -> bool:

@@ -258,7 +258,8 @@ def test_without_an_image_it_builds_one_first_and_says_what_is_missing(fake, cor
 
 def run_in_this_process(launcher):
     """The launcher's run() itself, after its manifest, so a test sees what it raises."""
-    assert luigi.build([launcher.requires()], local_scheduler=True, log_level="WARNING")
+    if not launcher.requires().complete():
+        assert luigi.build([launcher.requires()], local_scheduler=True, log_level="WARNING")
     launcher.set_status_message = launcher.set_progress_percentage = lambda _value: None  # what a worker gives it
     launcher.run()
 
@@ -274,6 +275,20 @@ def test_a_running_pod_whose_container_never_starts_is_ended_at_the_spend_limit(
     assert pod.terminated_at, "the pod was left billing"
     one_look = pod.cost_per_hr * 0.2 / 3600
     assert fake.dollars(pod.id) <= budget + one_look, f"spent {fake.dollars(pod.id)} against {budget}"
+    assert PodLedger(str(output)).get(pod.id)["end_reason"].startswith("launcher: spend limit")
+
+
+def test_a_pod_stuck_starting_is_held_to_the_spend_limit_too(fake, corpus, tmp_path, caplog):
+    """Provisioning is billed: the limit is judged while a pod starts, with a live line."""
+    fake.stuck_provisioning = True
+    output = tmp_path / "out"
+    launcher = task(corpus, output, max_dollars=0.0003)
+    assert luigi.build([launcher.requires()], local_scheduler=True, log_level="WARNING")
+    with caplog.at_level("INFO", logger="luigi-interface"), pytest.raises(PodLimit, match="while it was starting"):
+        run_in_this_process(launcher)
+    [pod] = fake.pods.values()
+    assert fake.dollars(pod.id) <= 0.0003 + pod.cost_per_hr * 0.2 / 3600
+    assert re.search(rf"pod {pod.id} starting: \$0\.\d{{4}} of \$0\.0003 \(\$0\.340/h\); ended if not running within 20m00s", caplog.text)
     assert PodLedger(str(output)).get(pod.id)["end_reason"].startswith("launcher: spend limit")
 
 
