@@ -55,6 +55,7 @@ class FakePod:
     restarts: int = 0
     interruptible: bool = False
     gpu_count: int = 1
+    has_container: bool = False  # the runtime started one (start_containers)
 
     @property
     def running(self) -> bool:
@@ -233,6 +234,7 @@ class FakeRunpod:
             pod.container_env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
                                  "RUNPOD_GPU_COUNT": str(pod.gpu_count), "RUNPOD_API_KEY": self.pod_key(pod.id), "RUNPOD_API_BASE_URL": self.url}
             self.pod_runtime.start(pod.id, pod.container_env)
+            pod.has_container = True
         return self._pod_view(pod)
 
     def crash(self, pod_id: str) -> None:
@@ -242,7 +244,7 @@ class FakeRunpod:
 
     def _reap(self, pod: FakePod) -> None:
         with self._lock:
-            if not (self.pod_runtime and pod.running and pod.id in self.pod_runtime.processes and self.pod_runtime.exited(pod.id)):
+            if not (pod.has_container and pod.running and self.pod_runtime.exited(pod.id)):
                 return
             if self.restart_exited_containers:
                 pod.restarts += 1

@@ -23,7 +23,8 @@ from helpers import ROOT, luigi_command, luigi_env, running_luigid, write_corpus
 pytestmark = pytest.mark.slow
 
 SHARDS = 3
-DOCS_PER_SHARD = 50  # several seconds a shard on two CPU cores, so the browser finds one running
+DOCS_PER_SHARD = 50
+WORDS = 1200  # several seconds a shard on two CPU cores, so the browser finds one running (300 took 1-2 s: flaky)
 FAILING = 1  # this shard's rejects file cannot be written: a folder is in its place
 
 DURATION = r"\d+h\d\dm|\d+m\d\ds"  # pipeline.progress.format_duration
@@ -112,7 +113,7 @@ def read_status_modal(driver, pattern: re.Pattern, timeout: float):
 def test_the_web_view_shows_running_shards_the_runs_progress_and_a_failed_shards_error(tmp_path, browser, artifacts):
     from selenium.webdriver.common.by import By
 
-    corpus = write_corpus(tmp_path / "corpus", documents=SHARDS * DOCS_PER_SHARD, words=300)
+    corpus = write_corpus(tmp_path / "corpus", documents=SHARDS * DOCS_PER_SHARD, words=WORDS)
     output = tmp_path / "out"
     (output / "rejects" / f"shard-{FAILING:06d}.jsonl").mkdir(parents=True)  # as in test_many_workers
     log = tmp_path / "worker.log"
