@@ -459,6 +459,7 @@ class RunpodOrchestrator:
                 self._call(f"terminating pod {pod_id}", self.runpod.terminate_pod, pod_id)
             except PodError:
                 pass  # an already-gone pod is an error to the API: its absence below decides
+            asked = self.clock()  # billing ends with the terminate, not with a confirmation retried later
             try:
                 gone = self.get_pod_status(pod_id) is None
             except PodError as exc:  # the API cannot say yet: ask again
@@ -472,18 +473,18 @@ class RunpodOrchestrator:
             raise PodError(f"runpod: pod {pod_id} is still there after {self.settings.api_attempts} terminations: "
                            f"end it in the Runpod console, or with `python -m pipeline pods sweep OUTPUT`")
         self._terminated.add(pod_id)
-        self.close_record(pod_id, reason)
+        self.close_record(pod_id, reason, asked)
         log.info("runpod: terminated pod %s (%s)", pod_id, reason)
 
-    def close_record(self, pod_id: str, reason: str) -> None:
-        """Mark a pod the API no longer shows as ended now in the ledger (if it is there
-        and not already closed, by its watchdog say)."""
+    def close_record(self, pod_id: str, reason: str, ended: Optional[float] = None) -> None:
+        """Mark a pod the API no longer shows as ended (at ``ended``, else now) in the
+        ledger, if it is there and not already closed (by its watchdog, say)."""
         try:
             record = self.ledger.get(pod_id)
         except FileNotFoundError:
             return
         if record["stopped_at_epoch"] is None:
-            PodLedger.mark_ended(record, reason, self.clock())
+            PodLedger.mark_ended(record, reason, self.clock() if ended is None else ended)
             self.ledger.record(record)
 
     def list_pods(self) -> list[dict]:
