@@ -59,7 +59,8 @@ def gone_note(output: str, gone: list[str] | None, running: int) -> str:
     if not running:
         return ""
     if gone is None:
-        return "(not checked with the Runpod API: RUNPOD_API_KEY is not set)"
+        why = "it could not be reached" if os.environ.get("RUNPOD_API_KEY") else "RUNPOD_API_KEY is not set"
+        return f"(not checked with the Runpod API: {why})"
     if not gone:
         return "(the Runpod API shows them all: they are billed)"
     return (f"{len(gone)} of them ({', '.join(gone)}) the Runpod API no longer shows: "

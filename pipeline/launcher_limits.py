@@ -59,15 +59,17 @@ class RunGuard:
                     f"(${dollars_per_hour:.3f}/h would pass it before the next look)")
         return None
 
-    def breach(self, spent: float, dollars_per_hour: float, oldest_created: Optional[float] = None) -> Optional[str]:
-        """The first limit passed, as a one-line reason, or None."""
+    def breach(self, spent: float, dollars_per_hour: float, oldest_created: Optional[float] = None,
+               shard_deadlines: bool = True) -> Optional[str]:
+        """The first limit passed, as a one-line reason, or None. ``shard_deadlines``
+        False: no pod is running to make shards (one is being looked for or starting)."""
         reason = self.over_budget(spent, dollars_per_hour)
         if reason:
             return reason
         now = self.clock()
         if oldest_created is not None and now - oldest_created > self.limits.max_seconds:
             return f"runtime limit: a pod ran {now - oldest_created:.0f}s, past {self.limits.max_seconds:g}s"
-        waiting = self.deadline_in()
+        waiting = self.deadline_in() if shard_deadlines else None
         if waiting and waiting[1] < 0:
             if waiting[0] == "first shard":
                 return f"no shard within {self.limits.first_shard_seconds:g}s of the pod running (--first-shard-seconds)"

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from . import storage
 from .errors import PipelineError
-from .pods import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, ledger_record
+from .pods import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, decode_env, ledger_record
 
 log = logging.getLogger("luigi-interface")
 
@@ -44,7 +44,7 @@ class LauncherLease:
         now = self.clock()
         if not force and now - self._renewed < 10:
             return
-        lease = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+        lease = {"run_id": self.run_id, "host": socket.gethostname(), "machine": machine_id(), "pid": os.getpid(),
                  "heartbeat_epoch": now, "poll_seconds": self.poll_seconds}
         with storage.atomic_output(self.path) as staged:
             staged.path.write_text(json.dumps(lease, indent=2) + "\n", encoding="utf-8")
@@ -54,12 +54,25 @@ class LauncherLease:
         storage.delete(self.path)
 
 
+def machine_id() -> str:
+    """This machine's id (systemd's), so two machines of one hostname are told apart."""
+    try:
+        return open("/etc/machine-id").read().strip()
+    except OSError:
+        return ""
+
+
 def lease_is_live(lease: dict[str, Any], now: float) -> bool:
-    """On this host, a launcher is live while its process is; from another host, while
-    its heartbeat is recent (five polls, and at least fifteen minutes)."""
-    if lease.get("host") == socket.gethostname():
-        return storage.pid_alive(int(lease["pid"]))
-    return now - float(lease["heartbeat_epoch"]) < max(5 * float(lease.get("poll_seconds") or 30), 900)
+    """On this machine, a launcher is live while its process is (and has beaten in the
+    last hour: a pid can be reused); from another machine, while its heartbeat is
+    recent (five polls, and at least fifteen minutes). A lease that cannot be read is dead."""
+    try:
+        age = now - float(lease["heartbeat_epoch"])
+        if lease.get("host") == socket.gethostname() and lease.get("machine", "") == machine_id():
+            return storage.pid_alive(int(lease["pid"])) and age < 3600
+        return age < max(5 * float(lease.get("poll_seconds") or 30), 900)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def launchers(output: str) -> list[tuple[str, dict[str, Any]]]:
@@ -69,9 +82,11 @@ def launchers(output: str) -> list[tuple[str, dict[str, Any]]]:
     found = []
     for item in storage.list_files(folder, "*.json", hashes=False):
         try:
-            found.append((f"{folder}/{item.relative}", json.loads(storage.read_text(f"{folder}/{item.relative}"))))
+            lease = json.loads(storage.read_text(f"{folder}/{item.relative}"))
         except (FileNotFoundError, ValueError):
-            continue  # released (or half-written) while we listed
+            continue  # released while we listed
+        if isinstance(lease, dict) and lease.get("run_id"):
+            found.append((f"{folder}/{item.relative}", lease))
     return found
 
 
@@ -91,7 +106,7 @@ def pod_env(pod: dict[str, Any]) -> dict[str, str]:
         elif isinstance(item, str) and "=" in item:
             name, value = item.split("=", 1)
             env[name] = value
-    return env
+    return {**env, **decode_env(env)}
 
 
 def pod_run_id(pod: dict[str, Any]) -> str:
@@ -134,9 +149,12 @@ def end_pods(orchestrator: RunpodOrchestrator, pods: list[dict[str, Any]], reaso
             orchestrator.ledger.get(pod["id"])
         except FileNotFoundError:
             env = pod_env(pod)
+            price = float(pod.get("costPerHr") or env.get("PIPELINE_WATCHDOG_PRICE_PER_HOUR") or 0)
+            if not price:
+                log.warning("runpod: pod %s shows no price (costPerHr) and none was listed: its record counts $0/h", pod["id"])
             orchestrator.ledger.record(ledger_record(
                 pod["id"], pod.get("name", ""), pod_run_id(pod), env.get("PIPELINE_POD_GPU_TYPE", ""),
-                int(pod.get("gpuCount") or 1), env.get("PIPELINE_POD_CLOUD_TYPE", ""), float(pod.get("costPerHr") or 0),
+                int(pod.get("gpuCount") or 1), env.get("PIPELINE_POD_CLOUD_TYPE", ""), price,
                 pod.get("imageName", ""), float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or orchestrator.clock())))
         orchestrator.terminate_pod(pod["id"], reason=reason)
     return [pod["id"] for pod in pods]
@@ -155,22 +173,23 @@ def close_gone(orchestrator: RunpodOrchestrator, records: list[dict[str, Any]]) 
 def clear_the_way(orchestrator: RunpodOrchestrator, output: str) -> None:
     """Before a launch: end this output's pods whose launcher is gone, refuse to start
     beside a live launcher's, and close the records of pods that are gone."""
+    live = {run_id: lease for run_id, lease in live_launchers(output).items() if run_id != orchestrator.run_id}
     found = survey(orchestrator, output)
-    live = live_launchers(output)
-    followed = [pod for pod in found.billed if pod_run_id(pod) in live and pod_run_id(pod) != orchestrator.run_id]
-    if followed:
-        lease = live[pod_run_id(followed[0])]
+    if live:
+        lease = next(iter(live.values()))
+        followed = [pod["id"] for pod in found.billed if pod_run_id(pod) == lease["run_id"]]
+        doing = f"is still following pod(s) {', '.join(followed)}" if followed else "is still running (no pod of it is billed yet)"
         raise PipelineError(
-            f"run {lease['run_id']}'s launcher (pid {lease['pid']} on {lease['host']}) is still following pod(s) "
-            f"{', '.join(p['id'] for p in followed)} of {output}: let it finish, stop it (Ctrl-C), or end its pods with "
-            f"`{SWEEP_HINT.format(output=output)}`; no new pod was started")
+            f"run {lease['run_id']}'s launcher (pid {lease['pid']} on {lease['host']}) {doing} for {output}: "
+            f"let it finish, or stop it (Ctrl-C){'; or end its pods with `' + SWEEP_HINT.format(output=output) + '`' if followed else ''}; "
+            "no new pod was started")
     orphans = [pod for pod in found.billed if pod_run_id(pod) != orchestrator.run_id]
     for pod in orphans:
         log.warning("runpod: pod %s of run %s is still billed but its launcher is gone: terminating it", pod["id"], pod_run_id(pod))
     end_pods(orchestrator, orphans, f"orphan: its launcher was gone (ended by run {orchestrator.run_id})")
     close_gone(orchestrator, found.gone)
     for path, lease in launchers(output):
-        if lease["run_id"] not in live:
+        if lease["run_id"] not in live and lease["run_id"] != orchestrator.run_id:
             storage.delete(path)  # a dead launcher's: its pods are ended now
 
 

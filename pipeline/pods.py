@@ -273,9 +273,10 @@ class RunpodOrchestrator:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start_pod(self, gpu_type: Optional[str] = None) -> str:
+    def start_pod(self, gpu_type: Optional[str] = None, limit: Optional[Callable[[], Optional[str]]] = None) -> str:
         """Start one pod, trying the preferred GPU types in order, in rounds, until one
-        has capacity or ``capacity_timeout`` passes. Returns the pod id."""
+        has capacity or ``capacity_timeout`` passes. Returns the pod id. ``limit()`` is
+        asked between rounds: a reason it returns raises PodLimit."""
         types = list((gpu_type,) if gpu_type else self.settings.gpu_types)
         began = self.clock()
         deadline = began + self.settings.capacity_timeout
@@ -296,6 +297,9 @@ class RunpodOrchestrator:
             if left <= 0:
                 raise NoCapacity(f"runpod: no capacity for {', '.join(types)} in cloud {self.settings.cloud_type} "
                                  f"in {self.clock() - began:.0f}s of looking (--capacity-seconds {self.settings.capacity_timeout:g})")
+            reason = limit() if limit else None
+            if reason:
+                raise PodLimit(f"runpod: {reason}: stopped looking for a free GPU", reason)
             log.warning("runpod: no capacity for %s; trying again in %.0fs", ", ".join(types), min(wait, left))
             self.sleep(min(wait, left))  # the last round is at the deadline, not before it
             wait = min(wait * 2, 300)
@@ -320,8 +324,6 @@ class RunpodOrchestrator:
                 pod = self._create(arguments, price / s.gpu_count)
                 self._creating[name] = (gpu_type, price, began)  # not the attempts that made nothing
                 break
-            except PipelineError:
-                raise  # the launcher stopping (a signal): its sweep ends whatever was made
             except Exception as exc:
                 if "QueryError" in type(exc).__name__ and _NO_CAPACITY.search(str(exc)):
                     log.info("runpod: no %s free: %s", gpu_type, exc)

@@ -16,7 +16,8 @@ import ipaddress
 import logging
 import os
 import signal
-import time
+import sys
+import threading
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlparse
@@ -147,7 +148,8 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             "PIPELINE_READERS": str(self.readers),
             "PIPELINE_SKIP_DUPLICATES": str(self.skip_duplicates).lower(),
             "PIPELINE_WATCHDOG_MAX_DOLLARS": str(self.max_dollars),
-            "PIPELINE_WATCHDOG_IDLE_SECONDS": f"{self.idle_seconds:g}",
+            # The watchdog's idle clock starts with the pod, model load and first shard included.
+            "PIPELINE_WATCHDOG_IDLE_SECONDS": f"{max(self.idle_seconds, self.first_shard_seconds):g}",
             "PIPELINE_GPUS": str(self.gpus_per_pod),
         }
         if self.model_path:
@@ -174,7 +176,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             provisioning_timeout=self.provisioning_seconds,
             capacity_timeout=self.capacity_seconds,
         )
-        return RunpodOrchestrator(settings, PodLedger(self.output_location))
+        return RunpodOrchestrator(settings, PodLedger(self.output_location), sleep=self._pause)
 
     def limits(self) -> RunLimits:
         return RunLimits(self.max_dollars, self.first_shard_seconds, self.idle_seconds,
@@ -195,8 +197,10 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             from .image import build_and_push
 
             image = build_and_push(os.environ.get("PIPELINE_REGISTRY", ""))
+        self._stopping = threading.Event()  # set by SIGINT/SIGTERM: every wait ends at once
         self._orchestrator = self.orchestrator(image)
-        self._pods: list[str] = []
+        self._pods: list[str] = []  # every pod this run started
+        self._live: list[str] = []  # those it follows now
         self._ended: int | None = None  # how many of them _end_pods has ended
         self._end_reason = ""
         self._guard = RunGuard(self.limits(), clock=self._orchestrator.clock)
@@ -211,24 +215,33 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             self._end_reason = self._end_reason or f"launcher: {exc.reason}"
             raise PodLimit(f"{exc}; rerun to resume (finished shards are kept)") from None
         finally:
+            failing = sys.exc_info()[1] is not None
             try:
-                self._end_pods(self._end_reason or ("launcher finished" if self._work_done() else "launcher stopped"))
+                self._end_pods(self._end_reason or ("launcher finished" if self._work_done() else "launcher stopped"), again=True)
+                self._lease.release()
+            except Exception as exc:
+                if not failing:
+                    raise
+                # The run's own error is the one to show; this one is logged, and the
+                # failure handler tries to end the pods once more.
+                log.error("ending this run's pods: %s", exc)
             finally:
                 self._line.close()
-                self._lease.release()
                 for number, handler in previous.items():
                     signal.signal(number, handler)
 
     def _follow_until_done(self) -> None:
         """Launch the pods, follow them, replace spot pods taken back; returns when the
         work is done and raises when it cannot be."""
-        live = [self._launch() for _ in range(self.pods)]
+        live = self._live
+        for _ in range(self.pods):
+            live.append(self._launch())
         replaced = 0
         while True:
             ended = self._follow(live)
             if not ended:
                 return
-            live = [pod_id for pod_id in live if pod_id not in ended]
+            live[:] = [pod_id for pod_id in live if pod_id not in ended]
             for pod_id in ended:
                 taken_back = self.spot and not self._ended_by_its_watchdog(pod_id)
                 self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back" if taken_back else "ended before the run was done")
@@ -260,9 +273,11 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         return self._work_done()
 
     def _launch(self) -> str:
+        self._stop_if_signalled()
         self._budget_the_next_pod()
-        pod_id = self._orchestrator.start_pod()
+        pod_id = self._orchestrator.start_pod(limit=lambda: self._while_starting(None))
         self._pods.append(pod_id)
+        self._stop_if_signalled()  # a create in flight when the signal came: the run's finally ends it
         self._orchestrator.wait_until_running(pod_id, limit=lambda: self._while_starting(pod_id))
         self._guard.pod_running()
         return pod_id
@@ -291,18 +306,33 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             raise PodEnded(f"this run has spent ${spent:.2f} of its ${self.max_dollars:.2f}: no new pod; rerun with a larger --max-dollars to resume")
         self._orchestrator.settings.env["PIPELINE_WATCHDOG_MAX_DOLLARS"] = f"{(self.max_dollars - spent) / self.pods:.4f}"
 
-    def _limit_reached(self, spend: tuple[float, float, float | None]) -> str | None:
-        """A limit's one-line reason (then the pods are ended), or None. Renews the lease."""
+    def _limit_reached(self, spend: tuple[float, float, float | None], shard_deadlines: bool = True) -> str | None:
+        """A limit's one-line reason (then the pods are ended), or None. Renews the lease;
+        after a signal, raises LauncherStopped (its pods are already ended)."""
+        self._stop_if_signalled()
         self._lease.renew()
-        return self._guard.breach(*spend)
+        return self._guard.breach(*spend, shard_deadlines=shard_deadlines)
 
-    def _while_starting(self, pod_id: str) -> str | None:
-        """At each poll of a pod not running yet (provisioning is billed): the live line
-        and the limits."""
+    def _while_starting(self, pod_id: str | None) -> str | None:
+        """At each round of the search for a GPU (``pod_id`` None) and each poll of a pod
+        not running yet (provisioning is billed): the live line and the limits. The
+        shard deadlines hold while other pods of the run are running."""
         spend = self._run_spend()
-        self._show(f"pod {pod_id} starting: ${spend[0]:.4f} of ${self.max_dollars:g} (${spend[1]:.3f}/h); "
-                   f"ended if not running within {format_duration(self.provisioning_seconds)} of its creation", 0, ("starting", pod_id))
-        return self._limit_reached(spend)
+        self._guard.saw_shards(count_shards(self.output_location))
+        doing = f"pod {pod_id} starting" if pod_id else "looking for a free GPU"
+        self._show(f"{doing}: ${spend[0]:.4f} of ${self.max_dollars:g} (${spend[1]:.3f}/h)"
+                   + (f"; ended if not running within {format_duration(self.provisioning_seconds)} of its creation" if pod_id else ""),
+                   0, ("starting", pod_id))
+        return self._limit_reached(spend, shard_deadlines=bool(self._live))
+
+    def _stop_if_signalled(self) -> None:
+        if self._stopping.is_set():
+            raise LauncherStopped(f"{self._end_reason}: ended this run's pod(s) ({', '.join(self._pods) or 'none had started'}); "
+                                  "finished shards are kept: rerun the same command to resume")
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on SIGINT/SIGTERM."""
+        self._stopping.wait(seconds)
 
     def _show(self, text: str, percent: int, key: object) -> None:
         """The live line: on the terminal (or the log) and in the web view."""
@@ -316,6 +346,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         watch = RunWatch(self.output_location, self.total_shards())
         while not self._work_done():
             statuses = {pod_id: self._orchestrator.get_pod_status(pod_id) for pod_id in live}
+            self._stop_if_signalled()  # a pod ended by the signal handler is no pod that ended early
             ended = [pod_id for pod_id, status in statuses.items() if not self._running(status)]
             if ended:
                 return [] if self._work_done() else ended
@@ -335,19 +366,21 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                 log.error("launcher: %s: ending pod(s) %s", reason, ", ".join(live))
                 self._end_reason = f"launcher: {reason}"
                 raise PodLimit(f"{reason}: ended pod(s) {', '.join(live)} ({figures.done}/{figures.total} shards done)", reason)
-            time.sleep(self.poll_seconds)
+            self._pause(self.poll_seconds)
         return []
 
     @staticmethod
     def _running(status: dict | None) -> bool:
         return status is not None and status.get("desiredStatus") in ("RUNNING", "CREATED")
 
-    def _end_pods(self, reason: str) -> None:
+    def _end_pods(self, reason: str, again: bool = False) -> None:
         """Terminate every pod of this run, then sweep by name; one failure never stops
-        the rest, and signals wait until it is done."""
+        the rest, and signals wait until it is done. Once all have ended, a later call
+        does nothing unless ``again`` (run's last word: a create in flight during a
+        signal may have made a pod since)."""
         orchestrator = getattr(self, "_orchestrator", None)
-        if orchestrator is None or getattr(self, "_ended", None) == len(self._pods):
-            return  # nothing started, or all ended already (a signal, then the failure handler)
+        if orchestrator is None or (not again and getattr(self, "_ended", None) == len(self._pods)):
+            return  # nothing started, or all ended already
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         errors = []
         try:
@@ -368,10 +401,15 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._ended = len(self._pods)
 
     def _on_signal(self, number, _frame):
-        self._end_reason = f"launcher got {signal.Signals(number).name}"
-        self._end_pods(self._end_reason)
-        raise LauncherStopped(f"{self._end_reason}: ended this run's pod(s) ({', '.join(self._pods) or 'none had started'}); "
-                              "finished shards are kept: rerun the same command to resume")
+        """End the pods now, wherever the launcher is; it stops at its next look
+        (every wait wakes at once), with one line. Nothing is raised from here, so no
+        half-done call is cut short."""
+        self._end_reason = self._end_reason or f"launcher got {signal.Signals(number).name}"
+        self._stopping.set()
+        try:
+            self._end_pods(self._end_reason)
+        except Exception as exc:  # the run's finally tries again
+            log.error("ending this run's pods after %s: %s", signal.Signals(number).name, exc)
 
     def on_success(self):
         self._end_pods("done")

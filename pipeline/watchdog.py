@@ -294,7 +294,7 @@ def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, s
             record = ledger_record(
                 pod_id, env.get("PIPELINE_POD_NAME", ""), env.get("PIPELINE_POD_RUN_ID", "unrecorded"),
                 env.get("PIPELINE_POD_GPU_TYPE", ""), gpu_count(env), env.get("PIPELINE_POD_CLOUD_TYPE", ""),
-                float(env.get("PIPELINE_WATCHDOG_PRICE_PER_HOUR") or 0), env.get("PIPELINE_POD_IMAGE", ""),
+                _price_per_hour(env, Limits.from_env(env)), env.get("PIPELINE_POD_IMAGE", ""),
                 float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or time.time()),
             )
         if reason is None:

@@ -70,3 +70,13 @@ def test_runtime_counts_from_the_oldest_pods_creation():
     g, clock = guard(max_seconds=100)
     assert g.breach(0, 0, oldest_created=clock.now - 99) is None
     assert g.breach(0, 0, oldest_created=clock.now - 101).startswith("runtime limit")
+
+
+def test_shard_deadlines_wait_while_no_pod_is_running():
+    """A spot pod's replacement being looked for or starting: no pod can make shards."""
+    g, clock = guard(first_shard_seconds=60, idle_seconds=30)
+    g.saw_shards(0)
+    g.pod_running()
+    clock.now += 100
+    assert g.breach(0, 0, shard_deadlines=False) is None
+    assert g.breach(0.99, 10, shard_deadlines=False).startswith("spend limit")  # spend counts all the same

@@ -315,12 +315,12 @@ def test_a_pod_that_stops_making_shards_is_ended_at_the_idle_deadline(fake, corp
     assert len(list((output / "shards").glob("*.parquet"))) == 1
     [record] = PodLedger(str(output)).records()
     assert record["end_reason"] == "launcher: no new shard for 3s (--idle-seconds)"
-    assert fake.pods[record["pod_id"]].env["PIPELINE_WATCHDOG_IDLE_SECONDS"] == "3"  # the watchdog's limit too
+    assert fake.pods[record["pod_id"]].env["PIPELINE_WATCHDOG_IDLE_SECONDS"] == "1800"  # the watchdog: max(idle, first shard)
 
 
-def start_launcher(fake, corpus, output, log_path):
+def start_launcher(fake, corpus, output, log_path, *extra):
     with open(log_path, "w") as log_file:
-        return subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
+        return subprocess.Popen(luigi_command(*launcher_args(corpus, output), *extra), cwd=ROOT, env=launcher_env(fake),
                                 stdout=log_file, stderr=subprocess.STDOUT)
 
 
@@ -362,11 +362,12 @@ def test_a_launch_beside_a_live_launcher_refuses_and_starts_no_pod(fake, corpus,
     assert PodLedger(str(output)).get("fakepod0001")["end_reason"] == "launcher got SIGTERM"
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_ends_the_launcher_with_one_line_and_exit_30(fake, corpus, tmp_path, signal_number):
+@pytest.mark.parametrize("signal_number, extra", [(signal.SIGINT, []), (signal.SIGTERM, ["--spot"])])
+def test_a_signal_ends_the_launcher_with_one_line_and_exit_30(fake, corpus, tmp_path, signal_number, extra):
+    """With --spot too: the pods the signal ended are not spot pods taken back, to be replaced."""
     fake.pod_runtime.command = [sys.executable, "-c", "import time; time.sleep(600)"]  # a pod that never ends itself
     output = tmp_path / "out"
-    launcher = start_launcher(fake, corpus, output, tmp_path / "launcher.log")
+    launcher = start_launcher(fake, corpus, output, tmp_path / "launcher.log", *extra)
     try:
         wait_for(lambda: any(p.provisioned_at and time.time() > p.provisioned_at for p in fake.pods.values())
                  and "first shard due" in (tmp_path / "launcher.log").read_text())
@@ -385,6 +386,26 @@ def test_a_signal_ends_the_launcher_with_one_line_and_exit_30(fake, corpus, tmp_
     assert log.count("runpod: started pod") == 1, "a log line was printed twice"
     assert "which a Runpod pod cannot read" in log  # a local corpus and output
     assert PodLedger(str(output)).get(pod_id)["end_reason"] == f"launcher got {name}"
+
+
+def test_a_launch_beside_a_launcher_still_looking_for_a_gpu_refuses_and_ctrl_c_stops_that_wait(fake, corpus, tmp_path):
+    for gpu in fake.capacity:
+        fake.capacity[gpu] = 0
+    output = tmp_path / "out"
+    first = start_launcher(fake, corpus, output, tmp_path / "first.log", "--capacity-seconds", "600")
+    try:
+        wait_for(lambda: list((output / "_runs" / "launchers").glob("*.json")) if (output / "_runs").exists() else False)
+        with pytest.raises(PipelineError, match=r"is still running \(no pod of it is billed yet\)"):
+            run_in_this_process(task(corpus, output))
+        asked = time.monotonic()
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+        assert time.monotonic() - asked < 20, "the search for a GPU did not stop at Ctrl-C"
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 30 and fake.pods == {}
+    assert "ERROR: launcher got SIGINT: ended this run's pod(s) (none had started)" in (tmp_path / "first.log").read_text()
 
 
 def test_server_errors_on_create_and_polls_do_not_end_the_run(fake, corpus, tmp_path):
