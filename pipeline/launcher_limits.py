@@ -32,10 +32,36 @@ class RunGuard:
         self.shards: Optional[int] = None
         self.waiting_since: Optional[float] = None  # since a pod started running or the last shard
         self.shard_since_running = False
+        self.pods: dict[str, tuple[float, bool]] = {}  # pod -> (waiting since, made a shard)
 
-    def pod_running(self) -> None:
-        """A pod's container runs: the first-shard deadline starts now."""
+    def pod_running(self, pod_id: Optional[str] = None) -> None:
+        """A pod's container runs: the first-shard deadline starts now (the run's, and
+        the pod's own)."""
         self.waiting_since, self.shard_since_running = self.clock(), False
+        if pod_id:
+            self.pods[pod_id] = (self.clock(), False)
+
+    def saw_pod_shards(self, pod_ids) -> None:
+        """Shards that say which pod made them (their ``pod_id``)."""
+        for pod_id in pod_ids:
+            if pod_id in self.pods:
+                self.pods[pod_id] = (self.clock(), True)
+
+    def stalled(self, live: list[str]) -> list[tuple[str, str]]:
+        """With several pods, those past their own deadline while others work: (pod,
+        reason). One pod alone is the run, whose deadlines ``breach`` tells."""
+        if len(live) < 2:
+            return []
+        now, found = self.clock(), []
+        for pod_id in live:
+            since, made = self.pods.get(pod_id, (None, False))
+            if since is None:
+                continue
+            if not made and now - since > self.limits.first_shard_seconds:
+                found.append((pod_id, f"pod {pod_id} made no shard within {self.limits.first_shard_seconds:g}s of running (--first-shard-seconds)"))
+            elif made and now - since > self.limits.idle_seconds:
+                found.append((pod_id, f"pod {pod_id} made no new shard for {self.limits.idle_seconds:g}s (--idle-seconds)"))
+        return found
 
     def saw_shards(self, count: int) -> None:
         if self.shards is not None and count > self.shards:

@@ -234,7 +234,7 @@ class RunpodOrchestrator:
         # Creates in flight, by pod name: what the ledger needs if the pod must be
         # swept before its record was written (a signal between create and record).
         self._creating: dict[str, tuple[str, float, float]] = {}
-        self._terminated: set[str] = set()  # confirmed gone: not asked or logged again
+        self._terminated: dict[str, float] = {}  # confirmed gone (when): not asked or logged again
 
     # -- calls ------------------------------------------------------------------------
 
@@ -341,9 +341,9 @@ class RunpodOrchestrator:
                     self._creating[name] = (gpu_type, price, began)  # made during the attempt whose answer was lost
                     break
                 log.warning("runpod: creating a %s pod: %s; retry %d", gpu_type, _describe(exc), attempt)
-        record = self._record_for(pod["id"], name)
         try:
-            self.ledger.record(record)
+            # Unless a sweep (a signal during the create) has written it, and closed it, already.
+            self._record_if_unrecorded(pod["id"], name)
         except Exception:
             # A pod nobody has written down is a pod nobody will stop: end it now.
             self._call(f"terminating unrecorded pod {pod['id']}", self.runpod.terminate_pod, pod["id"])
@@ -455,6 +455,7 @@ class RunpodOrchestrator:
         shows counts as ended, and then its ledger record is closed. Safe to call twice:
         a pod already confirmed gone is neither asked about nor logged again."""
         if pod_id in self._terminated:
+            self.close_record(pod_id, reason, self._terminated[pod_id])  # a create answered after the sweep may have reopened it
             return
         for attempt in range(1, self.settings.api_attempts + 1):
             try:
@@ -474,7 +475,7 @@ class RunpodOrchestrator:
         else:
             raise PodError(f"runpod: pod {pod_id} is still there after {self.settings.api_attempts} terminations: "
                            f"end it in the Runpod console, or with `python -m pipeline pods sweep OUTPUT`")
-        self._terminated.add(pod_id)
+        self._terminated[pod_id] = asked
         self.close_record(pod_id, reason, asked)
         log.info("runpod: terminated pod %s (%s)", pod_id, reason)
 

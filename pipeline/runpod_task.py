@@ -206,6 +206,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._guard = RunGuard(self.limits(), clock=self._orchestrator.clock)
         self._lease = LauncherLease(self.output_location, self._orchestrator.run_id, self.poll_seconds)
         self._line = LiveLine(log)
+        self._watch = RunWatch(self.output_location, self.total_shards())  # one for the run: rates and who made what
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._lease.renew(force=True)
@@ -279,7 +280,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         self._pods.append(pod_id)
         self._stop_if_signalled()  # a create in flight when the signal came: the run's finally ends it
         self._orchestrator.wait_until_running(pod_id, limit=lambda: self._while_starting(pod_id))
-        self._guard.pod_running()
+        self._guard.pod_running(pod_id)
         return pod_id
 
     def _ended_by_its_watchdog(self, pod_id: str) -> bool:
@@ -318,7 +319,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         not running yet (provisioning is billed): the live line and the limits. The
         shard deadlines hold while other pods of the run are running."""
         spend = self._run_spend()
-        self._guard.saw_shards(count_shards(self.output_location))
+        self._see(self._watch.snapshot())
         doing = f"pod {pod_id} starting" if pod_id else "looking for a free GPU"
         self._show(f"{doing}: ${spend[0]:.4f} of ${self.max_dollars:g} (${spend[1]:.3f}/h)"
                    + (f"; ended if not running within {format_duration(self.provisioning_seconds)} of its creation" if pod_id else ""),
@@ -343,7 +344,6 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
     def _follow(self, live: list[str]) -> list[str]:
         """Report progress until the work is done (returns []) or pods end before it is
         (returns them); past a limit the pods are ended and PodLimit raised."""
-        watch = RunWatch(self.output_location, self.total_shards())
         while not self._work_done():
             statuses = {pod_id: self._orchestrator.get_pod_status(pod_id) for pod_id in live}
             self._stop_if_signalled()  # a pod ended by the signal handler is no pod that ended early
@@ -352,8 +352,8 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                 return [] if self._work_done() else ended
             for status in statuses.values():
                 self._orchestrator.record_billed_price(status)
-            figures, spend = watch.snapshot(), self._run_spend()
-            self._guard.saw_shards(figures.done)
+            figures, spend = self._watch.snapshot(), self._run_spend()
+            self._see(figures)
             pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
             text = (f"{pods}: {figures.done}/{figures.total} shards done, {figures.tokens_per_second:,.0f} tokens/s, "
                     f"ETA {figures.eta}, ${spend[0]:.4f} of ${self.max_dollars:g} (${spend[1]:.3f}/h)")
@@ -366,8 +366,25 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                 log.error("launcher: %s: ending pod(s) %s", reason, ", ".join(live))
                 self._end_reason = f"launcher: {reason}"
                 raise PodLimit(f"{reason}: ended pod(s) {', '.join(live)} ({figures.done}/{figures.total} shards done)", reason)
+            self._end_stalled(live)
             self._pause(self.poll_seconds)
         return []
+
+    def _see(self, figures) -> None:
+        self._guard.saw_shards(figures.done)
+        self._guard.saw_pod_shards(figures.made_by)
+
+    def _end_stalled(self, live: list[str]) -> None:
+        """Of several pods, end those past their own shard deadline while the others
+        work (a container that never started, or hangs); the others go on."""
+        stalled = self._guard.stalled(live)
+        if stalled and len(stalled) == len(live):
+            self._end_reason = f"launcher: {stalled[0][1]}"
+            raise PodLimit(f"{stalled[0][1]}, and so is every other pod of the run: ended them", stalled[0][1])
+        for pod_id, reason in stalled:
+            log.error("launcher: %s: ending it; %d other pod(s) go on", reason, len(live) - 1)
+            self._orchestrator.terminate_pod(pod_id, reason=f"launcher: {reason}")
+            live.remove(pod_id)
 
     @staticmethod
     def _running(status: dict | None) -> bool:

@@ -261,6 +261,7 @@ def run_shard(
                 "device": embedder.device,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # a pod's worker per GPU
                 "worker": worker_name(),
+                "pod_id": os.environ.get("RUNPOD_POD_ID"),  # on Runpod: which pod, for its launcher's deadlines
             }
             writer.close(stats)
             _publish_rejects(output, shard, rejects)

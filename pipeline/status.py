@@ -40,6 +40,7 @@ class RunFigures:
     eta: str  # "done", "unknown" or a duration
     dollars: float
     percent: int
+    made_by: tuple[str, ...] = ()  # the pods (pod_id) of the shards first seen in this look
 
 
 class RunWatch:
@@ -60,17 +61,21 @@ class RunWatch:
         done, now = len(names), self.clock()
         if self.first is None:
             self.first, self.seen = (now, done), names
+        made_by = []
         for name in sorted(names - self.seen):
             try:
-                self.tokens += int(shard_stats(f"{self.output}/shards/{name}")["tokens"])
+                stats = shard_stats(f"{self.output}/shards/{name}")
             except Exception:  # a figure on a screen is no reason to fail
-                pass
+                continue
+            self.tokens += int(stats.get("tokens") or 0)
+            if stats.get("pod_id"):
+                made_by.append(stats["pod_id"])
         self.seen |= names
         elapsed, made = now - self.first[0], done - self.first[1]
         rate = made / elapsed * 3600 if elapsed > 0 and made > 0 else 0.0
         eta = "done" if done >= self.total else (format_duration((self.total - done) / rate * 3600) if rate else "unknown")
         return RunFigures(done, self.total, rate, self.tokens / elapsed if elapsed > 0 else 0.0, eta,
-                          cost_report(self.output)["dollars"], int(100 * done / self.total) if self.total else 100)
+                          cost_report(self.output)["dollars"], int(100 * done / self.total) if self.total else 100, tuple(made_by))
 
     def figures(self) -> tuple[str, int]:
         """(status message, percent): shards done/total, shards/h, tokens/s, ETA and

@@ -91,7 +91,8 @@ class FakeRunpod:
     pod_runtime: Optional[Any] = None
     # False: pods reach RUNNING but their container never starts (a crash loop, a wrong
     # image, an entrypoint that dies before Python): only the launcher can end them.
-    start_containers: bool = True
+    # A function of the pod decides per pod.
+    start_containers: Any = True
     # GPU types whose prices the API does not list (None); their pods are still billed
     # at the real price, which each pod shows as its costPerHr.
     unlisted_prices: set = field(default_factory=set)
@@ -228,7 +229,7 @@ class FakeRunpod:
                 provisioned_at=None if self.stuck_provisioning else now + self.provisioning_seconds,
             )
             self.pods[pod.id] = pod
-        if self.pod_runtime and self.start_containers:
+        if self.pod_runtime and (self.start_containers(pod) if callable(self.start_containers) else self.start_containers):
             from pipeline.pods import decode_env
 
             pod.container_env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,

@@ -80,3 +80,17 @@ def test_shard_deadlines_wait_while_no_pod_is_running():
     clock.now += 100
     assert g.breach(0, 0, shard_deadlines=False) is None
     assert g.breach(0.99, 10, shard_deadlines=False).startswith("spend limit")  # spend counts all the same
+
+
+def test_of_several_pods_the_one_that_makes_no_shard_is_named_and_the_others_kept():
+    g, clock = guard(first_shard_seconds=60, idle_seconds=50)
+    g.saw_shards(0)
+    g.pod_running("a")
+    g.pod_running("b")
+    clock.now += 20
+    g.saw_shards(1)
+    g.saw_pod_shards(["a"])
+    clock.now += 45  # b: 65 s without a shard of its own; a: 45 s since its last
+    assert g.breach(0, 0) is None  # the run makes shards
+    assert g.stalled(["a", "b"]) == [("b", "pod b made no shard within 60s of running (--first-shard-seconds)")]
+    assert g.stalled(["a"]) == []  # one pod alone is the run
