@@ -65,7 +65,8 @@ class Progress:
         return float(self.total) if self.documents >= self.total else min(self.embedded, self.total)
 
     def percent(self) -> int:
-        return int(100 * self.done() / self.total) if self.total else 100
+        """Of the whole documents the message shows, so the bar and the text agree."""
+        return 100 * int(self.done()) // self.total if self.total else 100
 
     def message(self) -> str:
         """Two lines, what matters first: the web view's message box does not wrap."""
