@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from . import storage
 from .errors import PipelineError
-from .pods import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, decode_env, ledger_record
+from .pods import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, decode_env, identity_record
 
 log = logging.getLogger("luigi-interface")
 
@@ -90,12 +90,6 @@ def launchers(output: str) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def live_launchers(output: str, now: Optional[float] = None) -> dict[str, dict[str, Any]]:
-    """{run id: lease} of the launchers still following pods of this output."""
-    now = time.time() if now is None else now
-    return {lease["run_id"]: lease for _, lease in launchers(output) if lease_is_live(lease, now)}
-
-
 def pod_env(pod: dict[str, Any]) -> dict[str, str]:
     """A pod's environment as the API lists it (``["NAME=value", …]``; ``{key, value}``
     pairs are read too)."""
@@ -126,16 +120,15 @@ class Survey:
 
 
 def survey(orchestrator: RunpodOrchestrator, output: str) -> Survey:
-    everything = orchestrator.list_pods()
-    shown = {pod["id"] for pod in everything}
-    billed = {pod["id"]: pod for pod in everything
+    shown = {pod["id"]: pod for pod in orchestrator.list_pods()}
+    billed = {pod_id: pod for pod_id, pod in shown.items()
               if pod.get("name", "").startswith(POD_NAME_PREFIX) and pod_env(pod).get("PIPELINE_OUTPUT") == output}
     gone = []
     for record in orchestrator.ledger.records():
         if record["stopped_at_epoch"] is not None:
             continue
         if record["pod_id"] in shown:
-            billed.setdefault(record["pod_id"], next(p for p in everything if p["id"] == record["pod_id"]))
+            billed.setdefault(record["pod_id"], shown[record["pod_id"]])
         else:
             gone.append(record)
     return Survey(list(billed.values()), gone)
@@ -152,10 +145,9 @@ def end_pods(orchestrator: RunpodOrchestrator, pods: list[dict[str, Any]], reaso
             price = float(pod.get("costPerHr") or env.get("PIPELINE_WATCHDOG_PRICE_PER_HOUR") or 0)
             if not price:
                 log.warning("runpod: pod %s shows no price (costPerHr) and none was listed: its record counts $0/h", pod["id"])
-            orchestrator.ledger.record(ledger_record(
-                pod["id"], pod.get("name", ""), pod_run_id(pod), env.get("PIPELINE_POD_GPU_TYPE", ""),
-                int(pod.get("gpuCount") or 1), env.get("PIPELINE_POD_CLOUD_TYPE", ""), price,
-                pod.get("imageName", ""), float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or orchestrator.clock())))
+            known = {"PIPELINE_POD_NAME": pod.get("name", ""), "PIPELINE_POD_RUN_ID": pod_run_id(pod),
+                     "PIPELINE_POD_IMAGE": pod.get("imageName", ""), **env}
+            orchestrator.ledger.record(identity_record(pod["id"], known, price, int(pod.get("gpuCount") or 1), orchestrator.clock()))
         orchestrator.terminate_pod(pod["id"], reason=reason)
     return [pod["id"] for pod in pods]
 
@@ -173,7 +165,8 @@ def close_gone(orchestrator: RunpodOrchestrator, records: list[dict[str, Any]]) 
 def clear_the_way(orchestrator: RunpodOrchestrator, output: str) -> None:
     """Before a launch: end this output's pods whose launcher is gone, refuse to start
     beside a live launcher's, and close the records of pods that are gone."""
-    live = {run_id: lease for run_id, lease in live_launchers(output).items() if run_id != orchestrator.run_id}
+    now, leases = time.time(), launchers(output)
+    live = {lease["run_id"]: lease for _, lease in leases if lease["run_id"] != orchestrator.run_id and lease_is_live(lease, now)}
     found = survey(orchestrator, output)
     if live:
         lease = next(iter(live.values()))
@@ -188,8 +181,8 @@ def clear_the_way(orchestrator: RunpodOrchestrator, output: str) -> None:
         log.warning("runpod: pod %s of run %s is still billed but its launcher is gone: terminating it", pod["id"], pod_run_id(pod))
     end_pods(orchestrator, orphans, f"orphan: its launcher was gone (ended by run {orchestrator.run_id})")
     close_gone(orchestrator, found.gone)
-    for path, lease in launchers(output):
-        if lease["run_id"] not in live and lease["run_id"] != orchestrator.run_id:
+    for path, lease in leases:
+        if lease["run_id"] != orchestrator.run_id:  # none is live, or we would have refused
             storage.delete(path)  # a dead launcher's: its pods are ended now
 
 

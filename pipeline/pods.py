@@ -157,6 +157,16 @@ def ledger_record(pod_id: str, name: str, run_id: str, gpu_type: str, gpu_count:
     }
 
 
+def identity_record(pod_id: str, env: dict[str, str], price: float, gpu_count: int, now: float) -> dict[str, Any]:
+    """The ledger record of a pod rebuilt from the identity its launcher put in its env
+    (``RunpodOrchestrator._pod_identity``): for a pod whose record was never written
+    (its launcher died), by its watchdog or by the launch that ends it as an orphan."""
+    return ledger_record(
+        pod_id, env.get("PIPELINE_POD_NAME", ""), env.get("PIPELINE_POD_RUN_ID", "unrecorded"),
+        env.get("PIPELINE_POD_GPU_TYPE", ""), gpu_count, env.get("PIPELINE_POD_CLOUD_TYPE", ""), price,
+        env.get("PIPELINE_POD_IMAGE", ""), float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or now))
+
+
 class PodLedger:
     """Every pod of an output: ``{output}/_runs/pods/{pod_id}.json`` with its GPU type,
     hourly price, start and stop, so "what has this cost" is a read, not a guess."""
@@ -539,16 +549,21 @@ def _describe(exc: BaseException) -> str:
 
 
 def cost_report(output: str, now: Optional[float] = None) -> dict[str, Any]:
-    """Dollars per pod, per run and in total, from the ledger (running pods up to now)."""
+    """Dollars per pod, per run and in total, from the ledger (running pods up to now);
+    per run also what its running pods cost an hour and when the oldest of them began."""
     pods = sorted(PodLedger(output).records(), key=lambda p: p["started_at_epoch"])
     runs: dict[str, dict[str, Any]] = {}
     for pod in pods:
         pod["dollars"] = round(PodLedger.dollars(pod, now), 6)
         pod["hours"] = round(((pod["stopped_at_epoch"] or (now or time.time())) - pod["started_at_epoch"]) / 3600, 6)
-        run = runs.setdefault(pod["run_id"], {"run_id": pod["run_id"], "pods": 0, "dollars": 0.0, "running": 0})
+        run = runs.setdefault(pod["run_id"], {"run_id": pod["run_id"], "pods": 0, "dollars": 0.0, "running": 0,
+                                              "dollars_per_hour": 0.0, "oldest_running_epoch": None})
         run["pods"] += 1
         run["dollars"] = round(run["dollars"] + pod["dollars"], 6)
-        run["running"] += pod["stopped_at_epoch"] is None
+        if pod["stopped_at_epoch"] is None:
+            run["running"] += 1
+            run["dollars_per_hour"] += pod["price_per_hour"]
+            run["oldest_running_epoch"] = run["oldest_running_epoch"] or pod["started_at_epoch"]  # pods come oldest first
     return {
         "pods": pods,
         "runs": list(runs.values()),

@@ -294,11 +294,9 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
     def _run_spend(self) -> tuple[float, float, float | None]:
         """(dollars this run has spent, dollars per hour its running pods cost, when its
         oldest running pod was created), from the ledger: each pod's own billed price."""
-        records = [r for r in PodLedger(self.output_location).records() if r["run_id"] == self._orchestrator.run_id]
-        now = self._orchestrator.clock()
-        running = [r for r in records if r["stopped_at_epoch"] is None]
-        return (sum(PodLedger.dollars(r, now) for r in records), sum(r["price_per_hour"] for r in running),
-                min((r["started_at_epoch"] for r in running), default=None))
+        report = cost_report(self.output_location, self._orchestrator.clock())
+        run = next((r for r in report["runs"] if r["run_id"] == self._orchestrator.run_id), None)
+        return (run["dollars"], run["dollars_per_hour"], run["oldest_running_epoch"]) if run else (0.0, 0.0, None)
 
     def _budget_the_next_pod(self) -> None:
         """--max-dollars is for the whole run: a new pod gets its share of what is left."""

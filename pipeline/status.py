@@ -38,7 +38,6 @@ class RunFigures:
     shards_per_hour: float
     tokens_per_second: float
     eta: str  # "done", "unknown" or a duration
-    dollars: float
     percent: int
     made_by: tuple[str, ...] = ()  # the pods (pod_id) of the shards first seen in this look
 
@@ -46,8 +45,8 @@ class RunFigures:
 class RunWatch:
     """The whole run's progress as one process sees it, cheap enough to ask often:
     shards published (one listing), the rates since this watch first looked (every
-    worker's shards count; each new shard's footer is read once, for its tokens), and
-    dollars from the pod ledger."""
+    worker's shards count; each new shard's footer is read once, for its tokens), and,
+    in ``figures``, dollars from the pod ledger (the launcher counts its run's own)."""
 
     def __init__(self, output: str, total: int, clock=time.monotonic):
         self.output, self.total, self.clock = output, total, clock
@@ -75,14 +74,14 @@ class RunWatch:
         rate = made / elapsed * 3600 if elapsed > 0 and made > 0 else 0.0
         eta = "done" if done >= self.total else (format_duration((self.total - done) / rate * 3600) if rate else "unknown")
         return RunFigures(done, self.total, rate, self.tokens / elapsed if elapsed > 0 else 0.0, eta,
-                          cost_report(self.output)["dollars"], int(100 * done / self.total) if self.total else 100, tuple(made_by))
+                          int(100 * done / self.total) if self.total else 100, tuple(made_by))
 
     def figures(self) -> tuple[str, int]:
         """(status message, percent): shards done/total, shards/h, tokens/s, ETA and
         dollars, and the shards that failed in this process."""
         f = self.snapshot()
         message = (f"{f.done}/{f.total} shards done, {f.shards_per_hour:.1f} shards/h, {f.tokens_per_second:,.0f} tokens/s, "
-                   f"ETA {f.eta}, ${f.dollars:.2f} spent")
+                   f"ETA {f.eta}, ${cost_report(self.output)['dollars']:.2f} spent")
         if self.failed:
             message += f"; failed: shard {', '.join(str(s) for s in sorted(self.failed))}"
         return message, f.percent

@@ -284,19 +284,14 @@ def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, s
     """Mark the pod ended now in the ledger (``reason`` None: running again; ``again``:
     move an end this watchdog wrote to now, before another try). Writes the whole record
     from the pod's env if the launcher died before writing it."""
-    from .pods import PodLedger, ledger_record
+    from .pods import PodLedger, identity_record
 
     try:
         ledger = PodLedger(output)
         try:
             record = ledger.get(pod_id)
         except FileNotFoundError:
-            record = ledger_record(
-                pod_id, env.get("PIPELINE_POD_NAME", ""), env.get("PIPELINE_POD_RUN_ID", "unrecorded"),
-                env.get("PIPELINE_POD_GPU_TYPE", ""), gpu_count(env), env.get("PIPELINE_POD_CLOUD_TYPE", ""),
-                _price_per_hour(env, Limits.from_env(env)), env.get("PIPELINE_POD_IMAGE", ""),
-                float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or time.time()),
-            )
+            record = identity_record(pod_id, env, _price_per_hour(env, Limits.from_env(env)), gpu_count(env), time.time())
         if reason is None:
             record.update(stopped_at=None, stopped_at_epoch=None, end_reason="watchdog could not terminate it")
         elif again and record["end_reason"] == reason:
