@@ -358,7 +358,12 @@ def test_a_launch_beside_a_live_launcher_refuses_and_starts_no_pod(fake, corpus,
         assert list(fake.pods) == ["fakepod0001"] and not fake.pods["fakepod0001"].terminated_at
     finally:
         first.send_signal(signal.SIGTERM)
-        first.wait(timeout=60)
+        try:
+            first.wait(timeout=60)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
     assert PodLedger(str(output)).get("fakepod0001")["end_reason"] == "launcher got SIGTERM"
 
 
