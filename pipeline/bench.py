@@ -28,8 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from .batching import ShapePolicy
 from .corpus import manifest_rows, write_manifest
-from .embedder import Embedder, NullEmbedder, default_batch_tokens, load_embedder
+from .config import PROFILES, profile as profile_of
+from .embedder import Embedder, NullEmbedder, default_batch_tokens
+from .errors import PipelineError
+from .stand_in import SHAPES, save_stand_in
 from .readers import close_readers, read_in_processes, reader_processes
 from .shard_job import read_pieces, run_shard
 from .throughput import derived_tokens_per_second, flops_per_token
@@ -53,17 +57,22 @@ class StandInGPU(NullEmbedder):
         self.features = base._features
         self.tokens_per_second = tokens_per_second
         self.batch_tokens = default_batch_tokens("cuda")
+        self.shape_policy = ShapePolicy.for_device("cuda", base.max_tokens)
         self.busy_seconds = 0.0
+        self.shapes_met: Counter = Counter()
 
     def embed(self, token_ids, on_batch=None):
         counts = [len(ids) for ids in token_ids]
-        for group in self.batches(counts):
-            features = self.features([token_ids[i] for i in group])
+        for batch in self.batches(counts):
+            features = self.features([token_ids[i] for i in batch.indices], shape=batch.shape)
+            self.shapes_met[batch.shape] += 1
+            self.padded_tokens += batch.rows * batch.width
+            self.framed_tokens += sum(counts[i] + self.reserved_tokens for i in batch.indices)
             seconds = features["input_ids"].numel() / self.tokens_per_second
             time.sleep(seconds)
             self.busy_seconds += seconds
             if on_batch:
-                on_batch(len(group), sum(counts[i] for i in group))
+                on_batch(len(batch.indices), sum(counts[i] for i in batch.indices))
         return super().embed(token_ids)
 
 
@@ -104,21 +113,24 @@ def warm_readers(corpus: str, manifest: str, embedder, processes: int) -> None:
 
 def chunk_corpus(corpus: str, manifest: str, embedder) -> tuple[list[str], list]:
     """Texts and token ids of the chunks the shard job would embed."""
-    rows = [row for piece in read_pieces(corpus, manifest_rows(manifest, 0), embedder, [], Counter()) for row in piece.rows]
-    return [row["text"] for row in rows], [row["token_ids"] for row in rows]
+    pieces = list(read_pieces(corpus, manifest_rows(manifest, 0), embedder, [], Counter()))
+    return ([text for piece in pieces for text in piece.chunks.column("text").to_pylist()],
+            [ids for piece in pieces for ids in piece.token_id_list()])
 
 
 def baseline_against_embedder(embedder: Embedder, texts: list[str], token_ids: list, rounds: int) -> dict[str, Any]:
-    """The baseline and our embedder in alternating rounds, each on an interleaved
-    part of the chunks (every part has the corpus's mix of lengths), the order swapped
-    each round: a machine that speeds up or slows down over the minutes of a run then
-    affects both alike. The ratio is the median of the rounds' ratios."""
+    """The baseline, our embedder, and our embedder with batches as wide as their
+    longest chunk (as before batch shapes were bucketed) in alternating rounds, each on
+    an interleaved part of the chunks (every part has the corpus's mix of lengths), the
+    order turned each round: a machine that speeds up or slows down over the minutes of
+    a run then affects all alike. Ratios are the medians of the rounds' ratios."""
     prefixed = [embedder.profile.prefix + text for text in texts]
     warm = slice(0, min(64, len(texts)))
     embedder.model.encode(prefixed[warm], batch_size=BASELINE_BATCH_SIZE)
     embedder.embed(token_ids[warm])
     baseline_vectors = np.zeros((len(texts), embedder.dimension), dtype=np.float32)
     vectors = np.zeros_like(baseline_vectors)
+    bucketed = embedder.shape_policy
 
     def run_baseline(part: list[int]) -> None:
         baseline_vectors[part] = embedder.model.encode([prefixed[i] for i in part], batch_size=BASELINE_BATCH_SIZE,
@@ -127,26 +139,48 @@ def baseline_against_embedder(embedder: Embedder, texts: list[str], token_ids: l
     def run_embedder(part: list[int]) -> None:
         vectors[part] = embedder.embed([token_ids[i] for i in part])
 
-    runs = {"baseline": run_baseline, "embedder": run_embedder}
-    seconds: dict[str, list[float]] = {"baseline": [], "embedder": []}
-    ratios = []
+    def run_exact_widths(part: list[int]) -> None:
+        embedder.shape_policy = ShapePolicy()
+        try:
+            embedder.embed([token_ids[i] for i in part])
+        finally:
+            embedder.shape_policy = bucketed
+
+    runs = {"baseline": run_baseline, "embedder": run_embedder, "exact": run_exact_widths}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    ratios, bucketing = [], []
     rounds = max(1, min(rounds, len(texts)))
     for number in range(rounds):
         part = list(range(number, len(texts), rounds))
-        for name in (("baseline", "embedder") if number % 2 == 0 else ("embedder", "baseline")):
+        names = list(runs)[number % 3:] + list(runs)[: number % 3]
+        for name in (names if number % 2 == 0 else names[::-1]):
             _, wall, _ = _timed(runs[name], part)
             seconds[name].append(wall)
         ratios.append(seconds["baseline"][-1] / seconds["embedder"][-1])
+        bucketing.append(seconds["exact"][-1] / seconds["embedder"][-1])
     return {"baseline_vectors": baseline_vectors, "vectors": vectors, "baseline_s": sum(seconds["baseline"]),
-            "embedder_s": sum(seconds["embedder"]), "ratios": ratios}
+            "embedder_s": sum(seconds["embedder"]), "ratios": ratios, "bucketing_ratios": bucketing}
+
+
+def bench_model_path(profile: str, model_path: str, work: str) -> str:
+    """The model folder to measure: the one given, the profile's weights where they are
+    here, else a stand-in of the profile's shape with random weights, built in ``work``."""
+    if model_path:
+        return model_path
+    try:
+        return PROFILES[profile].locate()
+    except PipelineError:
+        if profile not in SHAPES:
+            raise
+        return save_stand_in(f"{work}/stand-in", profile)
 
 
 def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precision: str = "auto",
-              pattern: str = "*.md", rounds: int = 3) -> dict[str, Any]:
+              pattern: str = "*.md", rounds: int = 3, model_path: str = "") -> dict[str, Any]:
     import torch
 
-    embedder = load_embedder(profile, "", device, 0, batch_tokens, precision)
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
+        embedder = Embedder(profile_of(profile), bench_model_path(profile, model_path, work), device, 0, batch_tokens, precision)
         manifest = f"{work}/manifest.parquet"
         documents = write_manifest(corpus, pattern, 10**9, manifest)  # one shard: the whole corpus
         texts, token_ids = chunk_corpus(corpus, manifest, embedder)
@@ -160,7 +194,10 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
                      for number in range(max(1, rounds))]
         feed_cpu = float(np.median([cpu for _, _, cpu in feed_runs]))
         feed_s = float(np.median([wall for _, wall, _ in feed_runs]))
+        embedder.shapes_met.clear()
+        embedder.padded_tokens = embedder.framed_tokens = 0
         _, end_to_end_s, _ = _timed(run_shard, corpus, manifest, f"{work}/real", 0, embedder, 1)
+        shapes = {"shapes": len(embedder.shapes_met), "padding": embedder.padded_tokens / max(embedder.framed_tokens, 1)}
         sequence = float(np.mean(tokens)) + embedder.reserved_tokens if tokens else 0.0
         pace = derived_tokens_per_second(STAND_IN_GPU, STAND_IN_MODEL, sequence)
         in_turn = StandInGPU(embedder, pace, overlap=False)
@@ -177,7 +214,8 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         readers = reader_processes(-1, frees_cpu=True)
         warm_readers(corpus, manifest, embedder, readers)
         with_readers = StandInGPU(embedder, pace)
-        _, with_readers_s, _ = _timed(run_shard, corpus, manifest, f"{work}/stand-in-readers", 0, with_readers, 1, None, readers)
+        _, with_readers_s, worker_cpu_s = _timed(run_shard, corpus, manifest, f"{work}/stand-in-readers", 0, with_readers, 1,
+                                                 None, readers)
         close_readers()
 
     config = embedder.model[0].auto_model.config
@@ -189,6 +227,7 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         "chunks": len(texts),
         "tokens": total,
         "model": embedder.profile.model_id,
+        "stand_in_for": embedder.stand_in_for,
         "device": embedder.device,
         "precision": embedder.precision,
         "torch_threads": torch.get_num_threads(),
@@ -198,6 +237,13 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         "embedder_tokens_per_s": embedder_rate,
         "embedder_vs_baseline": float(np.median(compared["ratios"])),
         "embedder_vs_baseline_rounds": compared["ratios"],
+        "bucketed_vs_exact_widths": float(np.median(compared["bucketing_ratios"])),
+        "bucketed_vs_exact_widths_rounds": compared["bucketing_ratios"],
+        "batch_shapes": shapes["shapes"],
+        "padded_vs_real_tokens": shapes["padding"],
+        "stand_in_batch_shapes": len(stand_in.shapes_met),
+        "stand_in_padded_vs_real_tokens": stand_in.padded_tokens / max(stand_in.framed_tokens, 1),
+        "stand_in_batch_tokens": stand_in.batch_tokens,
         "feed_rounds": len(feed_runs),
         "max_abs_difference_vs_baseline": float(np.max(np.abs(vectors - baseline_vectors))) if len(texts) else 0.0,
         "min_cosine_vs_baseline": float(np.min(np.sum(vectors * baseline_vectors, axis=1))) if len(texts) else 1.0,
@@ -219,6 +265,7 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         "stand_in_readers_end_to_end_tokens_per_s": total / with_readers_s,
         "stand_in_readers_gpu_busy": with_readers.busy_seconds / with_readers_s,
         "stand_in_readers_vs_one_reader_thread": stand_in_s / with_readers_s,
+        "worker_cpu_us_per_token_with_readers": worker_cpu_s / total * 1e6 if total else 0.0,
         "flops_per_token": flops_per_token(config, sequence),
         "matmul_peak_flops": peak,
         "utilisation": flops_per_token(config, sequence) * embedder_rate / peak,
@@ -238,6 +285,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'our embedder':<44} {r['embedder_tokens_per_s']:>12,.0f}  {r['embedder_vs_baseline']:.2f} × baseline "
         f"(median of {len(r['embedder_vs_baseline_rounds'])} alternating rounds: "
         f"{', '.join(f'{x:.2f}' for x in r['embedder_vs_baseline_rounds'])})",
+        f"{'our embedder, batches as wide as their longest':<44} {'':>12}  "
+        f"{1 / r['bucketed_vs_exact_widths']:.2f} × our embedder (bucketed widths are "
+        f"{r['bucketed_vs_exact_widths']:.2f} × as fast; rounds: {', '.join(f'{x:.2f}' for x in r['bucketed_vs_exact_widths_rounds'])})",
         f"{'feed (null model), per CPU core':<44} {r['feed_tokens_per_s_per_core']:>12,.0f}  median of {r['feed_rounds']} runs",
         f"{'feed, ' + str(r['feed_reader_processes']) + ' reader process(es), wall':<44} {r['feed_readers_wall_tokens_per_s']:>12,.0f}  "
         f"{r['feed_readers_vs_one_reader_thread']:.2f} × one reader thread",
@@ -250,6 +300,12 @@ def format_table(result: dict[str, Any]) -> str:
         f"{r['stand_in_readers_end_to_end_tokens_per_s']:>12,.0f}  GPU busy {r['stand_in_readers_gpu_busy']:.0%} of the time, "
         f"{r['stand_in_readers_vs_one_reader_thread']:.2f} × one reader thread",
         "",
+        f"batch shapes: this run (end to end) met {r['batch_shapes']} distinct shapes, padded ÷ real tokens "
+        f"{r['padded_vs_real_tokens']:.3f}; on a GPU ({r['stand_in_batch_tokens']}-token batches, the stand-in run) "
+        f"{r['stand_in_batch_shapes']} shapes, {r['stand_in_padded_vs_real_tokens']:.3f}",
+        f"worker process CPU per token fed by {r['stand_in_reader_processes']} reader process(es): "
+        f"{r['worker_cpu_us_per_token_with_readers']:.3f} µs (a ceiling of "
+        f"{1 / max(r['worker_cpu_us_per_token_with_readers'], 1e-9):,.1f} M tokens/s)",
         f"vectors vs baseline (fp32 encode): max |difference| {r['max_abs_difference_vs_baseline']:.2e}, "
         f"min cosine {r['min_cosine_vs_baseline']:.6f}",
         f"utilisation: {r['flops_per_token'] / 1e6:.1f} MFLOP/token × {r['embedder_tokens_per_s']:,.0f} tokens/s "
@@ -258,12 +314,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"the {r['stand_in_gpu']} expected (docs/performance.md)",
         f"peak RSS of this process (a worker's upper bound): {r['peak_rss_bytes'] / 2**20:,.0f} MiB",
     ]
+    if r.get("stand_in_for"):  # no figure of a stand-in may pass for the real model's
+        lines = [f"[stand-in for {r['stand_in_for']}: its shape, random weights] {line}" if line else line for line in lines]
     return "\n".join(lines)
 
 
 def bench(corpus: str, profile: str, device: str, batch_tokens: int, precision: str = "auto", json_path: str = "",
-          rounds: int = 3) -> str:
-    result = run_bench(corpus, profile, device, batch_tokens, precision, rounds=rounds)
+          rounds: int = 3, model_path: str = "") -> str:
+    result = run_bench(corpus, profile, device, batch_tokens, precision, rounds=rounds, model_path=model_path)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return format_table(result)

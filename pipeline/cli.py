@@ -9,7 +9,8 @@
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
     python -m pipeline model PROFILE [--fetch] load a model offline (fetch it first)
-    python -m pipeline bench [--corpus C] [--json F] [--rounds N]  throughput, side by side
+    python -m pipeline model nomic --save-stand-in DIR  nomic's shape, random weights: for --model-path throughput runs
+    python -m pipeline bench [--corpus C] [--model M] [--json F] [--rounds N]  throughput, side by side
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     model_parser = commands.add_parser("model", help="load a model profile offline and embed one text")
     model_parser.add_argument("profile", help="model profile (nomic, minilm)")
     model_parser.add_argument("--fetch", action="store_true", help="fetch it into the local cache first (HF_HUB_OFFLINE=0)")
+    model_parser.add_argument("--save-stand-in", default="", metavar="DIR",
+                              help="write a stand-in of the profile's shape with random weights to DIR (throughput only)")
     estimate_parser = commands.add_parser("estimate", help="estimate a corpus's cost on Runpod before any pod starts")
     estimate_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
     estimate_parser.add_argument("--pattern", default="*.md")
@@ -182,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     estimate_parser.add_argument("--tokens-per-second", type=float, default=None, help="a measured throughput to use")
     bench_parser = commands.add_parser("bench", help="measure throughput: baseline, embedder, feed, end to end")
     bench_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
-    bench_parser.add_argument("--model", default="minilm", help="model profile")
+    bench_parser.add_argument("--model", default="minilm",
+                              help="model profile; where its weights are not here, a stand-in of its shape (random weights)")
+    bench_parser.add_argument("--model-path", default="", help="a model folder (a saved stand-in, say)")
     bench_parser.add_argument("--device", default="auto")
     bench_parser.add_argument("--batch-tokens", type=int, default=0, help="padded tokens per batch; 0: by device")
     bench_parser.add_argument("--precision", default="auto", help="auto, float32, float16 or bfloat16")
@@ -229,10 +234,16 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
             from .sample import ensure_sample_corpus
 
-            print(bench(args.corpus or ensure_sample_corpus(), args.model, args.device, args.batch_tokens, args.precision, args.json, args.rounds))
+            print(bench(args.corpus or ensure_sample_corpus(), args.model, args.device, args.batch_tokens, args.precision, args.json,
+                        args.rounds, args.model_path))
         elif args.command == "model":
             from .embedder import check_model, fetch_model
 
+            if args.save_stand_in:
+                from .stand_in import save_stand_in
+
+                print(f"{args.profile}: stand-in (random weights, throughput only) saved to {save_stand_in(args.save_stand_in, args.profile)}")
+                return 0
             if args.fetch:
                 print(f"{args.profile}: cached at {fetch_model(args.profile)}")
             print(json.dumps(check_model(args.profile)))

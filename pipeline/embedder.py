@@ -7,18 +7,22 @@ nothing is ever downloaded: hub access is switched off before the libraries load
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from .batching import Batch, ShapePolicy, plan_batches
 from .chunking import chunk_budget, plain_tokenizer
 from .config import ModelProfile, profile
 from .errors import PipelineError
+from .stand_in import stand_in_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -81,6 +85,11 @@ class Embedder:
         self.profile = model_profile
         self.device = _pick_device(device)
         path = model_path or model_profile.locate()
+        self.weights_sha256 = weights_fingerprint(path)
+        self.stand_in_for = stand_in_for(path)
+        if self.stand_in_for:
+            log.warning("model at %s is a stand-in for %s: random weights, for measuring throughput only; verify, search "
+                        "and the importers refuse what it makes", path, self.stand_in_for)
         log.info("loading model %s from %s on %s", model_profile.model_id, path, self.device)
         try:
             self.model = SentenceTransformer(
@@ -117,6 +126,11 @@ class Embedder:
         self._check_template()
         # Other prefixes (a query's) get their own frame, made and checked on first use.
         self._frames: dict[str, tuple[np.ndarray, np.ndarray]] = {model_profile.prefix: (self._head, self._tail)}
+        self.shape_policy = ShapePolicy.for_device(self.device, wanted)
+        self.shapes_met: Counter = Counter()  # (rows, width) of each batch run: `make bench` counts them
+        self.padded_tokens = self.framed_tokens = 0  # what the batches held, and how much of it was real
+        if self.device.startswith("cuda"):
+            self.warm_up()
 
     @property
     def dimension(self) -> int:
@@ -128,17 +142,38 @@ class Embedder:
         can overlap it without slowing it."""
         return not self.device.startswith("cpu")
 
-    def batches(self, token_counts: Sequence[int]) -> list[list[int]]:
-        """Indices grouped longest first, each group's padded size (its first, longest
-        chunk's width times its length) within ``batch_tokens``."""
-        order = sorted(range(len(token_counts)), key=lambda i: -token_counts[i])
-        groups: list[list[int]] = []
-        for index in order:
-            if groups and (token_counts[groups[-1][0]] + self.reserved_tokens) * (len(groups[-1]) + 1) <= self.batch_tokens:
-                groups[-1].append(index)
-            else:
-                groups.append([index])
-        return groups
+    def batches(self, token_counts: Sequence[int], frame_tokens: int | None = None) -> list[Batch]:
+        """Indices grouped longest first into batches of this embedder's shapes, each
+        within ``batch_tokens`` (``frame_tokens``: what the frame adds to each chunk;
+        the document prefix's by default)."""
+        frame = self.reserved_tokens if frame_tokens is None else frame_tokens
+        return plan_batches(token_counts, frame, self.batch_tokens, self.shape_policy)
+
+    def warm_up(self) -> set[tuple[int, int]]:
+        """Run each full batch shape once, so a run's first pass meets no new shape (on a
+        GPU the first batch of a shape pays its set-up; done at load there). A shape too
+        big for the device lowers the budget, as a batch in a run would. Returns the
+        shapes run."""
+        import torch
+
+        warmed = set()
+        for width in self.shape_policy.widths:
+            while True:
+                rows = max(1, self.batch_tokens // width)
+                features = self._features([np.zeros(0, dtype=np.int64)], shape=(rows, width))
+                try:
+                    with torch.inference_mode(), self._autocast():
+                        self.model(self._to_device(features))
+                    warmed.add((rows, width))
+                    break
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    features = None
+                    self._lower_budget(rows, width, error)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return warmed
 
     def _template(self, prefix: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ids the model's tokenizer puts before a text (special tokens, then the
@@ -190,73 +225,94 @@ class Embedder:
         limit = self.chunker.max_tokens if limit is None else limit
         return [np.array(e.ids[:limit], dtype=np.int32) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def _features(self, group: Sequence[np.ndarray], frame: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    def _features(self, group: Sequence[np.ndarray], frame: tuple[np.ndarray, np.ndarray] | None = None,
+                  shape: tuple[int, int] | None = None) -> dict:
         """One padded batch for the model: each chunk's ids framed by the template
-        (the document prefix's, unless another ``frame`` is given)."""
+        (the document prefix's, unless another ``frame`` is given), padded to ``shape``
+        (rows, width) where one is given; rows beyond the chunks repeat the first (a row
+        with nothing to attend to would make NaNs) and their vectors are dropped."""
         import torch
 
         head, tail = frame or (self._head, self._tail)
-        width = max(len(ids) for ids in group) + len(head) + len(tail)
-        input_ids = np.full((len(group), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(group), width), dtype=np.int64)
+        lengths = np.fromiter((len(ids) for ids in group), dtype=np.int64, count=len(group)) + len(head) + len(tail)
+        rows, width = shape or (len(group), int(lengths.max()))
+        input_ids = np.full((rows, width), self._pad_id, dtype=np.int64)
+        input_ids[: len(group), : len(head)] = head
         for row, ids in enumerate(group):
-            end = len(head) + len(ids) + len(tail)
-            input_ids[row, : len(head)] = head
-            input_ids[row, len(head) : end - len(tail)] = ids
-            input_ids[row, end - len(tail) : end] = tail
-            mask[row, :end] = 1
+            input_ids[row, len(head) : len(head) + len(ids)] = ids
+            input_ids[row, lengths[row] - len(tail) : lengths[row]] = tail
+        mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
+        if rows > len(group):
+            input_ids[len(group) :] = input_ids[0]
+            mask = np.concatenate([mask, np.repeat(mask[:1], rows - len(group), axis=0)])
         features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
         if self._type_ids:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
         return features
+
+    def _to_device(self, features: dict) -> dict:
+        """Features on the model's device: on a GPU through pinned memory without waiting,
+        so the host goes on to build the next batch while this one is copied and run."""
+        if not self.device.startswith("cuda"):
+            return features
+        return {name: tensor.pin_memory().to(self.device, non_blocking=True) for name, tensor in features.items()}
 
     def embed(self, token_ids: Sequence[np.ndarray], on_batch: Callable[[int, int], None] | None = None,
               prefix: str | None = None) -> np.ndarray:
         """Normalised float32 vectors, one row per chunk, in the order given, from the
         chunker's token ids (the text is never tokenized again); ``on_batch(chunks,
         tokens)`` hears of each batch done (progress). ``prefix``: put before each text
-        instead of the profile's document prefix (a query's)."""
+        instead of the profile's document prefix (a query's).
+
+        Vectors stay on the device until every batch has been queued, then come back in
+        one copy: the host never waits for the GPU between batches."""
         import torch
 
         frame = self._frame(prefix)
+        frame_tokens = len(frame[0]) + len(frame[1])
         counts = [len(ids) for ids in token_ids]
-        vectors = np.empty((len(token_ids), self.dimension), dtype=np.float32)
+        vectors = torch.empty((len(token_ids), self.dimension), dtype=torch.float32, device=self.device)
         pending = list(range(len(token_ids)))
         while pending:
-            groups = [[pending[i] for i in group] for group in self.batches([counts[i] for i in pending])]
+            batches = self.batches([counts[i] for i in pending], frame_tokens)
+            batches = [Batch([pending[i] for i in b.indices], b.rows, b.width) for b in batches]
             pending = []
-            for number, group in enumerate(groups):
+            for number, batch in enumerate(batches):
                 try:
-                    batch = self._features([token_ids[i] for i in group], frame)
-                    features = {k: v.to(self.device) for k, v in batch.items()}
+                    features = self._to_device(self._features([token_ids[i] for i in batch.indices], frame, batch.shape))
                     with torch.inference_mode(), self._autocast():
-                        embedded = self.model(features)["sentence_embedding"]
-                    vectors[group] = torch.nn.functional.normalize(embedded.float(), dim=1).cpu().numpy()
+                        embedded = self.model(features)["sentence_embedding"][: len(batch.indices)]
+                        where = self._to_device({"rows": torch.tensor(batch.indices)})["rows"]
+                        vectors.index_copy_(0, where, torch.nn.functional.normalize(embedded.float(), dim=1))
                 except Exception as error:
                     if not is_out_of_memory(error):
                         raise
-                    batch = features = embedded = None
-                    self._lower_budget(len(group), max(counts[i] for i in group), error)
-                    pending = [i for rest in groups[number:] for i in rest]  # batched again, smaller
+                    features = embedded = None
+                    self._lower_budget(batch.rows, batch.width, error)
+                    pending = [i for rest in batches[number:] for i in rest.indices]  # batched again, smaller
                     break
+                real = sum(counts[i] for i in batch.indices)
+                self.shapes_met[batch.shape] += 1
+                self.padded_tokens += batch.rows * batch.width
+                self.framed_tokens += real + frame_tokens * len(batch.indices)
                 if on_batch:
-                    on_batch(len(group), sum(counts[i] for i in group))
-        return vectors
+                    on_batch(len(batch.indices), real)
+        return vectors.cpu().numpy()
 
-    def _lower_budget(self, chunks: int, longest: int, error: Exception) -> None:
-        """After running out of memory on a batch, halve the batch token budget (for
-        this worker's later batches too) instead of failing the shard; a single chunk
-        that does not fit is an error no smaller batch can mend."""
-        padded = chunks * (longest + self.reserved_tokens)
-        if chunks == 1:
+    def _lower_budget(self, rows: int, width: int, error: Exception) -> None:
+        """After running out of memory on a batch of ``rows`` × ``width`` tokens, halve the
+        batch token budget (for this worker's later batches too) instead of failing the
+        shard; a single row that does not fit is an error no smaller batch can mend."""
+        padded = rows * width
+        if rows == 1:
             raise PipelineError(f"out of memory on {self.device} embedding one chunk of {padded} tokens: {error}") from error
-        self.batch_tokens = max(padded // 2, longest + self.reserved_tokens)
+        self.batch_tokens = max(padded // 2, width)
         if self.device.startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()
-        log.warning("out of memory on %s with a batch of %d chunks (%d padded tokens): batch token budget now %d, "
-                    "batch split and run again", self.device, chunks, padded, self.batch_tokens)
+        log.warning("out of memory on %s with a batch of %d rows (%d padded tokens): batch token budget now %d, "
+                    "batch split and run again", self.device, rows, padded, self.batch_tokens)
 
     def embed_texts(self, texts: Sequence[str], prefix: str | None = None) -> np.ndarray:
         """Vectors of texts that do not come from the chunker, the way chunks get theirs.
@@ -277,6 +333,19 @@ class Embedder:
 
         return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
 
+    def runtime(self) -> dict[str, object]:
+        """How the vectors were computed, for a shard's stats (speed, not meaning): which
+        kernels and shapes win depends on the GPU and the torch version."""
+        import torch
+
+        policy = self.shape_policy
+        return {
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(self.device) if self.device.startswith("cuda") else None,
+            "batch_tokens": self.batch_tokens,
+            "batch_widths": f"{len(policy.widths)} from {policy.widths[0]} to {policy.widths[-1]}" if policy.widths else "exact",
+        }
+
     def settings(self) -> dict[str, str]:
         """What a reader needs to refuse mixing vectors from two models (file metadata)."""
         return {
@@ -287,8 +356,24 @@ class Embedder:
             "max_tokens": str(self.max_tokens),
             "normalized": "true",
             "precision": self.precision,
+            "weights_sha256": self.weights_sha256,
+            **({"stand_in_for": self.stand_in_for} if self.stand_in_for else {}),
             **self.chunker.as_metadata(),
         }
+
+
+@lru_cache(maxsize=8)
+def weights_fingerprint(model_path: str) -> str:
+    """The first 16 hex digits of a sha256 over a model folder's weight files (names and
+    contents): shards record it, so an output never mixes two sets of weights that share
+    a model id (a new revision, a fine-tune, a stand-in)."""
+    folder = Path(model_path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -353,6 +438,9 @@ class NullEmbedder:
         self._settings = {**base.settings(), "model_id": "null", "model_profile": "null"}
         self._vector = np.full(self.dimension, 1 / np.sqrt(self.dimension), dtype=np.float32)
 
+        self.shape_policy = base.shape_policy
+        self.padded_tokens = self.framed_tokens = 0
+
     batches = Embedder.batches
 
     def embed(self, token_ids: Sequence[np.ndarray], on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -362,3 +450,6 @@ class NullEmbedder:
 
     def settings(self) -> dict[str, str]:
         return dict(self._settings)
+
+    def runtime(self) -> dict[str, object]:
+        return {}

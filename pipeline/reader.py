@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from . import storage
-from .shards import shard_metadata
+from .shards import footer_settings, refuse_stand_in, shard_metadata
 
 if TYPE_CHECKING:  # pyarrow and numpy load only when something is read: `import pipeline` stays light
     import numpy as np
@@ -59,7 +59,9 @@ def read_shard(path: str) -> "pa.Table":
     import pyarrow.parquet as pq
 
     with storage.open_for_reading(path) as f:
-        return pq.read_table(f)
+        table = pq.read_table(f)
+    refuse_stand_in(footer_settings(table.schema.metadata), path)
+    return table
 
 
 def _batch(record_batch: "pa.RecordBatch") -> EmbeddingBatch:
@@ -89,7 +91,9 @@ def stream_embeddings(output: str, batch_size: int = 1000) -> Iterator[Embedding
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     for path in list_embedding_files(output):
         with storage.open_for_reading(path) as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=COLUMNS):
+            parquet = pq.ParquetFile(f)
+            refuse_stand_in(footer_settings(parquet.metadata.metadata), path)
+            for record_batch in parquet.iter_batches(batch_size=batch_size, columns=COLUMNS):
                 if record_batch.num_rows:
                     yield _batch(record_batch)
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from tokenizers import Tokenizer
 
+from .chunk_columns import ChunkColumns, read_columns
 from .chunking import ChunkerSettings
 
 BATCH_DOCUMENTS = 8
@@ -38,10 +39,8 @@ def _start_reader(tokenizer_json: str, settings: ChunkerSettings) -> None:
     _reader.update(tokenizer=Tokenizer.from_str(tokenizer_json), settings=settings)
 
 
-def _read_batch(corpus: str, rows: list[dict[str, Any]]) -> list[tuple]:
-    from .shard_job import read_documents
-
-    return list(read_documents(corpus, rows, _reader["tokenizer"], _reader["settings"]))
+def _read_batch(corpus: str, rows: list[dict[str, Any]]) -> ChunkColumns:
+    return read_columns(corpus, rows, _reader["tokenizer"], _reader["settings"])
 
 
 def _pool(tokenizer: Tokenizer, settings: ChunkerSettings, processes: int) -> ProcessPoolExecutor:
@@ -57,18 +56,18 @@ def _pool(tokenizer: Tokenizer, settings: ChunkerSettings, processes: int) -> Pr
 
 
 def read_in_processes(corpus: str, rows: list[dict[str, Any]], tokenizer: Tokenizer, settings: ChunkerSettings,
-                      processes: int) -> Iterator[tuple]:
-    """``shard_job.read_documents``' results for ``rows``, in order, made by ``processes``
-    reader processes with up to two batches each in hand."""
+                      processes: int) -> Iterator[ChunkColumns]:
+    """``rows``' documents read and chunked by ``processes`` reader processes, in order,
+    BATCH_DOCUMENTS at a time, with up to two batches each in hand."""
     pool = _pool(tokenizer, settings, processes)
     pending: deque = deque()
     try:
         for start in range(0, len(rows), BATCH_DOCUMENTS):
             pending.append(pool.submit(_read_batch, corpus, rows[start : start + BATCH_DOCUMENTS]))
             if len(pending) >= 2 * processes:
-                yield from pending.popleft().result()
+                yield pending.popleft().result()
         while pending:
-            yield from pending.popleft().result()
+            yield pending.popleft().result()
     except BrokenProcessPool:  # a reader died (killed, out of memory): this shard fails, the next gets a new pool
         for key in [key for key, known in _pools.items() if known is pool]:
             del _pools[key]

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .errors import PipelineError
 from .reader import list_embedding_files, stream_embeddings
-from .shards import shard_metadata
+from .shards import refuse_stand_in, shard_metadata
 
 BATCH_ROWS = 8192
 
@@ -28,6 +28,7 @@ def query_embedder(output: str, device: str = "cpu"):
     if not files:
         raise PipelineError(f"{output}: no shards (shards/shard-NNNNNN.parquet) to search")
     settings = shard_metadata(files[0])
+    refuse_stand_in(settings, output)
     return load_embedder(settings["model_profile"], "", device, int(settings["max_tokens"]), 0, "float32")
 
 

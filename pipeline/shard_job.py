@@ -15,17 +15,16 @@ import socket
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .chunking import Chunk, chunk_document
-from .corpus import Document, Rejected, duplicates_in_shard, front_matter_json, iter_documents, manifest_rows
+from .chunk_columns import ChunkColumns, read_columns
+from .corpus import duplicates_in_shard, manifest_rows
 from .embedder import Embedder
 from .errors import PipelineError
 from .progress import Progress, Reporter
 from .read_ahead import read_ahead
 from .readers import read_in_processes
-from .shards import PROMOTED_FIELDS, ShardWriter, shard_schema
+from .shards import ShardWriter, shard_schema
 from . import storage
 
 log = logging.getLogger("luigi-interface")
@@ -65,92 +64,34 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def _text_or_none(value: Any) -> Any:
-    """A front-matter value as column text: strings as they are, anything else as JSON."""
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
-
-
-def chunk_rows(document: Document, chunks: list[Chunk]) -> list[dict[str, Any]]:
-    """Shard rows (without vectors) for the chunks of one document."""
-    fields = document.front_matter
-    shared = {name: _text_or_none(fields.get(name)) for name in PROMOTED_FIELDS}
-    shared.update(
-        path=document.path,
-        front_matter=front_matter_json(document),
-        front_matter_error=document.front_matter_error,
-        encoding=document.encoding,
-    )
-    return [
-        {
-            "doc_id": document.doc_id,
-            "chunk_id": chunk.chunk_id,
-            "text": chunk.text,
-            "token_ids": chunk.token_ids,  # for the model; not a column
-            "metadata": {
-                **shared,
-                "heading_path": list(chunk.heading_path),
-                "char_start": chunk.char_start,
-                "char_end": chunk.char_end,
-                "token_count": chunk.token_count,
-            },
-        }
-        for chunk in chunks
-    ]
-
-
-def _chunks_or_rejection(document: Document, tokenizer, settings) -> list[Chunk] | Rejected:
-    try:
-        chunks = chunk_document(document.text, document.body_start, tokenizer, settings)
-    except Exception as exc:  # one odd document must not sink its shard
-        return Rejected("chunking_failed", f"{exc.__class__.__name__}: {exc}")
-    return chunks or Rejected("no_text", "nothing to embed after the front matter")
-
-
-def read_documents(corpus: str, rows: list[dict[str, Any]], tokenizer, settings) -> Iterator[tuple]:
-    """(manifest row, its chunk rows or its rejection, whether its front matter was
-    broken) for each row, in order: the reading a reader process does (``readers``)."""
-    for row, document in iter_documents(corpus, rows):
-        outcome = document if isinstance(document, Rejected) else _chunks_or_rejection(document, tokenizer, settings)
-        if isinstance(outcome, Rejected):
-            yield row, outcome, False
-        else:
-            yield row, chunk_rows(document, outcome), document.front_matter_error is not None
-
-
-@dataclass
-class _Piece:
-    """Chunk rows of whole documents, and the documents they close (embedded or rejected)."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    tokens: int = 0
-    documents: int = 0
+def _documents_read(corpus: str, rows: list[dict[str, Any]], embedder: Embedder, readers: int) -> Iterator[ChunkColumns]:
+    """The shard's documents read and chunked, in order: by ``readers`` processes, or in
+    this thread one document at a time."""
+    if readers:
+        return read_in_processes(corpus, rows, embedder.tokenizer, embedder.chunker, readers)
+    return (read_columns(corpus, [row], embedder.tokenizer, embedder.chunker) for row in rows)
 
 
 def read_pieces(corpus: str, rows: list[dict[str, Any]], embedder: Embedder, rejects: list[dict[str, Any]],
-                counts: Counter, readers: int = 0) -> Iterator[_Piece]:
+                counts: Counter, readers: int = 0) -> Iterator[ChunkColumns]:
     """Read and chunk the shard's documents (in ``readers`` processes, or in this
     thread) into pieces of about PIECE_TOKENS tokens, recording rejections as they
     come (``make bench`` chunks its corpus with it too)."""
-    if readers:
-        documents = read_in_processes(corpus, rows, embedder.tokenizer, embedder.chunker, readers)
-    else:
-        documents = read_documents(corpus, rows, embedder.tokenizer, embedder.chunker)
-    piece = _Piece()
-    for row, outcome, broken_front_matter in documents:
-        piece.documents += 1
-        if isinstance(outcome, Rejected):
-            rejects.append({"doc_id": row["doc_id"], "path": row["path"], "reason": outcome.reason, "detail": outcome.detail})
-            continue
-        counts["front_matter_errors"] += broken_front_matter
-        piece.rows.extend(outcome)
-        piece.tokens += sum(len(chunk["token_ids"]) for chunk in outcome)
-        if piece.tokens >= PIECE_TOKENS:
-            yield piece
-            piece = _Piece()
-    if piece.documents:
-        yield piece
+    parts: list[ChunkColumns] = []
+    tokens = 0
+    for part in _documents_read(corpus, rows, embedder, readers):
+        for row, rejection, broken_front_matter in part.outcomes:
+            if rejection is not None:
+                rejects.append({"doc_id": row["doc_id"], "path": row["path"], "reason": rejection.reason,
+                                "detail": rejection.detail})
+            counts["front_matter_errors"] += broken_front_matter
+        parts.append(part)
+        tokens += part.tokens
+        if tokens >= PIECE_TOKENS:
+            yield ChunkColumns.join(parts)
+            parts, tokens = [], 0
+    if parts:
+        yield ChunkColumns.join(parts)
 
 
 def _in_lists(items: Iterator[Any], take: int) -> Iterator[list[Any]]:
@@ -165,17 +106,12 @@ def _in_lists(items: Iterator[Any], take: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _groups(pieces: Iterator[_Piece], overlap: bool) -> Iterator[_Piece]:
-    """Pieces merged into groups: with ``overlap``, whatever a background reader has
+def _groups(pieces: Iterator[ChunkColumns], overlap: bool) -> Iterator[ChunkColumns]:
+    """Pieces joined into groups: with ``overlap``, whatever a background reader has
     ready each time the model asks; without, GROUP_TOKENS' worth read in this thread."""
     take = GROUP_TOKENS // PIECE_TOKENS
     for ready in read_ahead(pieces, capacity=take, take=take) if overlap else _in_lists(pieces, take):
-        group = _Piece()
-        for piece in ready:
-            group.rows.extend(piece.rows)
-            group.tokens += piece.tokens
-            group.documents += piece.documents
-        yield group
+        yield ChunkColumns.join(ready)
 
 
 def _now_done(function, *args) -> Future:
@@ -188,10 +124,10 @@ def _now_done(function, *args) -> Future:
     return done
 
 
-def _write_group(writer: ShardWriter, group: _Piece, vectors, progress: Progress) -> None:
-    if group.rows:
-        writer.write(group.rows, vectors)
-    progress.advance(group.documents, embedded=0.0 if group.rows else group.documents)
+def _write_group(writer: ShardWriter, group: ChunkColumns, vectors, progress: Progress) -> None:
+    if group.chunks.num_rows:
+        writer.write(group.chunks, vectors)
+    progress.advance(group.documents, embedded=0.0 if group.chunks.num_rows else group.documents)
 
 
 def run_shard(
@@ -217,7 +153,7 @@ def run_shard(
         for row in rows:
             row["duplicate_of"] = first_paths.get(row["path"])
     destination = shard_path(output, shard)
-    started_at, clock = _now(), time.monotonic()
+    started_at, clock, padded_before = _now(), time.monotonic(), embedder.padded_tokens
     rejects: list[dict[str, Any]] = []
     counts = Counter()
     progress = Progress(len(rows), shard_label(shard, total_shards), report)
@@ -233,14 +169,15 @@ def run_shard(
                     submit = background.submit if overlap else _now_done
                     written = _now_done(lambda: None)
                     for group in _groups(read_pieces(corpus, rows, embedder, rejects, counts, readers), overlap):
-                        if group.rows:
-                            token_ids = [row.pop("token_ids") for row in group.rows]
+                        vectors = None
+                        if group.chunks.num_rows:
                             # Chunks, tokens and the documents' share count up batch by batch.
                             share = group.documents / group.tokens
-                            vectors = embedder.embed(token_ids, on_batch=lambda n, t: progress.advance(0, n, t, t * share))
-                            counts.update(chunks=len(group.rows), tokens=group.tokens)
+                            vectors = embedder.embed(group.token_id_list(),
+                                                     on_batch=lambda n, t: progress.advance(0, n, t, t * share))
+                            counts.update(chunks=group.chunks.num_rows, tokens=group.tokens)
                         written.result()  # the group before, in order; a failed write stops the shard here
-                        written = submit(_write_group, writer, group, vectors if group.rows else None, progress)
+                        written = submit(_write_group, writer, group, vectors, progress)
                     written.result()
             except BaseException:
                 writer.abort()
@@ -262,6 +199,8 @@ def run_shard(
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # a pod's worker per GPU
                 "worker": worker_name(),
                 "pod_id": os.environ.get("RUNPOD_POD_ID"),  # on Runpod: which pod, for its launcher's deadlines
+                "padded_tokens": embedder.padded_tokens - padded_before,  # tokens the batches held, padding too
+                **embedder.runtime(),
             }
             writer.close(stats)
             _publish_rejects(output, shard, rejects)

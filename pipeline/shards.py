@@ -39,35 +39,33 @@ METADATA_TYPE = pa.struct(
 PROMOTED_FIELDS = ("title", "author", "date", "source_url", "language")
 
 
+# A shard's columns but the vectors: what readers hand back (pipeline.chunk_columns).
+CHUNK_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("chunk_id", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("metadata", METADATA_TYPE, nullable=False),
+    ]
+)
+
+
 def shard_schema(dimension: int, settings: dict[str, str]) -> pa.Schema:
-    schema = pa.schema(
-        [
-            pa.field("doc_id", pa.string(), nullable=False),
-            pa.field("chunk_id", pa.int32(), nullable=False),
-            pa.field("embedding_vector", pa.list_(pa.float32(), dimension), nullable=False),
-            pa.field("text", pa.string(), nullable=False),
-            pa.field("metadata", METADATA_TYPE, nullable=False),
-        ]
-    )
+    schema = CHUNK_SCHEMA.insert(2, pa.field("embedding_vector", pa.list_(pa.float32(), dimension), nullable=False))
     meta = {META_PREFIX + k: v for k, v in settings.items()}
     meta[META_PREFIX + "version"] = PIPELINE_VERSION
     return schema.with_metadata(meta)
 
 
-def rows_table(schema: pa.Schema, rows: list[dict[str, Any]], vectors: np.ndarray) -> pa.Table:
-    """A table of chunk rows (dicts with doc_id, chunk_id, text, metadata) and their vectors."""
+def rows_table(schema: pa.Schema, rows: list[dict[str, Any]] | pa.Table, vectors: np.ndarray) -> pa.Table:
+    """A shard table of chunk rows (a CHUNK_SCHEMA table, or dicts with doc_id,
+    chunk_id, text, metadata) and their vectors."""
+    chunks = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
     dimension = schema.field("embedding_vector").type.list_size
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
-    return pa.table(
-        {
-            "doc_id": pa.array([r["doc_id"] for r in rows], pa.string()),
-            "chunk_id": pa.array([r["chunk_id"] for r in rows], pa.int32()),
-            "embedding_vector": pa.FixedSizeListArray.from_arrays(flat, dimension),
-            "text": pa.array([r["text"] for r in rows], pa.string()),
-            "metadata": pa.array([r["metadata"] for r in rows], METADATA_TYPE),
-        },
-        schema=schema,
-    )
+    columns = chunks.columns
+    columns.insert(2, pa.chunked_array([pa.FixedSizeListArray.from_arrays(flat, dimension)]))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 class ShardWriter:
@@ -77,8 +75,8 @@ class ShardWriter:
         self.schema = schema
         self._writer = pq.ParquetWriter(path, schema, compression="snappy")
 
-    def write(self, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
-        if rows:
+    def write(self, rows: list[dict[str, Any]] | pa.Table, vectors: np.ndarray) -> None:
+        if len(rows):
             self._writer.write_table(rows_table(self.schema, rows, vectors))
 
     def close(self, stats: dict[str, Any]) -> None:
@@ -92,14 +90,38 @@ class ShardWriter:
 def shard_metadata(path: str) -> dict[str, str]:
     """A shard's file-level metadata (settings and stats) without reading its rows."""
     with storage.open_for_reading(path) as f:
-        raw = pq.ParquetFile(f).metadata.metadata or {}
-    return {k.decode()[len(META_PREFIX) :]: v.decode() for k, v in raw.items() if k.startswith(META_PREFIX.encode())}
+        return footer_settings(pq.ParquetFile(f).metadata.metadata)
+
+
+def footer_settings(raw: dict[bytes, bytes] | None) -> dict[str, str]:
+    """The pipeline's entries of a Parquet file's key-value metadata, without their prefix."""
+    return {k.decode()[len(META_PREFIX) :]: v.decode() for k, v in (raw or {}).items() if k.startswith(META_PREFIX.encode())}
 
 
 def shard_stats(path: str) -> dict[str, Any]:
     return json.loads(shard_metadata(path)["stats"])
 
 
+# Settings shards made before they were recorded lack: compared only where both have them.
+RECORDED_LATER = ("weights_sha256",)
+
+
+def setting_differs(first: dict[str, str], second: dict[str, str], key: str) -> bool:
+    if key in RECORDED_LATER and (key not in first or key not in second):
+        return False
+    return first.get(key) != second.get(key)
+
+
 def settings_mismatch(existing: dict[str, str], wanted: dict[str, str], keys: Iterable[str]) -> list[str]:
-    """The settings (model, dimension, prefix, chunker) in which two shards differ."""
-    return [f"{k}: {existing.get(k)!r} in the output, {wanted.get(k)!r} now" for k in keys if existing.get(k) != wanted.get(k)]
+    """The settings (model, weights, dimension, prefix, chunker) in which two shards differ."""
+    return [f"{k}: {existing.get(k)!r} in the output, {wanted.get(k)!r} now" for k in keys if setting_differs(existing, wanted, k)]
+
+
+def refuse_stand_in(settings: dict[str, str], where: str) -> None:
+    """Vectors from a stand-in model (random weights, pipeline.stand_in) mean nothing:
+    nothing that uses vectors may take them."""
+    if settings.get("stand_in_for"):
+        from .errors import PipelineError
+
+        raise PipelineError(f"{where} was made by a stand-in for {settings['stand_in_for']} (random weights, for "
+                            f"measuring throughput only): its vectors mean nothing; embed again with the real model")

@@ -31,7 +31,8 @@ install_one_line_errors()
 log = logging.getLogger("luigi-interface")
 
 # Settings two shards of one output must share, or their vectors cannot be mixed.
-SHARED_SETTINGS = ("model_id", "dimension", "prefix", "max_tokens", "chunk_max_tokens", "chunk_overlap_tokens")
+SHARED_SETTINGS = ("model_id", "weights_sha256", "stand_in_for", "dimension", "prefix", "max_tokens", "chunk_max_tokens",
+                   "chunk_overlap_tokens")
 
 
 class LocationParameter(luigi.Parameter):

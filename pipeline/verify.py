@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 from . import storage
 from .corpus import manifest_file, manifest_info
 from .shard_job import rejects_path, shard_path
-from .shards import META_PREFIX, shard_schema
+from .shards import footer_settings, setting_differs, shard_schema
 
 # Settings every shard of one output must share (tasks.SHARED_SETTINGS and what
 # else tells two models or chunkers apart).
-SAME_SETTINGS = ("model_profile", "model_id", "dimension", "prefix", "max_tokens", "normalized",
-                 "chunk_max_tokens", "chunk_overlap_tokens")
+SAME_SETTINGS = ("model_profile", "model_id", "weights_sha256", "stand_in_for", "dimension", "prefix", "max_tokens",
+                 "normalized", "chunk_max_tokens", "chunk_overlap_tokens")
 NORM_TOLERANCE = 1e-3  # fp16 models give unit vectors to about 1e-4
 BATCH_ROWS = 8192
 SUMMARY_COUNTS = ("shards", "documents", "embedded_documents", "rejected_documents", "chunks", "tokens")
@@ -128,14 +128,17 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
     try:
         with storage.open_for_reading(shard_path(output, shard)) as f:
             parquet = pq.ParquetFile(f)
-            metadata = {k.decode()[len(META_PREFIX):]: v.decode()
-                        for k, v in (parquet.metadata.metadata or {}).items() if k.startswith(META_PREFIX.encode())}
+            metadata = footer_settings(parquet.metadata.metadata)
             if not reference:
                 reference.update(metadata, shard=f"shard-{shard:06d}")
             differs = [f"{k} {metadata.get(k)!r} ({reference['shard']}: {reference.get(k)!r})"
-                       for k in SAME_SETTINGS if metadata.get(k) != reference.get(k)]
+                       for k in SAME_SETTINGS if setting_differs(metadata, reference, k)]
             if differs:
                 problems.append(f"{name}: made with other settings: {'; '.join(differs)}")
+                return
+            if metadata.get("stand_in_for"):
+                problems.append(f"{name}: made by a stand-in for {metadata['stand_in_for']} (random weights, for "
+                                f"measuring throughput only): its vectors mean nothing")
                 return
             dimension = int(reference["dimension"])
             expected = shard_schema(dimension, {}).remove_metadata()

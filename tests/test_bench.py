@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, luigi_env, write_corpus
+from pipeline.bench import bench_model_path, format_table
 from pipeline.throughput import flops_per_token
 from pipeline.config import PROFILES
 from pipeline.embedder import Embedder, _native_bf16_cpu, pick_precision
@@ -40,7 +41,15 @@ def test_bench_prints_the_table_and_writes_the_figures(tmp_path):
     assert figures["feed_readers_wall_tokens_per_s"] > 0 and figures["feed_reader_processes"] == os.cpu_count()
     assert figures["stand_in_end_to_end_tokens_per_s"] <= figures["stand_in_gpu_tokens_per_s"]
     assert figures["min_cosine_vs_baseline"] > 0.9999  # our embedder gives the baseline's vectors
-    for row in ("baseline: encode(batch_size=32)", "our embedder", "feed (null model), per CPU core", "end to end", "stand-in GPU", "all in one thread", "reader process", "utilisation"):
+    # Shapes and padding are counted from the batches run: at least one, never less than the real tokens.
+    assert 1 <= figures["batch_shapes"] <= figures["chunks"] and 1 <= figures["padded_vs_real_tokens"] < 3
+    assert 1 <= figures["stand_in_batch_shapes"] and figures["stand_in_padded_vs_real_tokens"] >= 1  # 16k-token GPU batches of a tiny corpus: mostly padding
+    assert len(figures["bucketed_vs_exact_widths_rounds"]) == 2 and figures["worker_cpu_us_per_token_with_readers"] > 0
+    assert figures["stand_in_for"] is None
+    marked = format_table({**figures, "stand_in_for": "nomic-ai/nomic-embed-text-v1.5"}).splitlines()
+    assert all(line.startswith("[stand-in for nomic-ai/nomic-embed-text-v1.5: its shape, random weights] ") for line in marked if line)
+    for row in ("baseline: encode(batch_size=32)", "our embedder", "feed (null model), per CPU core", "end to end", "stand-in GPU", "all in one thread", "reader process", "utilisation",
+                "batches as wide as their longest", "distinct shapes", "worker process CPU per token"):
         assert row in result.stdout
 
 
@@ -74,3 +83,12 @@ def test_bfloat16_on_cpu_stays_within_tolerance_of_float32(embedder):
     assert np.min(np.sum(reduced * full, axis=1)) > 0.9999
     assert np.allclose(np.linalg.norm(reduced, axis=1), 1, atol=1e-5)
     assert not np.array_equal(reduced, full)  # it really ran in reduced precision
+
+
+def test_bench_measures_a_stand_in_where_the_profiles_weights_are_not_here(tmp_path):
+    with pytest.raises(PipelineError):
+        PROFILES["nomic"].locate()  # as on every build machine: nomic's weights are never here
+    folder = bench_model_path("nomic", "", str(tmp_path))
+    assert (tmp_path / "stand-in" / "pipeline_stand_in.json").is_file() and folder == str(tmp_path / "stand-in")
+    assert bench_model_path("nomic", "/given", str(tmp_path)) == "/given"
+    assert bench_model_path("minilm", "", str(tmp_path)) == PROFILES["minilm"].locate()

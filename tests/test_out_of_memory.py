@@ -66,17 +66,3 @@ def test_only_out_of_memory_errors_split_a_batch():
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 100663296 bytes"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(MemoryError())  # Python's own: not a batch too large for the device
-
-
-def test_every_batch_fits_the_budget_at_its_longest_chunks_width():
-    from types import SimpleNamespace
-
-    from pipeline.embedder import Embedder
-
-    counts = [250, 30, 30, 30, 30, 30, 200, 30, 30, 30, 5, 120]
-    budgeted = SimpleNamespace(batch_tokens=1000, reserved_tokens=2)
-    groups = Embedder.batches(budgeted, counts)
-    assert sorted(i for group in groups for i in group) == list(range(len(counts)))
-    for group in groups:
-        widths = [counts[i] + 2 for i in group]
-        assert widths[0] == max(widths) and (len(group) == 1 or widths[0] * len(group) <= 1000), groups

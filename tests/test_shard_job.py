@@ -172,13 +172,13 @@ def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, 
     pieces fell or who read them."""
     from pipeline import readers as reader_module, shard_job
 
-    monkeypatch.setattr(reader_module, "BATCH_DOCUMENTS", 3)  # many batches, out of step with the pieces
+    monkeypatch.setattr(reader_module, "BATCH_DOCUMENTS", 2)  # many batches, joined into groups
 
     add_bad_documents(small_corpus)
     whole_output, whole = run(tmp_path / "whole", small_corpus, embedder)
     overlapping(monkeypatch, overlap)
     monkeypatch.setattr(shard_job, "PIECE_TOKENS", 40)
-    monkeypatch.setattr(shard_job, "GROUP_TOKENS", 120)
+    monkeypatch.setattr(shard_job, "GROUP_TOKENS", 80)
     reports = []
     output = tmp_path / "pieces" / "out"
     manifest = str(output / "manifest.parquet")
@@ -224,7 +224,7 @@ def test_a_failing_group_write_fails_the_shard_and_publishes_nothing(tmp_path, s
     overlapping(monkeypatch, overlap)
 
     monkeypatch.setattr(shard_job, "PIECE_TOKENS", 40)
-    monkeypatch.setattr(shard_job, "GROUP_TOKENS", 120)
+    monkeypatch.setattr(shard_job, "GROUP_TOKENS", 80)
     writes = []
 
     def write_then_fail(self, rows, vectors):

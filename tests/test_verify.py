@@ -88,6 +88,22 @@ def test_a_shard_from_another_model_is_refused(output):
                                "(shard-000000: 'sentence-transformers/all-MiniLM-L6-v2'); prefix 'query: '")
 
 
+def test_a_shard_made_with_other_weights_of_the_same_model_is_refused(output):
+    """A new revision or a fine-tune keeps the model id; the weights' fingerprint tells them apart."""
+    first = pq.ParquetFile(output / "shards" / "shard-000000.parquet").schema_arrow.metadata[b"pipeline.weights_sha256"]
+    assert len(first) == 16
+    rewrite_shard(output / "shards" / "shard-000001.parquet", change_settings=lambda m: {**m, "pipeline.weights_sha256": "0" * 16})
+    assert problems(output)[0].startswith(f"shard-000001.parquet: made with other settings: weights_sha256 '{'0' * 16}' "
+                                          f"(shard-000000: '{first.decode()}')")
+
+
+def test_a_shard_made_before_weights_were_recorded_still_verifies_beside_newer_ones(output):
+    rewrite_shard(output / "shards" / "shard-000001.parquet",
+                  change_settings=lambda m: {k: v for k, v in m.items() if k != "pipeline.weights_sha256"})
+    verdict = verify_output(str(output))
+    assert verdict.ok, verdict.problems
+
+
 def test_vectors_of_another_dimension_are_refused(output):
     def longer(table):
         vectors = table["embedding_vector"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
