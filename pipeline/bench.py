@@ -59,20 +59,17 @@ class StandInGPU(NullEmbedder):
         self.batch_tokens = default_batch_tokens("cuda")
         self.shape_policy = ShapePolicy.for_device("cuda", base.max_tokens)
         self.busy_seconds = 0.0
-        self.shapes_met: Counter = Counter()
 
     def embed(self, token_ids, on_batch=None):
         counts = [len(ids) for ids in token_ids]
         for batch in self.batches(counts):
             features = self.features([token_ids[i] for i in batch.indices], shape=batch.shape)
-            self.shapes_met[batch.shape] += 1
-            self.padded_tokens += batch.rows * batch.width
-            self.framed_tokens += sum(counts[i] + self.reserved_tokens for i in batch.indices)
+            real = self._count_batch(batch, counts, self.reserved_tokens)
             seconds = features["input_ids"].numel() / self.tokens_per_second
             time.sleep(seconds)
             self.busy_seconds += seconds
             if on_batch:
-                on_batch(len(batch.indices), sum(counts[i] for i in batch.indices))
+                on_batch(len(batch.indices), real)
         return super().embed(token_ids)
 
 

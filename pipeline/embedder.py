@@ -129,12 +129,16 @@ class Embedder:
         self.shape_policy = ShapePolicy.for_device(self.device, wanted)
         self.shapes_met: Counter = Counter()  # (rows, width) of each batch run: `make bench` counts them
         self.padded_tokens = self.framed_tokens = 0  # what the batches held, and how much of it was real
-        if self.device.startswith("cuda"):
+        if self.on_cuda:
             self.warm_up()
 
     @property
     def dimension(self) -> int:
         return self.profile.dimension
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
 
     @property
     def frees_cpu(self) -> bool:
@@ -171,7 +175,7 @@ class Embedder:
                         raise
                     features = None
                     self._lower_budget(rows, width, error)
-        if self.device.startswith("cuda"):
+        if self.on_cuda:
             torch.cuda.synchronize()
         return warmed
 
@@ -253,7 +257,7 @@ class Embedder:
     def _to_device(self, features: dict) -> dict:
         """Features on the model's device: on a GPU through pinned memory without waiting,
         so the host goes on to build the next batch while this one is copied and run."""
-        if not self.device.startswith("cuda"):
+        if not self.on_cuda:
             return features
         return {name: tensor.pin_memory().to(self.device, non_blocking=True) for name, tensor in features.items()}
 
@@ -291,13 +295,18 @@ class Embedder:
                     self._lower_budget(batch.rows, batch.width, error)
                     pending = [i for rest in batches[number:] for i in rest.indices]  # batched again, smaller
                     break
-                real = sum(counts[i] for i in batch.indices)
-                self.shapes_met[batch.shape] += 1
-                self.padded_tokens += batch.rows * batch.width
-                self.framed_tokens += real + frame_tokens * len(batch.indices)
+                real = self._count_batch(batch, counts, frame_tokens)
                 if on_batch:
                     on_batch(len(batch.indices), real)
         return vectors.cpu().numpy()
+
+    def _count_batch(self, batch: Batch, counts: Sequence[int], frame_tokens: int) -> int:
+        """Record a batch's shape and padding (`make bench` prints them); returns its real tokens."""
+        real = sum(counts[i] for i in batch.indices)
+        self.shapes_met[batch.shape] += 1
+        self.padded_tokens += batch.rows * batch.width
+        self.framed_tokens += real + frame_tokens * len(batch.indices)
+        return real
 
     def _lower_budget(self, rows: int, width: int, error: Exception) -> None:
         """After running out of memory on a batch of ``rows`` × ``width`` tokens, halve the
@@ -307,7 +316,7 @@ class Embedder:
         if rows == 1:
             raise PipelineError(f"out of memory on {self.device} embedding one chunk of {padded} tokens: {error}") from error
         self.batch_tokens = max(padded // 2, width)
-        if self.device.startswith("cuda"):
+        if self.on_cuda:
             import torch
 
             torch.cuda.empty_cache()
@@ -341,7 +350,7 @@ class Embedder:
         policy = self.shape_policy
         return {
             "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(self.device) if self.device.startswith("cuda") else None,
+            "gpu": torch.cuda.get_device_name(self.device) if self.on_cuda else None,
             "batch_tokens": self.batch_tokens,
             "batch_widths": f"{len(policy.widths)} from {policy.widths[0]} to {policy.widths[-1]}" if policy.widths else "exact",
         }
@@ -439,9 +448,11 @@ class NullEmbedder:
         self._vector = np.full(self.dimension, 1 / np.sqrt(self.dimension), dtype=np.float32)
 
         self.shape_policy = base.shape_policy
+        self.shapes_met: Counter = Counter()
         self.padded_tokens = self.framed_tokens = 0
 
     batches = Embedder.batches
+    _count_batch = Embedder._count_batch
 
     def embed(self, token_ids: Sequence[np.ndarray], on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
         if on_batch:
