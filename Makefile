@@ -95,5 +95,7 @@ luigid-stop:
 		rm -f $(LUIGI_STATE)/luigid.pid; echo "luigid (pid $$pid) stopped"; \
 	fi
 
+# var/luigi itself stays: it ships with the repository so that luigid started by hand
+# from here finds the folder luigi.cfg keeps its state and task history in.
 clean:
-	rm -rf output var .pytest_cache
+	rm -rf output .pytest_cache $(LUIGI_STATE)/*
