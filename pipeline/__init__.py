@@ -5,8 +5,13 @@ Python API (docs/api.md): ``EmbeddingInterface`` embeds texts and files and resu
 ``RunpodOrchestrator`` starts and ends GPU pods, and the reader functions read an output
 back. The search is ``pipeline.search.search`` (not re-exported: the function would hide
 its module's name).
+
+A Python program that reads an output from a bucket whose credentials sit in ``.env``
+loads that file itself (``pipeline.config.prepare_run`` does, among a run's other
+preparations); ``EmbeddingInterface`` and the command lines do it for you.
 """
 
+from .config import prepare_run, started_by_luigi_command_line
 from .interface import Checkpoint, EmbeddingInterface, RunFailed
 from .pods import NoCapacity, PodError, PodLedger, PodSettings, PodStuck, RunpodOrchestrator
 from .reader import EmbeddingBatch, embedding_stats, list_embedding_files, read_shard, stream_embeddings
@@ -19,3 +24,9 @@ __all__ = [
     "RunpodOrchestrator", "PodSettings", "PodLedger", "PodError", "NoCapacity", "PodStuck",
     "EmbeddingBatch", "embedding_stats", "list_embedding_files", "read_shard", "stream_embeddings",
 ]
+
+# Importing the package defines things and changes nothing else. Only when the luigi
+# command line (`luigi --module pipeline …`) loads it to run a task does the run start
+# here: .env, the hub off, and exit codes set before Luigi reads them.
+if started_by_luigi_command_line():
+    prepare_run()

@@ -32,6 +32,7 @@ from .batching import ShapePolicy
 from .corpus import manifest_rows, write_manifest
 from .config import PROFILES, profile as profile_of
 from .embedder import Embedder, NullEmbedder, default_batch_tokens
+from .layout import OutputLayout
 from .errors import PipelineError
 from .stand_in import SHAPES, save_stand_in
 from .readers import close_readers, read_in_processes, reader_processes
@@ -178,7 +179,7 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
 
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
         embedder = Embedder(profile_of(profile), bench_model_path(profile, model_path, work), device, 0, batch_tokens, precision)
-        manifest = f"{work}/manifest.parquet"
+        manifest = OutputLayout.of(work).manifest
         documents = write_manifest(corpus, pattern, 10**9, manifest)  # one shard: the whole corpus
         texts, token_ids = chunk_corpus(corpus, manifest, embedder)
         tokens = [len(ids) for ids in token_ids]

@@ -22,9 +22,10 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from dotenv import find_dotenv, load_dotenv
 
+from .config import prepare_run
 from .errors import PipelineError
+from .layout import OutputLayout
 
 
 def cost(output: str, as_json: bool) -> None:
@@ -38,7 +39,7 @@ def cost(output: str, as_json: bool) -> None:
         print(json.dumps(report, indent=2))
         return
     if not report["pods"]:
-        print(f"{output}: no pods in the ledger ({output}/_runs/pods/): nothing was spent on Runpod")
+        print(f"{output}: no pods in the ledger ({OutputLayout.of(output).pods}/): nothing was spent on Runpod")
         return
     print(f"{'pod':<16} {'run':<10} {'gpu':<26} {'$/h':>7} {'hours':>8} {'dollars':>9}  state")
     for pod in report["pods"]:
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--rounds", type=int, default=3,
                               help="alternating rounds of baseline and embedder, and runs of the feed (medians are reported)")
     args = parser.parse_args(argv)
-    load_dotenv(find_dotenv(usecwd=True), override=False)
+    prepare_run(exit_codes=False)
     try:
         if args.command == "status":
             from pathlib import Path

@@ -8,11 +8,17 @@ file), the ``[pipeline]`` section of luigi.cfg, and the defaults below.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Optional
 
 import luigi
-from dotenv import find_dotenv, load_dotenv
+from dotenv import dotenv_values, find_dotenv, load_dotenv
+from luigi.parameter import _no_value
+
+from .errors import PipelineError, install_one_line_errors
 
 ENV_PREFIX = "PIPELINE_"
 SECTION = "pipeline"
@@ -62,8 +68,8 @@ DEFAULTS = {
 
 
 # Luigi exits 0 after a failed task unless [retcode] is configured. luigi.cfg sets it,
-# but a run started outside the repository may not find luigi.cfg, so the package
-# supplies the same values wherever the config has none.
+# but a run started outside the repository may not find luigi.cfg, so a run supplies
+# the same values wherever the config has none (prepare_run).
 RETCODES = {
     "already_running": "10",
     "missing_data": "20",
@@ -74,27 +80,94 @@ RETCODES = {
 }
 
 
-def apply_environment() -> None:
-    """Copy ``.env`` and ``PIPELINE_*`` variables into Luigi's ``[pipeline]`` section,
-    and make failures exit non-zero even without luigi.cfg."""
-    load_dotenv(find_dotenv(usecwd=True), override=False)
-    config = luigi.configuration.get_config()
-    if not config.has_section("retcode"):
-        config.add_section("retcode")
-    for name, code in RETCODES.items():
-        if not config.has_option("retcode", name):
-            config.set("retcode", name, code)
-    if not config.has_section(SECTION):
-        config.add_section(SECTION)
-    for name in DEFAULTS:
-        value = os.environ.get(ENV_PREFIX + name.upper())
-        if value is not None:
-            config.set(SECTION, name, value)
-
-
 def setting(name: str) -> str:
-    """The configured default of one run setting (before the command line)."""
-    return luigi.configuration.get_config().get(SECTION, name, DEFAULTS[name])
+    """The configured default of one run setting, before the command line: ``PIPELINE_<NAME>``
+    from the environment, then from a ``.env`` file, then luigi.cfg's ``[pipeline]``, then
+    ``DEFAULTS``. Read when asked, so importing the package changes nothing."""
+    variable = ENV_PREFIX + name.upper()
+    value = os.environ.get(variable)
+    if value is None:
+        value = _dotenv_values(os.getcwd()).get(variable)
+    if value is None:
+        value = luigi.configuration.get_config().get(SECTION, name, DEFAULTS[name])
+    return value
+
+
+@lru_cache(maxsize=8)
+def _dotenv_values(folder: str) -> dict[str, str | None]:
+    """The ``.env`` found from ``folder`` upwards, read once per process and folder."""
+    return dotenv_values(find_dotenv(usecwd=True))
+
+
+class SettingParameter:
+    """A Luigi parameter whose default is the run setting of the same name (``setting``:
+    another name), looked up when a task is made rather than when this module loads.
+
+    Luigi has no public hook for a default computed late, so this is the one place that
+    uses its private ``_value_iterator`` and ``_no_value`` (tests/test_config.py)."""
+
+    def __init__(self, *args, setting: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._default = _no_value  # BoolParameter puts False here; the setting decides instead
+        self._setting = setting
+
+    def _value_iterator(self, task_name, param_name):
+        yield from super()._value_iterator(task_name, param_name)  # command line, then [task] in luigi.cfg
+        yield self.parse_setting(setting(self._setting or param_name)), None
+
+    def parse_setting(self, value: str):
+        return self.parse(value)
+
+
+class TextSetting(SettingParameter, luigi.Parameter):
+    pass
+
+
+class IntSetting(SettingParameter, luigi.IntParameter):
+    pass
+
+
+class FloatSetting(SettingParameter, luigi.FloatParameter):
+    pass
+
+
+class BoolSetting(SettingParameter, luigi.BoolParameter):
+    def parse_setting(self, value: str) -> bool:
+        return value.strip().lower() in ("1", "true", "yes")
+
+
+def offline_model_hub() -> None:
+    """Nothing is downloaded at run time: the model hub off (unless the environment
+    says otherwise), and no tokenizer threads forked into reader processes."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def prepare_run(exit_codes: bool = True) -> None:
+    """What a run needs in its process, done where the run starts, never on import:
+    ``.env``'s variables (credentials too) in the environment without overriding it, the
+    model hub off, a ``PipelineError`` logged by Luigi as one line and, with
+    ``exit_codes``, Luigi exit codes that report a failure even without luigi.cfg."""
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    offline_model_hub()
+    install_one_line_errors()
+    if exit_codes:
+        config = luigi.configuration.get_config()
+        if not config.has_section("retcode"):
+            config.add_section("retcode")
+        for name, code in RETCODES.items():
+            if not config.has_option("retcode", name):
+                config.set("retcode", name, code)
+
+
+def started_by_luigi_command_line() -> bool:
+    """Whether this process is ``luigi --module pipeline …`` (or ``python -m luigi``)
+    loading the package to run it: the one place where that run can be prepared before
+    Luigi reads its exit codes."""
+    program = Path(sys.argv[0]).name if sys.argv else ""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return program == "luigi" or (spec is not None and spec.name == "luigi.__main__")
 
 
 def _offline_minilm_path() -> str:
@@ -112,8 +185,6 @@ def _huggingface_cache(model_id: str) -> Callable[[], str]:
         try:
             return snapshot_download(model_id, local_files_only=True)
         except Exception as exc:  # the hub raises several types for "not cached"
-            from .errors import PipelineError
-
             raise PipelineError(
                 f"model {model_id} is not on this machine and nothing is downloaded at run "
                 f"time: bake it into the image or set PIPELINE_MODEL_PATH ({exc.__class__.__name__})"
@@ -164,8 +235,6 @@ PROFILES = {
 
 
 def profile(name: str) -> ModelProfile:
-    from .errors import PipelineError
-
     try:
         return PROFILES[name]
     except KeyError:

@@ -153,7 +153,7 @@ def manifest_file(manifest: str) -> str:
 @lru_cache(maxsize=4)
 def _downloaded(manifest: str, version: str) -> str:
     folder = Path(tempfile.mkdtemp(prefix="manifest-"))
-    copy = folder / "manifest.parquet"
+    copy = folder / "manifest-copy.parquet"
     copy.write_bytes(storage.read_bytes(manifest))
     return str(copy)
 

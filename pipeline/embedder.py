@@ -1,7 +1,8 @@
 """Model loading and batched encoding.
 
 The model is loaded once per worker process (``load_embedder`` is cached) and
-nothing is ever downloaded: hub access is switched off before the libraries load.
+nothing is ever downloaded: hub access is switched off before the libraries load
+(``config.offline_model_hub``, when the first model loads, not on import).
 """
 
 from __future__ import annotations
@@ -20,13 +21,9 @@ import numpy as np
 
 from .batching import Batch, ShapePolicy, plan_batches
 from .chunking import chunk_budget, plain_tokenizer
-from .config import ModelProfile, profile
+from .config import ModelProfile, offline_model_hub, profile
 from .errors import PipelineError
 from .stand_in import stand_in_for
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("luigi-interface")
 
@@ -80,6 +77,7 @@ class Embedder:
 
     def __init__(self, model_profile: ModelProfile, model_path: str, device: str, max_tokens: int, batch_tokens: int,
                  precision: str = "auto"):
+        offline_model_hub()  # before the libraries load: they read it once
         from sentence_transformers import SentenceTransformer
 
         self.profile = model_profile
@@ -404,7 +402,7 @@ def load_embedder(profile_name: str, model_path: str, device: str, max_tokens: i
 def fetch_model(profile_name: str) -> str:
     """Image build step: put a profile's weights, tokenizer and any remote modelling
     code into the local cache once, so pods load them offline and never pay GPU time
-    to download. Needs ``HF_HUB_OFFLINE=0``; this module switches the hub off by default."""
+    to download. Needs ``HF_HUB_OFFLINE=0``; a run switches the hub off by default."""
     model_profile = profile(profile_name)
     try:
         return model_profile.locate()  # already here: shipped in a package, or cached

@@ -22,13 +22,14 @@ import numpy as np
 
 from . import storage
 from .corpus import write_manifest_of
+from .config import prepare_run
 from .embedder import Embedder
 from .errors import PipelineError
-from .shard_job import run_shard, shard_path
+from .layout import OutputLayout
+from .shard_job import run_shard
 from .shards import PIPELINE_VERSION
 from .summary import publish_summary, run_summary
-from .tasks import EmbedAll, EmbedShard, RunParameters
-from .verify import shard_numbers
+from .tasks import CorpusManifest, EmbedAll, EmbedShard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,7 @@ class EmbeddingInterface:
     ``add_new_documents=True``: each resume first appends the corpus's new documents."""
 
     def __init__(self, output: str | os.PathLike, corpus: str | os.PathLike | None = None, **settings: Any):
+        prepare_run(exit_codes=False)  # .env (credentials), the hub off, one-line errors in Luigi's log
         self.add_new_documents = bool(settings.pop("add_new_documents", False))
         if corpus is not None:
             settings["corpus"] = os.fspath(corpus)
@@ -103,7 +105,7 @@ class EmbeddingInterface:
         if not storage.exists(self.run.manifest_path()):
             return Checkpoint(self.output, parameters, None, (), False)
         total = self.run.check_manifest_matches()
-        done = tuple(sorted(shard_numbers(self.output, "shards", ".parquet", total, problems=[])))
+        done = tuple(sorted(n for n in OutputLayout.of(self.output).list_shards().numbers if n < total))
         return Checkpoint(self.output, parameters, total, done, len(done) == total and self.run.complete())
 
     def resume_from_checkpoint(self, checkpoint: Checkpoint | dict[str, Any]) -> Checkpoint:
@@ -121,7 +123,7 @@ class EmbeddingInterface:
             self.run.grow_manifest()
         before = self.get_checkpoint()
         if before.missing and self.run.complete():
-            storage.delete(f"{self.output}/_SUCCESS.json")  # it counts shards that are gone; rebuilt at the end
+            storage.delete(OutputLayout.of(self.output).summary)  # it counts shards that are gone; rebuilt at the end
         self.run.forget_requirements()  # one task object per parameters and process: list the shards afresh
         with _failures_recorded() as failures:
             result = luigi.build([self.run], local_scheduler=True, detailed_summary=True, log_level="INFO")
@@ -153,13 +155,13 @@ class EmbeddingInterface:
         run = self.run
         making = [str(root), [(d.relative, d.content_hash) for d in listed], PIPELINE_VERSION,
                   [run.model, run.model_path, run.max_tokens, run.device, run.precision, run.skip_duplicates]]
-        output = f"{self.output}/batches/batch-{hashlib.sha256(json.dumps(making).encode()).hexdigest()[:16]}"
-        shard = shard_path(output, 0)
-        if storage.exists(f"{output}/_SUCCESS.json"):
+        layout = OutputLayout.of(OutputLayout.of(self.output).batch_output(hashlib.sha256(json.dumps(making).encode()).hexdigest()[:16]))
+        output, shard = layout.root, layout.shard(0)
+        if storage.exists(layout.summary):
             return shard
         if not storage.exists(shard):
             storage.ensure_writable_dir(output)
-            manifest = f"{output}/manifest.parquet"
+            manifest = layout.manifest
             write_manifest_of(listed, str(root), "", len(listed), manifest)
             run_shard(str(root), manifest, output, 0, self.embedder(), 1, skip_duplicates=run.skip_duplicates)
         publish_summary(output, run_summary(output, 1, {"corpus": str(root), "files": len(listed),
@@ -181,12 +183,15 @@ def _failures_recorded() -> Iterator[list[str]]:
 _recorders: list[list[str]] = []
 
 
-@luigi.Task.event_handler(luigi.Event.FAILURE)
 def _record_failure(task, exception) -> None:
-    if _recorders and isinstance(task, RunParameters):
+    if _recorders:
         shard = f" {task.shard}" if isinstance(task, EmbedShard) else ""
         what = str(exception) if isinstance(exception, PipelineError) else f"{type(exception).__name__}: {exception}"
         _recorders[-1].append(f"{task.task_family}{shard}: {what}")
+
+
+for _task_class in (CorpusManifest, EmbedShard, EmbedAll):  # our tasks only: no handler on every luigi.Task
+    _task_class.event_handler(luigi.Event.FAILURE)(_record_failure)
 
 
 def _local_file(path: str | os.PathLike) -> Path:

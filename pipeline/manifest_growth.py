@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
+from .layout import OutputLayout
 from .corpus import _ROWS_PER_WRITE, doc_id_for, list_documents, manifest_file, manifest_info
 
 
@@ -42,7 +43,7 @@ def add_new_documents(corpus: str, pattern: str, manifest: str) -> int:
     info = manifest_info(manifest)
     per_shard, shards, documents = int(info["docs_per_shard"]), int(info["shards"]), int(info["documents"])
     old = pq.ParquetFile(manifest_file(manifest))
-    storage.delete(f"{manifest.rsplit('/', 1)[0]}/_SUCCESS.json")  # first: a kill after the growth leaves none
+    storage.delete(OutputLayout.of(manifest.rsplit("/", 1)[0]).summary)  # first: a kill after the growth leaves none
     added = 0
     with storage.atomic_output(manifest) as staged, pq.ParquetWriter(staged.path, old.schema_arrow) as writer:
         for batch in old.iter_batches(_ROWS_PER_WRITE):

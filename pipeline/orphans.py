@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import storage
+from .layout import OutputLayout
 from .errors import PipelineError
 from .pods import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, decode_env, identity_record
 
@@ -35,7 +36,7 @@ class LauncherLease:
     removed when it ends. Another launcher reads it to tell a live owner from a dead one."""
 
     def __init__(self, output: str, run_id: str, poll_seconds: float, clock: Callable[[], float] = time.time):
-        self.path = f"{output}/_runs/launchers/{run_id}.json"
+        self.path = OutputLayout.of(output).launcher_lease(run_id)
         self.run_id, self.poll_seconds, self.clock = run_id, poll_seconds, clock
         self._renewed = float("-inf")
 
@@ -78,7 +79,7 @@ def lease_is_live(lease: dict[str, Any], now: float) -> bool:
 def launchers(output: str) -> list[tuple[str, dict[str, Any]]]:
     """(path, lease) of every launcher that has followed pods of this output and not
     released its lease: live ones, and dead ones (killed outright)."""
-    folder = f"{output}/_runs/launchers"
+    folder = OutputLayout.of(output).launchers
     found = []
     for item in storage.list_files(folder, "*.json", hashes=False):
         try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import storage
+from .layout import OutputLayout
 from .errors import PipelineError, backoff
 
 log = logging.getLogger("luigi-interface")
@@ -172,10 +173,11 @@ class PodLedger:
     hourly price, start and stop, so "what has this cost" is a read, not a guess."""
 
     def __init__(self, output: str):
-        self.folder = f"{output}/_runs/pods"
+        self.layout = OutputLayout.of(output)
+        self.folder = self.layout.pods
 
     def record(self, pod: dict[str, Any]) -> None:
-        with storage.atomic_output(f"{self.folder}/{pod['pod_id']}.json") as staged:
+        with storage.atomic_output(self.layout.pod_record(pod["pod_id"])) as staged:
             staged.path.write_text(json.dumps(pod, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @staticmethod
@@ -185,7 +187,7 @@ class PodLedger:
             record.update(stopped_at=_now_iso(now), stopped_at_epoch=now, end_reason=reason)
 
     def get(self, pod_id: str) -> dict[str, Any]:
-        return json.loads(storage.read_text(f"{self.folder}/{pod_id}.json"))
+        return json.loads(storage.read_text(self.layout.pod_record(pod_id)))
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(storage.read_text(f"{self.folder}/{item.relative}")) for item in storage.list_files(self.folder, "*.json", hashes=False)]

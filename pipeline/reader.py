@@ -10,18 +10,17 @@ ranged reads, never downloaded whole. See docs/api.md.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from . import storage
+from .layout import OutputLayout
 from .shards import footer_settings, refuse_stand_in, shard_metadata
 
 if TYPE_CHECKING:  # pyarrow and numpy load only when something is read: `import pipeline` stays light
     import numpy as np
     import pyarrow as pa
 
-SHARD_NAME = re.compile(r"shard-\d{6}\.parquet")
 COLUMNS = ["doc_id", "chunk_id", "embedding_vector", "text", "metadata"]
 
 
@@ -40,17 +39,11 @@ class EmbeddingBatch:
         return len(self.doc_ids)
 
 
-def _root(output: str) -> str:
-    return output.rstrip("/") or output
-
-
 def list_embedding_files(output: str) -> list[str]:
-    """The published shard files of an output (``{output}/shards/shard-NNNNNN.parquet``),
-    sorted. Hidden temp files a killed run left behind, and anything else in the folder,
-    are skipped: only what was published in one step is complete."""
-    folder = f"{_root(output)}/shards"
-    names = [listed.relative for listed in storage.list_files(folder, "*.parquet", hashes=False)]
-    return [f"{folder}/{name}" for name in sorted(names) if SHARD_NAME.fullmatch(name)]
+    """The published shard files of an output (``layout``), in shard order. Hidden temp
+    files a killed run left behind, and anything else in the folder, are skipped: only
+    what was published in one step is complete."""
+    return OutputLayout.of(output).list_shards().paths()
 
 
 def read_shard(path: str) -> "pa.Table":

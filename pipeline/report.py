@@ -33,11 +33,12 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from . import storage
+from . import layout
+from .layout import OutputLayout, require_manifest
 from .corpus import manifest_info
 from .errors import PipelineError
 from .pods import cost_report
 from .progress import format_duration
-from .reader import list_embedding_files
 from .shards import shard_metadata
 from .status import shard_events, shard_list  # the same lists as `status` shows
 from .summary import COUNTED, active_seconds
@@ -134,12 +135,11 @@ def gather(output: str | os.PathLike, history: Optional[Path | str] = None, now:
     for a progress bar. Raises PipelineError when there is nothing to report."""
     output = os.fspath(output).rstrip("/") or os.fspath(output)
     history = Path(history) if history else None
-    manifest = f"{output}/manifest.parquet"
-    if not storage.exists(manifest):
-        raise PipelineError(f"{output} has no manifest.parquet: no run has started there")
-    paths = list_embedding_files(output)
+    where = OutputLayout.of(output)
+    manifest = require_manifest(where)
+    paths = where.list_shards().paths()
     if not paths:
-        raise PipelineError(f"{output} has no shards yet (shards/shard-NNNNNN.parquet): nothing to report")
+        raise PipelineError(f"{output} has no shards yet ({layout.SHARDS}/{layout.SHARD_FILE_PATTERN}): nothing to report")
     now = time.time() if now is None else now
     totals, reasons, lengths = Counter(), Counter(), Counter()
     spans, settings, precisions = [], {}, set()
@@ -165,7 +165,7 @@ def gather(output: str | os.PathLike, history: Optional[Path | str] = None, now:
                     started=_utc(p["started_at_epoch"]), ended=_utc(p["stopped_at_epoch"] or now),
                     running=p["stopped_at_epoch"] is None, dollars=p["dollars"]) for p in cost["pods"]]
     return RunReport(
-        output=output, now=_utc(now), finished=storage.exists(f"{output}/_SUCCESS.json"),
+        output=output, now=_utc(now), finished=storage.exists(where.summary),
         shards_total=int(manifest_info(manifest)["shards"]), shards=spans,
         totals={key: totals[key] for key in COUNTS}, rejected_by_reason=dict(reasons.most_common()),
         chunk_lengths=dict(sorted(lengths.items())), settings=settings, precisions=sorted(precisions),
@@ -181,7 +181,7 @@ def gather(output: str | os.PathLike, history: Optional[Path | str] = None, now:
 
 def state_line(report: RunReport) -> str:
     done = f"{len(report.shards):,} of {report.shards_total:,} shards"
-    return f"Finished: {done}" if report.finished else f"Not finished: {done} done (no _SUCCESS.json yet)"
+    return f"Finished: {done}" if report.finished else f"Not finished: {done} done (no {layout.SUMMARY} yet)"
 
 
 def _when(moment: dt.datetime) -> str:

@@ -89,36 +89,32 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-def seconds_setting(name: str, description: str) -> luigi.FloatParameter:
+def seconds_setting(description: str) -> config.FloatSetting:
     """A launcher's wait or deadline, in seconds, defaulting to its setting."""
-    return luigi.FloatParameter(default=float(config.setting(name)), significant=False, description=description)
+    return config.FloatSetting(significant=False, description=description)
 
 
 class RunpodEmbedAll(RunParameters, luigi.Task):
     """EmbedAll on a Runpod GPU pod; ``--image`` is what ``make image`` pushed."""
 
     # On a GPU pod the production model is the default, not the offline CPU one.
-    model = luigi.Parameter(default=config.setting("pod_model"), description="model profile on the pod")
-    image = luigi.Parameter(default=config.setting("image"), description="the pod's image; empty: build and push one now")
-    gpu_types = luigi.Parameter(default=config.setting("gpu_types"), description="comma-separated, in order of preference")
-    cloud_type = luigi.Parameter(default=config.setting("cloud_type"), description="ALL, COMMUNITY or SECURE")
-    spot = luigi.BoolParameter(default=config.setting("spot").lower() in ("1", "true", "yes"),
-                               description="interruptible pods: cheaper; a pod taken back is replaced and the work resumes")
-    spot_relaunches = luigi.IntParameter(default=int(config.setting("spot_relaunches")), significant=False,
-                                         description="how many taken-back spot pods to replace before giving up")
-    max_dollars = luigi.FloatParameter(default=float(config.setting("max_dollars")),
-                                       description="the run's spend limit, shared evenly by its pods; each ends itself past its share")
-    pods = luigi.IntParameter(default=int(config.setting("pods")), significant=False,
-                              description="pods working at once, each a Luigi worker on --pods-scheduler-url")
-    pods_scheduler_url = luigi.Parameter(default=config.setting("pods_scheduler_url"), significant=False,
-                                    description="a luigid every pod can reach (needed for --pods above 1)")
-    gpus_per_pod = luigi.IntParameter(default=int(config.setting("gpus_per_pod")), significant=False,
-                                      description="GPUs per pod; the pod runs one worker per GPU, each pinned to its own")
-    poll_seconds = seconds_setting("poll_seconds", "how often the launcher looks at its pods, the shards and the spend")
-    first_shard_seconds = seconds_setting("first_shard_seconds", "end the pods when no shard comes this long after a pod runs")
-    idle_seconds = seconds_setting("idle_seconds", "end the pods when no new shard comes this long (the pod's watchdog too)")
-    provisioning_seconds = seconds_setting("provisioning_seconds", "end a pod that is not running this long after its creation")
-    capacity_seconds = seconds_setting("capacity_seconds", "how long to look for a free GPU before giving up")
+    model = config.TextSetting(setting="pod_model", description="model profile on the pod")
+    image = config.TextSetting(description="the pod's image; empty: build and push one now")
+    gpu_types = config.TextSetting(description="comma-separated, in order of preference")
+    cloud_type = config.TextSetting(description="ALL, COMMUNITY or SECURE")
+    spot = config.BoolSetting(description="interruptible pods: cheaper; a pod taken back is replaced and the work resumes")
+    spot_relaunches = config.IntSetting(significant=False, description="how many taken-back spot pods to replace before giving up")
+    max_dollars = config.FloatSetting(
+        description="the run's spend limit, shared evenly by its pods; each ends itself past its share")
+    pods = config.IntSetting(significant=False, description="pods working at once, each a Luigi worker on --pods-scheduler-url")
+    pods_scheduler_url = config.TextSetting(significant=False, description="a luigid every pod can reach (needed for --pods above 1)")
+    gpus_per_pod = config.IntSetting(
+        significant=False, description="GPUs per pod; the pod runs one worker per GPU, each pinned to its own")
+    poll_seconds = seconds_setting("how often the launcher looks at its pods, the shards and the spend")
+    first_shard_seconds = seconds_setting("end the pods when no shard comes this long after a pod runs")
+    idle_seconds = seconds_setting("end the pods when no new shard comes this long (the pod's watchdog too)")
+    provisioning_seconds = seconds_setting("end a pod that is not running this long after its creation")
+    capacity_seconds = seconds_setting("how long to look for a free GPU before giving up")
 
     def requires(self):
         return self.clone(CorpusManifest)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from . import layout
 from .errors import PipelineError
 from .reader import list_embedding_files, stream_embeddings
 from .shards import refuse_stand_in, shard_metadata
@@ -26,7 +27,7 @@ def query_embedder(output: str, device: str = "cpu"):
 
     files = list_embedding_files(output)
     if not files:
-        raise PipelineError(f"{output}: no shards (shards/shard-NNNNNN.parquet) to search")
+        raise PipelineError(f"{output}: no shards ({layout.SHARDS}/{layout.SHARD_FILE_PATTERN}) to search")
     settings = shard_metadata(files[0])
     refuse_stand_in(settings, output)
     return load_embedder(settings["model_profile"], "", device, int(settings["max_tokens"]), 0, "float32")

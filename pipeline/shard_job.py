@@ -21,6 +21,7 @@ from .chunk_columns import ChunkColumns, read_columns
 from .corpus import duplicates_in_shard, manifest_rows
 from .embedder import Embedder
 from .errors import PipelineError
+from .layout import OutputLayout
 from .progress import Progress, Reporter
 from .read_ahead import read_ahead
 from .readers import read_in_processes
@@ -39,14 +40,6 @@ log = logging.getLogger("luigi-interface")
 # padded tokens are real in 1M-token groups, 91.6 % at 256k, 82.3 % at 64k).
 PIECE_TOKENS = 1 << 16
 GROUP_TOKENS = 1 << 20
-
-
-def shard_path(output: str, shard: int) -> str:
-    return f"{output}/shards/shard-{shard:06d}.parquet"
-
-
-def rejects_path(output: str, shard: int) -> str:
-    return f"{output}/rejects/shard-{shard:06d}.jsonl"
 
 
 def shard_label(shard: int, total_shards: int) -> str:
@@ -152,7 +145,7 @@ def run_shard(
         first_paths = duplicates_in_shard(manifest, shard)
         for row in rows:
             row["duplicate_of"] = first_paths.get(row["path"])
-    destination = shard_path(output, shard)
+    destination = OutputLayout.of(output).shard(shard)
     started_at, clock, padded_before = _now(), time.monotonic(), embedder.padded_tokens
     rejects: list[dict[str, Any]] = []
     counts = Counter()
@@ -213,7 +206,7 @@ def run_shard(
 
 def _publish_rejects(output: str, shard: int, rejects: list[dict[str, Any]]) -> None:
     """Rejects go out before the shard, so a published shard always has its rejects."""
-    path = rejects_path(output, shard)
+    path = OutputLayout.of(output).rejects_of(shard)
     if not rejects:
         storage.delete(path)  # a rerun may have fixed what an earlier one rejected
         return

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import storage
+from . import layout
+from .layout import OutputLayout, require_manifest
 from .corpus import manifest_info
-from .errors import PipelineError
 from .orphans import gone_pods
 from .pods import cost_report
 from .progress import format_duration
@@ -28,7 +29,7 @@ from .summary import active_seconds
 
 def count_shards(output: str) -> int:
     """Shards published in an output: one listing, no file opened."""
-    return sum(1 for _ in storage.list_files(f"{output}/shards", "shard-*.parquet", hashes=False))
+    return len(OutputLayout.of(output).list_shards().numbers)
 
 
 @dataclass
@@ -56,14 +57,14 @@ class RunWatch:
         self.failed: set[int] = set()  # shards that failed here and have not been made since
 
     def snapshot(self) -> RunFigures:
-        names = {found.relative for found in storage.list_files(f"{self.output}/shards", "shard-*.parquet", hashes=False)}
+        names = set(OutputLayout.of(self.output).list_shards().paths())
         done, now = len(names), self.clock()
         if self.first is None:
             self.first, self.seen = (now, done), names
         made_by = []
         for name in sorted(names - self.seen):
             try:
-                stats = shard_stats(f"{self.output}/shards/{name}")
+                stats = shard_stats(name)
             except Exception:  # a figure on a screen is no reason to fail
                 continue
             self.tokens += int(stats.get("tokens") or 0)
@@ -129,12 +130,10 @@ def shard_events(history: Path, output: str) -> dict[int, tuple[str, str]]:
 
 def run_status(output: str, history: Optional[Path] = None) -> dict[str, Any]:
     """Shards done, failed and running, documents, throughput, ETA and dollars for an output."""
-    manifest = f"{output}/manifest.parquet"
-    if not storage.exists(manifest):
-        raise PipelineError(f"{output} has no manifest.parquet: no run has started there")
-    info = manifest_info(manifest)
+    where = OutputLayout.of(output)
+    info = manifest_info(require_manifest(where))
     total = int(info["shards"])
-    stats = [shard_stats(f"{output}/shards/{found.relative}") for found in storage.list_files(f"{output}/shards", "shard-*.parquet", hashes=False)]
+    stats = [shard_stats(path) for path in where.list_shards().paths()]
     done = {s["shard"] for s in stats}
     events = shard_events(history, output) if history and history.exists() else {}
     intervals = [(dt.datetime.fromisoformat(s["started_at"]), dt.datetime.fromisoformat(s["finished_at"])) for s in stats]
@@ -158,7 +157,7 @@ def run_status(output: str, history: Optional[Path] = None) -> dict[str, Any]:
         "shards_per_hour": shards_per_hour,
         "eta_seconds": remaining / shards_per_hour * 3600 if shards_per_hour and remaining else (0.0 if not remaining else None),
         "workers": sorted({s.get("worker", "") for s in stats} - {""}),
-        "finished": storage.exists(f"{output}/_SUCCESS.json"),
+        "finished": storage.exists(where.summary),
         "dollars": cost["dollars"],
         "pods_running": cost["running"],
         "pods_gone": gone_pods(output) if cost["running"] else None,
@@ -169,7 +168,7 @@ def format_status(status: dict[str, Any]) -> str:
     s = status
     eta = "done" if s["eta_seconds"] == 0 else (format_duration(s["eta_seconds"]) if s["eta_seconds"] else "unknown")
     lines = [
-        f"{s['output']}: {s['done']}/{s['shards']} shards done" + (", finished (_SUCCESS.json)" if s["finished"] else ""),
+        f"{s['output']}: {s['done']}/{s['shards']} shards done" + (f", finished ({layout.SUMMARY})" if s["finished"] else ""),
         f"running: {shard_list(s['running'])}; failed: {shard_list(s['failed'])}"
         + (f" (task history {s['history']})" if s["history"] else " (no task history: running and failed shards unknown)"),
         f"documents: {s['documents_done']:,} of {s['documents']:,} in done shards ({s['rejected_documents']:,} rejected); "

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from . import storage
-from .shard_job import shard_path
+from .layout import OutputLayout
 from .shards import shard_metadata
 
 COUNTED = ("documents", "embedded_documents", "rejected_documents", "chunks", "tokens", "seconds")
@@ -37,7 +37,8 @@ def active_seconds(intervals: list[tuple[dt.datetime, dt.datetime]]) -> float:
 
 
 def run_summary(output: str, total_shards: int, parameters: dict[str, Any]) -> dict[str, Any]:
-    metadata = [shard_metadata(shard_path(output, i)) for i in range(total_shards)]
+    layout = OutputLayout.of(output)
+    metadata = [shard_metadata(layout.shard(i)) for i in range(total_shards)]
     stats = [json.loads(m["stats"]) for m in metadata]
     settings = metadata[0]
     total, reasons = Counter(), Counter()
@@ -87,5 +88,5 @@ def _cost(output: str) -> dict[str, Any]:
 
 def publish_summary(output: str, summary: dict[str, Any]) -> None:
     """Write ``{output}/_SUCCESS.json`` in one step: it is what says the run is done."""
-    with storage.atomic_output(f"{output}/_SUCCESS.json") as staged:
+    with storage.atomic_output(OutputLayout.of(output).summary) as staged:
         staged.path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -15,19 +15,18 @@ import luigi
 from . import config
 from .corpus import manifest_info, write_manifest
 from .embedder import Embedder, load_embedder
-from .errors import PipelineError, install_one_line_errors
+from .errors import PipelineError
 from .manifest_growth import add_new_documents, documents_not_in_manifest
 from .readers import reader_processes
 from .sample import ensure_sample_corpus
-from .shard_job import run_shard, shard_label, shard_path
+from .layout import OutputLayout
+from .shard_job import run_shard, shard_label
 from .shards import shard_metadata, settings_mismatch
 from .status import RunWatch
 from . import storage
 from .storage import target
 from .summary import publish_summary, run_summary
 
-config.apply_environment()
-install_one_line_errors()
 log = logging.getLogger("luigi-interface")
 
 # Settings two shards of one output must share, or their vectors cannot be mixed.
@@ -35,7 +34,7 @@ SHARED_SETTINGS = ("model_id", "weights_sha256", "stand_in_for", "dimension", "p
                    "chunk_overlap_tokens")
 
 
-class LocationParameter(luigi.Parameter):
+class LocationParameter(config.TextSetting):
     """A corpus or output location, refused when it is parsed if nothing can serve it,
     so a bad ``--output`` is one clear line before any work starts."""
 
@@ -66,23 +65,22 @@ class OutputParameter(LocationParameter):
 class RunParameters:
     """The parameters every task of a run shares (``--corpus``, ``--output``, …)."""
 
-    corpus = LocationParameter(default=config.setting("corpus"), description="corpus folder; empty: the sample")
-    output = OutputParameter(default=config.setting("output"), description="output folder")
-    pattern = luigi.Parameter(default=config.setting("pattern"), description="which files are documents")
-    docs_per_shard = luigi.IntParameter(default=int(config.setting("docs_per_shard")))
-    model = luigi.Parameter(default=config.setting("model"), description="model profile: minilm or nomic")
-    model_path = luigi.Parameter(default=config.setting("model_path"), description="local model folder override")
-    max_tokens = luigi.IntParameter(default=int(config.setting("max_tokens")), description="0: profile default")
-    batch_tokens = luigi.IntParameter(default=int(config.setting("batch_tokens")), description="padded tokens per batch; 0: by device")
-    device = luigi.Parameter(default=config.setting("device"), description="auto, cpu, cuda, cuda:1, …")
-    precision = luigi.Parameter(default=config.setting("precision"),
-                                description="auto (fp16 on CUDA, bf16 on a CPU with bf16 instructions), float32, float16, bfloat16")
-    readers = luigi.IntParameter(default=int(config.setting("readers")), significant=False,
-                                 description="processes reading and chunking; -1: auto (cores - 1 on a GPU, none on a CPU)")
+    corpus = LocationParameter(description="corpus folder; empty: the sample")
+    output = OutputParameter(description="output folder")
+    pattern = config.TextSetting(description="which files are documents")
+    docs_per_shard = config.IntSetting()
+    model = config.TextSetting(description="model profile: minilm or nomic")
+    model_path = config.TextSetting(description="local model folder override")
+    max_tokens = config.IntSetting(description="0: profile default")
+    batch_tokens = config.IntSetting(description="padded tokens per batch; 0: by device")
+    device = config.TextSetting(description="auto, cpu, cuda, cuda:1, …")
+    precision = config.TextSetting(
+        description="auto (fp16 on CUDA, bf16 on a CPU with bf16 instructions), float32, float16, bfloat16")
+    readers = config.IntSetting(
+        significant=False, description="processes reading and chunking; -1: auto (cores - 1 on a GPU, none on a CPU)")
     add_new_documents = luigi.BoolParameter(significant=False, description=(
         "append documents added to the corpus since the manifest was written, as new shards"))
-    skip_duplicates = luigi.BoolParameter(default=config.setting("skip_duplicates").lower() in ("1", "true", "yes"),
-                                          description="reject a document whose content_hash an earlier one has")
+    skip_duplicates = config.BoolSetting(description="reject a document whose content_hash an earlier one has")
 
     def clone(self, cls=None, **kwargs):
         """Luigi's clone, reading values from ``param_kwargs`` (see OutputParameter)."""
@@ -97,8 +95,11 @@ class RunParameters:
             return self.corpus  # LocationParameter already dropped a trailing slash
         return str(storage.local_path(self.corpus).resolve())
 
+    def layout(self) -> OutputLayout:
+        return OutputLayout.of(self.output_location)
+
     def manifest_path(self) -> str:
-        return f"{self.output_location}/manifest.parquet"
+        return self.layout().manifest
 
     def embedder(self) -> Embedder:
         return load_embedder(self.model, self.model_path, self.device, self.max_tokens, self.batch_tokens, self.precision)
@@ -141,7 +142,7 @@ class EmbedShard(RunParameters, luigi.Task):
         return self.clone(CorpusManifest)
 
     def output_target(self):
-        return target(shard_path(self.output_location, self.shard))
+        return target(self.layout().shard(self.shard))
 
     def run(self):
         self._report_run()
@@ -244,7 +245,7 @@ class EmbedAll(RunParameters, luigi.Task):
         return [self.clone(EmbedShard, shard=i) for i in range(total)]
 
     def output_target(self):
-        return target(f"{self.output_location}/_SUCCESS.json")
+        return target(self.layout().summary)
 
     def defining_parameters(self) -> dict:
         """The parameters that decide what the output holds (not how fast it is made)."""
@@ -317,9 +318,9 @@ class EmbedAll(RunParameters, luigi.Task):
     def _check_output_matches_settings(self) -> int:
         """Refuse to add to an output made from another corpus, shard size or model."""
         total = self.check_manifest_matches()
-        first_shard = next(storage.list_files(f"{self.output_location}/shards", "shard-*.parquet", hashes=False), None)
+        first_shard = self.layout().first_shard()
         if first_shard:
-            existing = shard_metadata(f"{self.output_location}/shards/{first_shard.relative}")
+            existing = shard_metadata(first_shard)
             problems = settings_mismatch(existing, self.embedder().settings(), SHARED_SETTINGS)
             skipped = self._skipped_duplicates(json.loads(existing["stats"]))
             if skipped is not None and skipped != self.skip_duplicates:

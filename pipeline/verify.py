@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .corpus import manifest_file, manifest_info
-from .shard_job import rejects_path, shard_path
+from . import layout
+from .layout import OutputLayout, numbered_name
 from .shards import footer_settings, setting_differs, shard_schema
 
 # Settings every shard of one output must share (tasks.SHARED_SETTINGS and what
@@ -110,7 +111,7 @@ def _count_rows(parquet: pq.ParquetFile, dimension: int, normalized: bool) -> _S
 
 def _read_rejects(output: str, shard: int, name: str, problems: list[str]) -> list[dict]:
     rejects = []
-    for number, line in enumerate(storage.read_text(rejects_path(output, shard)).splitlines(), 1):
+    for number, line in enumerate(storage.read_text(OutputLayout.of(output).rejects_of(shard)).splitlines(), 1):
         try:
             record = json.loads(line)
             if not (isinstance(record, dict) and record.get("doc_id") and record.get("reason")):
@@ -123,14 +124,14 @@ def _read_rejects(output: str, shard: int, name: str, problems: list[str]) -> li
 
 def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects: bool, verdict: Verdict) -> None:
     """Check one shard against its manifest rows, its rejects and the first shard's settings."""
-    name = f"shard-{shard:06d}.parquet"
+    name = numbered_name(shard, layout.SHARD_SUFFIX)
     problems, reference = verdict.problems, verdict.settings
     try:
-        with storage.open_for_reading(shard_path(output, shard)) as f:
+        with storage.open_for_reading(OutputLayout.of(output).shard(shard)) as f:
             parquet = pq.ParquetFile(f)
             metadata = footer_settings(parquet.metadata.metadata)
             if not reference:
-                reference.update(metadata, shard=f"shard-{shard:06d}")
+                reference.update(metadata, shard=numbered_name(shard, ""))
             differs = [f"{k} {metadata.get(k)!r} ({reference['shard']}: {reference.get(k)!r})"
                        for k in SAME_SETTINGS if setting_differs(metadata, reference, k)]
             if differs:
@@ -186,65 +187,59 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
                           rejected_documents=len(rejects), chunks=count.rows, tokens=count.tokens)
 
 
-def shard_numbers(output: str, folder: str, suffix: str, total: int, problems: list[str]) -> set[int]:
-    """The shard numbers with a file in ``folder`` (one listing); a file the manifest
-    does not account for is a problem."""
-    numbers = set()
-    for listed in storage.list_files(f"{output}/{folder}", f"*{suffix}", hashes=False):
-        number = listed.relative.removeprefix("shard-").removesuffix(suffix)
-        if number.isdigit() and len(number) == 6 and int(number) < total and "/" not in listed.relative:
-            numbers.add(int(number))
-        else:
-            problems.append(f"{folder}/{listed.relative}: not a shard of the manifest's {total}")
-    return numbers
+def shard_numbers(listing: layout.Listing, folder: str, suffix: str, total: int, problems: list[str]) -> set[int]:
+    """The shard numbers of the manifest's ``total`` with a file in a listing of
+    ``folder``; a file the manifest does not account for is a problem."""
+    strays = listing.strays + [f"{folder}/{numbered_name(n, suffix)}" for n in listing.numbers if n >= total]
+    problems.extend(f"{stray}: not a shard of the manifest's {total}" for stray in sorted(strays))
+    return {n for n in listing.numbers if n < total}
 
 
 def _check_summary(output: str, verdict: Verdict) -> None:
-    path = f"{output}/_SUCCESS.json"
+    path = OutputLayout.of(output).summary
     if not storage.exists(path):
-        verdict.problems.append("_SUCCESS.json: missing (EmbedAll writes it once every shard exists)")
+        verdict.problems.append(f"{layout.SUMMARY}: missing (EmbedAll writes it once every shard exists)")
         return
     try:
         summary = json.loads(storage.read_text(path))
     except ValueError as exc:
-        verdict.problems.append(f"_SUCCESS.json: not JSON ({exc})")
+        verdict.problems.append(f"{layout.SUMMARY}: not JSON ({exc})")
         return
     wrong = [f"{k} {summary.get(k)} (found {verdict.totals[k]})" for k in SUMMARY_COUNTS if summary.get(k) != verdict.totals[k]]
     for key, setting in (("model", "model_id"), ("dimension", "dimension")):
         if verdict.settings and str(summary.get(key)) != verdict.settings.get(setting):
             wrong.append(f"{key} {summary.get(key)!r} (shards: {verdict.settings.get(setting)!r})")
     if wrong:
-        verdict.problems.append(f"_SUCCESS.json: does not match the shards: {', '.join(wrong)}")
+        verdict.problems.append(f"{layout.SUMMARY}: does not match the shards: {', '.join(wrong)}")
 
 
 def verify_output(output: str, on_shard: Optional[Callable[[int], None]] = None) -> Verdict:
     """Every check on an output (local folder or bucket prefix); ``on_shard(total)`` is
     called after each shard, for a progress bar."""
-    output = output.rstrip("/") or output
-    verdict = Verdict()
-    manifest = f"{output}/manifest.parquet"
+    where = OutputLayout.of(output)
+    output, manifest, verdict = where.root, where.manifest, Verdict()
     if not storage.exists(manifest):
-        verdict.problems.append(f"manifest.parquet: missing; {output} is not an output, or its run never started")
+        verdict.problems.append(f"{layout.MANIFEST}: missing; {output} is not an output, or its run never started")
         return verdict
     try:
         info = manifest_info(manifest)
         total, docs_per_shard = int(info["shards"]), int(info["docs_per_shard"])
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
-        verdict.problems.append(f"manifest.parquet: unreadable ({exc.__class__.__name__}: {exc})")
+        verdict.problems.append(f"{layout.MANIFEST}: unreadable ({exc.__class__.__name__}: {exc})")
         return verdict
-    shards = shard_numbers(output, "shards", ".parquet", total, verdict.problems)
-    rejects = shard_numbers(output, "rejects", ".jsonl", total, verdict.problems)
+    shards = shard_numbers(where.list_shards(), layout.SHARDS, layout.SHARD_SUFFIX, total, verdict.problems)
+    rejects = shard_numbers(where.list_rejects(), layout.REJECTS, layout.REJECTS_SUFFIX, total, verdict.problems)
     seen = set()
     for shard, rows in manifest_shards(manifest_file(manifest), docs_per_shard, verdict.problems):
         seen.add(shard)
         if shard in shards:
             verify_shard(output, shard, rows, shard in rejects, verdict)
         else:
-            verdict.problems.append(f"shard-{shard:06d}.parquet: missing (its {len(rows)} documents are not embedded)")
+            verdict.problems.append(f"{numbered_name(shard, layout.SHARD_SUFFIX)}: missing (its {len(rows)} documents are not embedded)")
         if on_shard:
             on_shard(total)
     if len(seen) != total or int(info.get("documents", -1)) != verdict.totals["documents"]:
-        verdict.problems.append(f"manifest.parquet: says {total} shards and {info.get('documents')} documents, "
+        verdict.problems.append(f"{layout.MANIFEST}: says {total} shards and {info.get('documents')} documents, "
                                 f"holds {len(seen)} shards and {verdict.totals['documents']} documents")
     _check_summary(output, verdict)
     return verdict

@@ -18,7 +18,8 @@ from pipeline.chunking import MAX_TITLE_CHARS
 from pipeline.corpus import manifest_rows, write_manifest
 from pipeline.embedder import NullEmbedder
 from pipeline.errors import PipelineError
-from pipeline.shard_job import rejects_path, run_shard, shard_path
+from pipeline.layout import OutputLayout
+from pipeline.shard_job import run_shard
 
 SECRET = "TOPSECRET-outside-the-corpus"
 BODY = "A short paragraph about the working day, wages and the price of bread.\n"
@@ -42,10 +43,10 @@ def run(corpus, output, embedder, docs_per_shard=1000, before_reading=None, **op
     for shard in range(total):
         rows += manifest_rows(manifest, shard)
         stats.append(run_shard(str(corpus), manifest, str(output), shard, embedder, total, **options))
-        for row in pq.read_table(shard_path(str(output), shard)).to_pylist():
+        for row in pq.read_table(OutputLayout.of(str(output)).shard(shard)).to_pylist():
             chunks.setdefault(row["metadata"]["path"], []).append(row)
-        if os.path.exists(rejects_path(str(output), shard)):
-            for line in open(rejects_path(str(output), shard), encoding="utf-8"):
+        if os.path.exists(OutputLayout.of(str(output)).rejects_of(shard)):
+            for line in open(OutputLayout.of(str(output)).rejects_of(shard), encoding="utf-8"):
                 reject = json.loads(line)
                 rejects[reject["path"]] = reject
     return rows, chunks, rejects, stats

@@ -16,7 +16,8 @@ import pytest
 from helpers import ROOT, luigi_env, write_corpus
 from pipeline.corpus import write_manifest
 from pipeline.embedder import is_out_of_memory
-from pipeline.shard_job import run_shard, shard_path
+from pipeline.layout import OutputLayout
+from pipeline.shard_job import run_shard
 
 CHILD = """
 import json, logging, resource, sys
@@ -52,7 +53,7 @@ def test_a_batch_too_large_for_memory_is_split_and_the_shard_is_made(tmp_path, e
     assert report["batch_tokens"] < 10_000_000 and "batch split and run again" in splits[0]
 
     run_shard(str(corpus), manifest, str(tmp_path / "plain"), 0, embedder, 1)
-    capped, plain = (pq.read_table(shard_path(str(tmp_path / out), 0)) for out in ("capped", "plain"))
+    capped, plain = (pq.read_table(OutputLayout.of(str(tmp_path / out)).shard(0)) for out in ("capped", "plain"))
     assert capped.num_rows == plain.num_rows == report["stats"]["chunks"] > 100
     assert capped["doc_id"].to_pylist() == plain["doc_id"].to_pylist()
     assert capped["chunk_id"].to_pylist() == plain["chunk_id"].to_pylist()

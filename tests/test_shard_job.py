@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 from helpers import write_corpus
 from pipeline.corpus import write_manifest
 from pipeline.embedder import NullEmbedder
-from pipeline.shard_job import rejects_path, run_shard, shard_path
+from pipeline.layout import OutputLayout
+from pipeline.shard_job import run_shard
 
 
 def add_bad_documents(corpus):
@@ -35,7 +36,7 @@ def run(tmp_path, corpus, embedder, docs_per_shard=100, shard=0, readers=0):
 def test_bad_documents_are_rejected_with_reasons_and_the_rest_embedded(tmp_path, small_corpus, embedder):
     add_bad_documents(small_corpus)
     output, stats = run(tmp_path, small_corpus, embedder)
-    rejects = [json.loads(line) for line in open(rejects_path(str(output), 0))]
+    rejects = [json.loads(line) for line in open(OutputLayout.of(str(output)).rejects_of(0))]
     assert {r["path"]: r["reason"] for r in rejects} == {
         "bad/empty.md": "empty",
         "bad/binary.md": "binary",
@@ -43,7 +44,7 @@ def test_bad_documents_are_rejected_with_reasons_and_the_rest_embedded(tmp_path,
     }
     assert stats["documents"] == 18 and stats["rejected_documents"] == 3 and stats["embedded_documents"] == 15
     assert stats["front_matter_errors"] == 1
-    table = pq.read_table(shard_path(str(output), 0))
+    table = pq.read_table(OutputLayout.of(str(output)).shard(0))
     by_path = {}
     for row in table.to_pylist():
         by_path.setdefault(row["metadata"]["path"], []).append(row)
@@ -59,7 +60,7 @@ def test_bad_documents_are_rejected_with_reasons_and_the_rest_embedded(tmp_path,
 
 def test_shard_reads_back_with_plain_pyarrow_and_every_column_checks_out(tmp_path, small_corpus, embedder):
     output, stats = run(tmp_path, small_corpus, embedder)
-    path = shard_path(str(output), 0)
+    path = OutputLayout.of(str(output)).shard(0)
     table = pq.read_table(path)
     schema = table.schema
     assert schema.names == ["doc_id", "chunk_id", "embedding_vector", "text", "metadata"]
@@ -104,7 +105,7 @@ def test_a_20_megabyte_document_is_chunked_whole_beside_small_ones(tmp_path, emb
     assert (corpus / "huge.md").stat().st_size > 20_000_000
     output, stats = run(tmp_path, corpus, NullEmbedder(embedder))
     assert stats["rejected_documents"] == 0 and stats["embedded_documents"] == 4
-    table = pq.read_table(shard_path(str(output), 0), columns=["doc_id", "chunk_id", "metadata"])
+    table = pq.read_table(OutputLayout.of(str(output)).shard(0), columns=["doc_id", "chunk_id", "metadata"])
     huge_rows = [m for m in table.column("metadata").to_pylist() if m["path"] == "huge.md"]
     assert len(huge_rows) > 20_000
     assert max(m["token_count"] for m in huge_rows) <= embedder.chunker.max_tokens
@@ -120,9 +121,9 @@ def test_a_shard_whose_documents_are_all_bad_is_still_published_empty(tmp_path, 
     for good in ("latin1.md", "broken-front-matter.md", "list-author.md"):
         (corpus / "bad" / good).unlink()
     output, stats = run(tmp_path, corpus, embedder)
-    assert pq.read_table(shard_path(str(output), 0)).num_rows == 0
+    assert pq.read_table(OutputLayout.of(str(output)).shard(0)).num_rows == 0
     assert stats["rejected_documents"] == stats["documents"] == 3 and stats["chunks"] == 0
-    assert len(open(rejects_path(str(output), 0)).readlines()) == 3
+    assert len(open(OutputLayout.of(str(output)).rejects_of(0)).readlines()) == 3
 
 
 def test_precision_recorded_is_the_precision_the_model_runs_in(tmp_path, embedder):
@@ -186,13 +187,13 @@ def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, 
     pieces = run_shard(str(small_corpus), manifest, str(output), 0, embedder, 1, report=lambda message, percent: reports.append(percent),
                        readers=readers)
 
-    assert pq.ParquetFile(shard_path(str(output), 0)).num_row_groups > 1  # really in several groups (how many: what was ready)
-    expected, got = pq.read_table(shard_path(str(whole_output), 0)), pq.read_table(shard_path(str(output), 0))
+    assert pq.ParquetFile(OutputLayout.of(str(output)).shard(0)).num_row_groups > 1  # really in several groups (how many: what was ready)
+    expected, got = pq.read_table(OutputLayout.of(str(whole_output)).shard(0)), pq.read_table(OutputLayout.of(str(output)).shard(0))
     assert got.column("doc_id").to_pylist() == expected.column("doc_id").to_pylist()
     assert got.column("text").to_pylist() == expected.column("text").to_pylist()
     assert np.allclose(np.array(got.column("embedding_vector").to_pylist()),
                        np.array(expected.column("embedding_vector").to_pylist()), atol=1e-5)
-    assert open(rejects_path(str(output), 0)).read() == open(rejects_path(str(whole_output), 0)).read()
+    assert open(OutputLayout.of(str(output)).rejects_of(0)).read() == open(OutputLayout.of(str(whole_output)).rejects_of(0)).read()
     assert {k: pieces[k] for k in ("chunks", "tokens", "rejected_documents", "front_matter_errors")} == \
         {k: whole[k] for k in ("chunks", "tokens", "rejected_documents", "front_matter_errors")}
     assert reports[-1] == 100

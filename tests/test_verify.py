@@ -11,7 +11,7 @@ import pytest
 
 from helpers import finished_output
 from pipeline.cli import main
-from pipeline.shard_job import rejects_path
+from pipeline.layout import OutputLayout
 from pipeline.verify import verify_output
 
 SHARDS = 3
@@ -155,7 +155,7 @@ def test_a_lost_rejects_file_leaves_documents_unaccounted_for(output):
 def test_a_document_both_embedded_and_rejected_is_counted_twice(output):
     path = output / "shards" / "shard-000000.parquet"
     doc = pq.read_table(path)["doc_id"][0].as_py()
-    with open(rejects_path(str(output), 0), "a") as rejects:
+    with open(OutputLayout.of(str(output)).rejects_of(0), "a") as rejects:
         rejects.write(json.dumps({"doc_id": doc, "path": "x.md", "reason": "empty", "detail": "?"}) + "\n")
     assert any("counted twice" in p for p in problems(output))
 

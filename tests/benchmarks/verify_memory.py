@@ -25,7 +25,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.corpus import MANIFEST_SCHEMA, doc_id_for  # noqa: E402
-from pipeline.shard_job import shard_path  # noqa: E402
+from pipeline.layout import OutputLayout  # noqa: E402
 from pipeline.shards import ShardWriter, shard_schema  # noqa: E402
 from pipeline.summary import run_summary  # noqa: E402
 
@@ -66,7 +66,7 @@ def write_output(folder: Path, shards: int, rng: np.random.Generator) -> None:
                 for path in paths[shard * DOCS_PER_SHARD:(shard + 1) * DOCS_PER_SHARD] for chunk in range(CHUNKS_PER_DOC)]
         vectors = rng.standard_normal((len(rows), DIMENSION)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        writer = ShardWriter(shard_path(str(folder), shard), schema)
+        writer = ShardWriter(OutputLayout.of(str(folder)).shard(shard), schema)
         writer.write(rows, vectors)
         writer.close({"shard": shard, "documents": DOCS_PER_SHARD, "embedded_documents": DOCS_PER_SHARD,
                       "rejected_documents": 0, "rejected_by_reason": {}, "chunks": len(rows), "tokens": 10 * len(rows),
