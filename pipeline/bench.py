@@ -36,7 +36,7 @@ from .layout import OutputLayout
 from .errors import PipelineError
 from .stand_in import SHAPES, save_stand_in
 from .readers import close_readers, read_in_processes, reader_processes
-from .shard_job import read_pieces, run_shard
+from .shard_job import ShardJob, read_pieces, run_shard
 from .throughput import derived_tokens_per_second, flops_per_token
 
 BASELINE_BATCH_SIZE = 32
@@ -188,32 +188,33 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         baseline_vectors, vectors = compared["baseline_vectors"], compared["vectors"]
         baseline_s, embedder_s = compared["baseline_s"], compared["embedder_s"]
         # The feed is short: run it in rounds too, and take the median CPU time.
-        feed_runs = [_timed(run_shard, corpus, manifest, f"{work}/null-{number}", 0, NullEmbedder(embedder), 1)
+        feed_runs = [_timed(run_shard, ShardJob(corpus, manifest, f"{work}/null-{number}", 1), 0, NullEmbedder(embedder))
                      for number in range(max(1, rounds))]
         feed_cpu = float(np.median([cpu for _, _, cpu in feed_runs]))
         feed_s = float(np.median([wall for _, wall, _ in feed_runs]))
         embedder.shapes_met.clear()
         embedder.padded_tokens = embedder.framed_tokens = 0
-        _, end_to_end_s, _ = _timed(run_shard, corpus, manifest, f"{work}/real", 0, embedder, 1)
+        _, end_to_end_s, _ = _timed(run_shard, ShardJob(corpus, manifest, f"{work}/real", 1), 0, embedder)
         shapes = {"shapes": len(embedder.shapes_met), "padding": embedder.padded_tokens / max(embedder.framed_tokens, 1)}
         sequence = float(np.mean(tokens)) + embedder.reserved_tokens if tokens else 0.0
         pace = derived_tokens_per_second(STAND_IN_GPU, STAND_IN_MODEL, sequence)
         in_turn = StandInGPU(embedder, pace, overlap=False)
-        _, in_turn_s, _ = _timed(run_shard, corpus, manifest, f"{work}/stand-in-in-turn", 0, in_turn, 1)
+        _, in_turn_s, _ = _timed(run_shard, ShardJob(corpus, manifest, f"{work}/stand-in-in-turn", 1), 0, in_turn)
         stand_in = StandInGPU(embedder, pace)
-        _, stand_in_s, _ = _timed(run_shard, corpus, manifest, f"{work}/stand-in", 0, stand_in, 1)
+        _, stand_in_s, _ = _timed(run_shard, ShardJob(corpus, manifest, f"{work}/stand-in", 1), 0, stand_in)
         # Reader processes as a worker on a GPU starts them (once, before its first shard):
         # the feed with one per core against one reader thread, then the stand-in GPU.
         cores = os.cpu_count() or 1
         warm_readers(corpus, manifest, embedder, cores)
-        _, feed_readers_s, _ = _timed(run_shard, corpus, manifest, f"{work}/null-readers", 0, NullEmbedder(embedder, overlap=True),
-                                      1, None, cores)
-        _, feed_thread_s, _ = _timed(run_shard, corpus, manifest, f"{work}/null-thread", 0, NullEmbedder(embedder, overlap=True), 1)
+        _, feed_readers_s, _ = _timed(run_shard, ShardJob(corpus, manifest, f"{work}/null-readers", 1, readers=cores), 0,
+                                      NullEmbedder(embedder, overlap=True))
+        _, feed_thread_s, _ = _timed(run_shard, ShardJob(corpus, manifest, f"{work}/null-thread", 1), 0,
+                                     NullEmbedder(embedder, overlap=True))
         readers = reader_processes(-1, frees_cpu=True)
         warm_readers(corpus, manifest, embedder, readers)
         with_readers = StandInGPU(embedder, pace)
-        _, with_readers_s, worker_cpu_s = _timed(run_shard, corpus, manifest, f"{work}/stand-in-readers", 0, with_readers, 1,
-                                                 None, readers)
+        _, with_readers_s, worker_cpu_s = _timed(run_shard, ShardJob(corpus, manifest, f"{work}/stand-in-readers", 1, readers=readers),
+                                                 0, with_readers)
         close_readers()
 
     config = embedder.model[0].auto_model.config

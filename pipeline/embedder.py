@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -392,11 +393,24 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
 
 
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """What loads a model and shapes its batches; the key of the one model a process
+    keeps per settings (``load_embedder``). Zeros and ``auto`` take the defaults."""
+
+    model: str = "minilm"  # profile name
+    model_path: str = ""  # a local folder instead of the profile's own way of finding weights
+    device: str = "auto"
+    max_tokens: int = 0  # 0: the profile's
+    batch_tokens: int = 0  # padded tokens per batch; 0: by device
+    precision: str = "auto"
+
+
 @lru_cache(maxsize=2)
-def load_embedder(profile_name: str, model_path: str, device: str, max_tokens: int, batch_tokens: int,
-                  precision: str = "auto") -> Embedder:
+def load_embedder(settings: EmbedderSettings) -> Embedder:
     """One model per worker process and settings, however many shards it runs."""
-    return Embedder(profile(profile_name), model_path, device, max_tokens, batch_tokens, precision)
+    return Embedder(profile(settings.model), settings.model_path, settings.device, settings.max_tokens,
+                    settings.batch_tokens, settings.precision)
 
 
 def fetch_model(profile_name: str) -> str:

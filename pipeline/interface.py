@@ -26,7 +26,7 @@ from .config import prepare_run
 from .embedder import Embedder
 from .errors import PipelineError
 from .layout import OutputLayout
-from .shard_job import run_shard
+from .shard_job import ShardJob, run_shard
 from .shards import PIPELINE_VERSION
 from .summary import publish_summary, run_summary
 from .tasks import CorpusManifest, EmbedAll, EmbedShard
@@ -163,7 +163,7 @@ class EmbeddingInterface:
             storage.ensure_writable_dir(output)
             manifest = layout.manifest
             write_manifest_of(listed, str(root), "", len(listed), manifest)
-            run_shard(str(root), manifest, output, 0, self.embedder(), 1, skip_duplicates=run.skip_duplicates)
+            run_shard(ShardJob(str(root), manifest, output, 1, skip_duplicates=run.skip_duplicates), 0, self.embedder())
         publish_summary(output, run_summary(output, 1, {"corpus": str(root), "files": len(listed),
                                                         "model": run.model, "max_tokens": run.max_tokens}))
         return shard

@@ -23,14 +23,15 @@ BATCH_ROWS = 8192
 def query_embedder(output: str, device: str = "cpu"):
     """The embedder an output's vectors came from: its first shard's model profile and
     max tokens, in float32 (a single query needs no speed, and fp16 is CUDA-only)."""
-    from .embedder import load_embedder
+    from .embedder import EmbedderSettings, load_embedder
 
     files = list_embedding_files(output)
     if not files:
         raise PipelineError(f"{output}: no shards ({layout.SHARDS}/{layout.SHARD_FILE_PATTERN}) to search")
     settings = shard_metadata(files[0])
     refuse_stand_in(settings, output)
-    return load_embedder(settings["model_profile"], "", device, int(settings["max_tokens"]), 0, "float32")
+    return load_embedder(EmbedderSettings(model=settings["model_profile"], device=device, max_tokens=int(settings["max_tokens"]),
+                                          precision="float32"))
 
 
 def embed_query(embedder, query: str):

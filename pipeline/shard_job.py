@@ -15,6 +15,7 @@ import socket
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .chunk_columns import ChunkColumns, read_columns
@@ -123,21 +124,23 @@ def _write_group(writer: ShardWriter, group: ChunkColumns, vectors, progress: Pr
     progress.advance(group.documents, embedded=0.0 if group.chunks.num_rows else group.documents)
 
 
-def run_shard(
-    corpus: str,
-    manifest: str,
-    output: str,
-    shard: int,
-    embedder: Embedder,
-    total_shards: int,
-    report: Reporter | None = None,
-    readers: int = 0,
-    skip_duplicates: bool = False,
-) -> dict[str, Any]:
-    """Embed one shard and publish it with its rejects; returns the shard's stats.
-    ``readers``: processes that read and chunk (0: this process does).
-    ``skip_duplicates``: reject (reason ``duplicate``, unread) each document whose
-    manifest content_hash an earlier document in manifest order has."""
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard of one run shares: where its documents come from and its shards
+    go, and how documents are read."""
+
+    corpus: str
+    manifest: str  # a local copy or the output's own
+    output: str
+    total_shards: int  # for messages: "shard 3 of 40"
+    readers: int = 0  # processes that read and chunk (0: this process does)
+    skip_duplicates: bool = False  # reject (reason ``duplicate``, unread) a document whose content_hash an earlier one has
+
+
+def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | None = None) -> dict[str, Any]:
+    """Embed one shard of ``job`` and publish it with its rejects; returns the shard's
+    stats. ``report(message, percent)`` hears of its progress."""
+    corpus, manifest, output, skip_duplicates = job.corpus, job.manifest, job.output, job.skip_duplicates
     rows = manifest_rows(manifest, shard)
     if not rows:  # never publish an empty shard for documents this manifest copy lacks
         raise PipelineError(f"shard {shard} has no documents in {manifest}")
@@ -149,7 +152,7 @@ def run_shard(
     started_at, clock, padded_before = _now(), time.monotonic(), embedder.padded_tokens
     rejects: list[dict[str, Any]] = []
     counts = Counter()
-    progress = Progress(len(rows), shard_label(shard, total_shards), report)
+    progress = Progress(len(rows), shard_label(shard, job.total_shards), report)
     schema = shard_schema(embedder.dimension, embedder.settings())
     try:
         with storage.atomic_output(destination, overwrite=False) as staged:
@@ -161,7 +164,7 @@ def run_shard(
                 with ThreadPoolExecutor(1, thread_name_prefix="parquet") as background:
                     submit = background.submit if overlap else _now_done
                     written = _now_done(lambda: None)
-                    for group in _groups(read_pieces(corpus, rows, embedder, rejects, counts, readers), overlap):
+                    for group in _groups(read_pieces(corpus, rows, embedder, rejects, counts, job.readers), overlap):
                         vectors = None
                         if group.chunks.num_rows:
                             # Chunks, tokens and the documents' share count up batch by batch.

@@ -14,13 +14,13 @@ import luigi
 
 from . import config
 from .corpus import manifest_info, write_manifest
-from .embedder import Embedder, load_embedder
+from .embedder import Embedder, EmbedderSettings, load_embedder
 from .errors import PipelineError
 from .manifest_growth import add_new_documents, documents_not_in_manifest
 from .readers import reader_processes
 from .sample import ensure_sample_corpus
 from .layout import OutputLayout
-from .shard_job import run_shard, shard_label
+from .shard_job import ShardJob, run_shard, shard_label
 from .shards import shard_metadata, settings_mismatch
 from .status import RunWatch
 from . import storage
@@ -102,7 +102,8 @@ class RunParameters:
         return self.layout().manifest
 
     def embedder(self) -> Embedder:
-        return load_embedder(self.model, self.model_path, self.device, self.max_tokens, self.batch_tokens, self.precision)
+        return load_embedder(EmbedderSettings(self.model, self.model_path, self.device, self.max_tokens, self.batch_tokens,
+                                              self.precision))
 
     def total_shards(self) -> int:
         return int(manifest_info(self.manifest_path())["shards"])
@@ -148,17 +149,9 @@ class EmbedShard(RunParameters, luigi.Task):
         self._report_run()
         try:
             total, embedder = self.total_shards(), self.embedder()
-            stats = run_shard(
-                self.corpus_location(),
-                self.manifest_path(),
-                self.output_location,
-                self.shard,
-                embedder,
-                total,
-                report=self._report,
-                readers=reader_processes(self.readers, embedder.frees_cpu),
-                skip_duplicates=self.skip_duplicates,
-            )
+            job = ShardJob(self.corpus_location(), self.manifest_path(), self.output_location, total,
+                           readers=reader_processes(self.readers, embedder.frees_cpu), skip_duplicates=self.skip_duplicates)
+            stats = run_shard(job, self.shard, embedder, report=self._report)
         except Exception:  # the run's figures say so too; on_failure comes too late to post them
             self._report_run(failed=True)
             raise

@@ -13,9 +13,9 @@ os.environ.update(NO_METADATA_PROBES)
 def embedder():
     """The offline model in full precision, loaded once for the whole session (as a
     worker would)."""
-    from pipeline.embedder import load_embedder
+    from pipeline.embedder import EmbedderSettings, load_embedder
 
-    return load_embedder("minilm", "", "cpu", 0, 16384, "float32")
+    return load_embedder(EmbedderSettings(device="cpu", batch_tokens=16384, precision="float32"))
 
 
 @pytest.fixture

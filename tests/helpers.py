@@ -46,7 +46,7 @@ def finished_output(root: Path, embedder, docs_per_shard: int = 4) -> Path:
     """A whole output made without Luigi: 12 documents (two of them rejected) in shards
     of ``docs_per_shard``, and its _SUCCESS.json."""
     from pipeline.corpus import write_manifest
-    from pipeline.shard_job import run_shard
+    from pipeline.shard_job import ShardJob, run_shard
     from pipeline.summary import run_summary
 
     corpus = write_corpus(root / "corpus", documents=10, words=120)
@@ -56,7 +56,7 @@ def finished_output(root: Path, embedder, docs_per_shard: int = 4) -> Path:
     manifest = str(output / "manifest.parquet")
     shards = -(-write_manifest(str(corpus), "*.md", docs_per_shard, manifest) // docs_per_shard)
     for shard in range(shards):
-        run_shard(str(corpus), manifest, str(output), shard, embedder, shards)
+        run_shard(ShardJob(str(corpus), manifest, str(output), shards), shard, embedder)
     (output / "_SUCCESS.json").write_text(json.dumps(run_summary(str(output), shards, {})))
     return output
 
@@ -70,10 +70,10 @@ def shard_failing(number: int) -> Iterator[None]:
 
     real_run_shard = pipeline.tasks.run_shard
 
-    def run_shard(corpus, manifest, output, shard, *args, **kwargs):
+    def run_shard(job, shard, *args, **kwargs):
         if shard == number:
             raise RuntimeError(f"injected failure in shard {number}")
-        return real_run_shard(corpus, manifest, output, shard, *args, **kwargs)
+        return real_run_shard(job, shard, *args, **kwargs)
 
     pipeline.tasks.run_shard = run_shard
     try:

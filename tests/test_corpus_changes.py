@@ -12,7 +12,7 @@ from helpers import write_corpus
 from pipeline import EmbedAll
 from pipeline.corpus import write_manifest
 from pipeline.manifest_growth import add_new_documents, documents_not_in_manifest
-from pipeline.shard_job import run_shard
+from pipeline.shard_job import ShardJob, run_shard
 from pipeline.verify import verify_output
 
 
@@ -63,7 +63,7 @@ def test_a_resumed_run_says_what_it_leaves_out_and_the_option_embeds_it(tmp_path
                     precision="float32")
     manifest = str(output / "manifest.parquet")
     write_manifest(str(corpus), "*.md", 2, manifest)
-    run_shard(str(corpus), manifest, str(output), 0, embedder, 3)
+    run_shard(ShardJob(str(corpus), manifest, str(output), 3), 0, embedder)
     add_documents(corpus, ["a-first.md", "z-last.md", "zz-after.md"])  # after the manifest, mid-run
 
     with caplog.at_level(logging.WARNING, logger="luigi-interface"):
@@ -107,12 +107,12 @@ def test_a_manifest_grown_during_a_run_is_finished_by_that_run(tmp_path, embedde
     corpus, output, settings = small_run(tmp_path)
     real_run_shard = pipeline.tasks.run_shard
 
-    def growing_on_the_last_shard(corpus_location, manifest, out, shard, *args, **kwargs):
+    def growing_on_the_last_shard(job, shard, *args, **kwargs):
         if shard == 1 and not (output / "grown").exists():
             (output / "grown").touch()
             add_documents(corpus, ["new-one.md", "new-two.md", "new-three.md"])
-            assert add_new_documents(corpus_location, "*.md", manifest) == 3
-        return real_run_shard(corpus_location, manifest, out, shard, *args, **kwargs)
+            assert add_new_documents(job.corpus, "*.md", job.manifest) == 3
+        return real_run_shard(job, shard, *args, **kwargs)
 
     pipeline.tasks.run_shard = growing_on_the_last_shard
     try:

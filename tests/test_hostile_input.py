@@ -19,7 +19,7 @@ from pipeline.corpus import manifest_rows, write_manifest
 from pipeline.embedder import NullEmbedder
 from pipeline.errors import PipelineError
 from pipeline.layout import OutputLayout
-from pipeline.shard_job import run_shard
+from pipeline.shard_job import ShardJob, run_shard
 
 SECRET = "TOPSECRET-outside-the-corpus"
 BODY = "A short paragraph about the working day, wages and the price of bread.\n"
@@ -42,7 +42,7 @@ def run(corpus, output, embedder, docs_per_shard=1000, before_reading=None, **op
     rows, chunks, rejects, stats = [], {}, {}, []
     for shard in range(total):
         rows += manifest_rows(manifest, shard)
-        stats.append(run_shard(str(corpus), manifest, str(output), shard, embedder, total, **options))
+        stats.append(run_shard(ShardJob(str(corpus), manifest, str(output), total, **options), shard, embedder))
         for row in pq.read_table(OutputLayout.of(str(output)).shard(shard)).to_pylist():
             chunks.setdefault(row["metadata"]["path"], []).append(row)
         if os.path.exists(OutputLayout.of(str(output)).rejects_of(shard)):

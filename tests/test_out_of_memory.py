@@ -17,22 +17,22 @@ from helpers import ROOT, luigi_env, write_corpus
 from pipeline.corpus import write_manifest
 from pipeline.embedder import is_out_of_memory
 from pipeline.layout import OutputLayout
-from pipeline.shard_job import run_shard
+from pipeline.shard_job import ShardJob, run_shard
 
 CHILD = """
 import json, logging, resource, sys
 import torch
 torch.set_num_threads(1)  # no thread starts after the cap
-from pipeline.embedder import load_embedder
-from pipeline.shard_job import run_shard
+from pipeline.embedder import EmbedderSettings, load_embedder
+from pipeline.shard_job import ShardJob, run_shard
 corpus, manifest, output = sys.argv[1:4]
 warnings = []
 logging.getLogger("luigi-interface").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
-embedder = load_embedder("minilm", "", "cpu", 0, 10_000_000, "float32")
+embedder = load_embedder(EmbedderSettings(device="cpu", batch_tokens=10_000_000, precision="float32"))
 embedder.embed_texts(["warm up"])
 in_use = int(open("/proc/self/statm").read().split()[0]) * 4096
 resource.setrlimit(resource.RLIMIT_AS, (in_use + 1200 * 2**20, resource.RLIM_INFINITY))
-stats = run_shard(corpus, manifest, output, 0, embedder, 1)
+stats = run_shard(ShardJob(corpus, manifest, output, 1), 0, embedder)
 print(json.dumps({"stats": stats, "warnings": warnings, "batch_tokens": embedder.batch_tokens}))
 """
 
@@ -52,7 +52,7 @@ def test_a_batch_too_large_for_memory_is_split_and_the_shard_is_made(tmp_path, e
     assert splits, "the budget was not too large: nothing ran out of memory"
     assert report["batch_tokens"] < 10_000_000 and "batch split and run again" in splits[0]
 
-    run_shard(str(corpus), manifest, str(tmp_path / "plain"), 0, embedder, 1)
+    run_shard(ShardJob(str(corpus), manifest, str(tmp_path / "plain"), 1), 0, embedder)
     capped, plain = (pq.read_table(OutputLayout.of(str(tmp_path / out)).shard(0)) for out in ("capped", "plain"))
     assert capped.num_rows == plain.num_rows == report["stats"]["chunks"] > 100
     assert capped["doc_id"].to_pylist() == plain["doc_id"].to_pylist()

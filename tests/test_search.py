@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.config import PROFILES
 from pipeline.corpus import write_manifest
 from pipeline.search import embed_query, format_results, query_embedder, search
-from pipeline.shard_job import run_shard
+from pipeline.shard_job import ShardJob, run_shard
 
 TOPICS = {
     "beekeeping": ("Keeping Honey Bees", [
@@ -79,7 +79,7 @@ def topics_output(tmp_path_factory, embedder):
     manifest = str(output / "manifest.parquet")
     assert write_manifest(str(corpus), "*.md", 2, manifest) == 6
     for shard in range(3):
-        run_shard(str(corpus), manifest, str(output), shard, embedder, 3)
+        run_shard(ShardJob(str(corpus), manifest, str(output), 3), shard, embedder)
     return output
 
 

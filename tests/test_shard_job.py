@@ -11,7 +11,7 @@ from helpers import write_corpus
 from pipeline.corpus import write_manifest
 from pipeline.embedder import NullEmbedder
 from pipeline.layout import OutputLayout
-from pipeline.shard_job import run_shard
+from pipeline.shard_job import ShardJob, run_shard
 
 
 def add_bad_documents(corpus):
@@ -29,7 +29,7 @@ def run(tmp_path, corpus, embedder, docs_per_shard=100, shard=0, readers=0):
     output = tmp_path / "out"
     manifest = str(output / "manifest.parquet")
     write_manifest(str(corpus), "*.md", docs_per_shard, manifest)
-    stats = run_shard(str(corpus), manifest, str(output), shard, embedder, total_shards=1, readers=readers)
+    stats = run_shard(ShardJob(str(corpus), manifest, str(output), 1, readers=readers), shard, embedder)
     return output, stats
 
 
@@ -184,8 +184,8 @@ def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, 
     output = tmp_path / "pieces" / "out"
     manifest = str(output / "manifest.parquet")
     write_manifest(str(small_corpus), "*.md", 100, manifest)
-    pieces = run_shard(str(small_corpus), manifest, str(output), 0, embedder, 1, report=lambda message, percent: reports.append(percent),
-                       readers=readers)
+    pieces = run_shard(ShardJob(str(small_corpus), manifest, str(output), 1, readers=readers), 0, embedder,
+                       report=lambda message, percent: reports.append(percent))
 
     assert pq.ParquetFile(OutputLayout.of(str(output)).shard(0)).num_row_groups > 1  # really in several groups (how many: what was ready)
     expected, got = pq.read_table(OutputLayout.of(str(whole_output)).shard(0)), pq.read_table(OutputLayout.of(str(output)).shard(0))
@@ -255,7 +255,7 @@ def test_progress_counts_documents_as_their_chunks_are_embedded_not_only_when_wr
     write_manifest(str(corpus), "*.md", 100, manifest)
     reports = []
     monkeypatch.setattr(embedder, "batch_tokens", 1024)  # several batches in the shard's one group
-    run_shard(str(corpus), manifest, str(tmp_path / "out"), 0, embedder, 3, report=lambda m, p: reports.append((m, p)))
+    run_shard(ShardJob(str(corpus), manifest, str(tmp_path / "out"), 3), 0, embedder, report=lambda m, p: reports.append((m, p)))
     percents = [percent for _, percent in reports]
     assert percents == sorted(percents) and percents[-1] == 100
     moving = [(m, p) for m, p in reports if 0 < p < 100]

@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.reader import read_shard, stream_embeddings
 from pipeline.search import query_embedder
 from pipeline.layout import OutputLayout
-from pipeline.shard_job import run_shard
+from pipeline.shard_job import ShardJob, run_shard
 from pipeline.stand_in import SHAPES, save_stand_in
 from pipeline.verify import verify_output
 
@@ -44,7 +44,7 @@ def test_an_output_the_stand_in_made_is_refused_by_verify_search_and_readers(sta
     output = tmp_path / "out"
     manifest = str(output / "manifest.parquet")
     write_manifest(str(corpus), "*.md", 10, manifest)
-    run_shard(str(corpus), manifest, str(output), 0, stand_in, 1)
+    run_shard(ShardJob(str(corpus), manifest, str(output), 1), 0, stand_in)
     shard = OutputLayout.of(str(output)).shard(0)
     assert pq.read_metadata(shard).num_rows > 0
 

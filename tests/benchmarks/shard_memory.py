@@ -25,13 +25,13 @@ from helpers import ROOT, write_corpus  # noqa: E402
 CHILD = """
 import json, resource, sys
 from pipeline.corpus import write_manifest
-from pipeline.embedder import NullEmbedder, load_embedder
-from pipeline.shard_job import run_shard
+from pipeline.embedder import EmbedderSettings, NullEmbedder, load_embedder
+from pipeline.shard_job import ShardJob, run_shard
 corpus, work = sys.argv[1], sys.argv[2]
-embedder = load_embedder("minilm", "", "cpu", 0, 16384)
+embedder = load_embedder(EmbedderSettings(device="cpu", batch_tokens=16384))
 after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 write_manifest(corpus, "*.md", 1000, work + "/manifest.parquet")
-stats = run_shard(corpus, work + "/manifest.parquet", work + "/out", 0, NullEmbedder(embedder), 1)
+stats = run_shard(ShardJob(corpus, work + "/manifest.parquet", work + "/out", 1), 0, NullEmbedder(embedder))
 print(json.dumps({"documents": stats["documents"], "chunks": stats["chunks"], "tokens": stats["tokens"],
                   "rss_after_model_load_bytes": after_load,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
