@@ -28,16 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from .batching import ShapePolicy
-from .corpus import manifest_rows, write_manifest
-from .config import PROFILES, profile as profile_of
-from .embedder import Embedder, NullEmbedder, default_batch_tokens
-from .layout import OutputLayout
-from .errors import PipelineError
-from .stand_in import SHAPES, save_stand_in
-from .readers import close_readers, read_in_processes, reader_processes
-from .shard_job import ShardJob, read_pieces, run_shard
-from .throughput import derived_tokens_per_second, flops_per_token
+from pipeline.core.batching import ShapePolicy
+from pipeline.core.corpus import manifest_rows, write_manifest
+from pipeline.core.profiles import PROFILES, profile as profile_of
+from pipeline.core.embedder import Embedder, NullEmbedder, default_batch_tokens
+from pipeline.output.layout import OutputLayout
+from pipeline.errors import PipelineError
+from pipeline.core.stand_in import SHAPES, save_stand_in
+from pipeline.core.reader_pool import close_readers, read_in_processes, reader_processes
+from pipeline.core.shard_job import ShardJob, read_pieces, run_shard
+from pipeline.runpod.throughput import derived_tokens_per_second, flops_per_token
 
 BASELINE_BATCH_SIZE = 32
 # The stand-in GPU runs at what we expect of the production model on this GPU.

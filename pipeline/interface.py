@@ -20,16 +20,16 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import luigi
 import numpy as np
 
-from . import storage
-from .corpus import write_manifest_of
-from .config import prepare_run
-from .embedder import Embedder
-from .errors import PipelineError
-from .layout import OutputLayout
-from .shard_job import ShardJob, run_shard
-from .shards import PIPELINE_VERSION
-from .summary import publish_summary, run_summary
-from .tasks import CorpusManifest, EmbedAll, EmbedShard
+from pipeline import storage
+from pipeline.core.corpus import write_manifest_of
+from pipeline.config import prepare_run
+from pipeline.core.embedder import Embedder
+from pipeline.errors import PipelineError
+from pipeline.output.layout import OutputLayout
+from pipeline.core.shard_job import ShardJob, run_shard
+from pipeline.core.shard_file import PIPELINE_VERSION
+from pipeline.output.summary import publish_summary, run_summary
+from pipeline.tasks import CorpusManifest, EmbedAll, EmbedShard
 
 
 @dataclasses.dataclass(frozen=True)

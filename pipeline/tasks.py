@@ -12,26 +12,39 @@ import traceback
 
 import luigi
 
-from . import config
-from .corpus import manifest_info, write_manifest
-from .embedder import Embedder, EmbedderSettings, load_embedder
-from .errors import PipelineError
-from .manifest_growth import add_new_documents, documents_not_in_manifest
-from .readers import reader_processes
-from .sample import ensure_sample_corpus
-from .layout import OutputLayout
-from .shard_job import ShardJob, run_shard, shard_label
-from .shards import shard_metadata, settings_mismatch
-from .status import RunWatch
-from . import storage
-from .storage import target
-from .summary import publish_summary, run_summary
+from pipeline import config
+from pipeline.core.corpus import manifest_info, write_manifest
+from pipeline.core.embedder import Embedder, EmbedderSettings, load_embedder
+from pipeline.errors import PipelineError
+from pipeline.core.manifest_growth import add_new_documents, documents_not_in_manifest
+from pipeline.core.reader_pool import reader_processes
+from pipeline.core.sample import ensure_sample_corpus
+from pipeline.output.layout import OutputLayout
+from pipeline.core.shard_job import ShardJob, run_shard, shard_label
+from pipeline.core.shard_file import shard_metadata, settings_mismatch
+from pipeline.output.status import RunWatch
+from pipeline import storage
+from pipeline.output.summary import publish_summary, run_summary
 
 log = logging.getLogger("luigi-interface")
 
 # Settings two shards of one output must share, or their vectors cannot be mixed.
 SHARED_SETTINGS = ("model_id", "weights_sha256", "stand_in_for", "dimension", "prefix", "max_tokens", "chunk_max_tokens",
                    "chunk_overlap_tokens")
+
+
+class StoredTarget(luigi.Target):
+    """A Luigi target in any backend: ``exists()`` is one cheap call (a stat or a HEAD)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def exists(self) -> bool:
+        return storage.exists(self.path)
+
+
+def target(path: str) -> StoredTarget:
+    return StoredTarget(path)
 
 
 class LocationParameter(config.TextSetting):

@@ -13,7 +13,7 @@ os.environ.update(NO_METADATA_PROBES)
 def embedder():
     """The offline model in full precision, loaded once for the whole session (as a
     worker would)."""
-    from pipeline.embedder import EmbedderSettings, load_embedder
+    from pipeline.core.embedder import EmbedderSettings, load_embedder
 
     return load_embedder(EmbedderSettings(device="cpu", batch_tokens=16384, precision="float32"))
 
@@ -95,19 +95,13 @@ def s3_server():
 
 @pytest.fixture
 def fast_retries():
-    """Retry waits of tens of milliseconds, so fault tests take seconds, not minutes."""
-    import luigi
+    """Retry waits of tens of milliseconds, so fault tests take seconds, not minutes: in
+    this process, and (the environment it yields) in the runs it starts."""
+    from pipeline.storage import RetryPolicy, use_retry_policy
 
-    config = luigi.configuration.get_config()
-    saved = {name: config.get("pipeline", name, None) for name in ("storage_retries", "storage_retry_max_wait")}
-    config.set("pipeline", "storage_retries", "6")
-    config.set("pipeline", "storage_retry_max_wait", "0.05")
+    before = use_retry_policy(RetryPolicy(attempts=6, max_wait=0.05))
     yield {"PIPELINE_STORAGE_RETRIES": "6", "PIPELINE_STORAGE_RETRY_MAX_WAIT": "0.05"}
-    for name, value in saved.items():
-        if value is None:
-            config.remove_option("pipeline", name)
-        else:
-            config.set("pipeline", name, value)
+    use_retry_policy(before)
 
 
 class Bucket:
@@ -236,7 +230,7 @@ def image(engine, registry, planted_checkout, tmp_path_factory):
     model: from the planted checkout, with the launcher's secrets in the environment
     (which must reach no layer)."""
     from docker_engine import build_base_image
-    from pipeline.image import build_and_push
+    from pipeline.runpod.image import build_and_push
     from secret_canaries import launcher_secrets
 
     base = or_skip(lambda: build_base_image(engine, tmp_path_factory.mktemp("base")), "no stand-in base image")

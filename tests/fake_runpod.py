@@ -230,7 +230,7 @@ class FakeRunpod:
             )
             self.pods[pod.id] = pod
         if self.pod_runtime and (self.start_containers(pod) if callable(self.start_containers) else self.start_containers):
-            from pipeline.pods import decode_env
+            from pipeline.runpod.orchestrator import decode_env
 
             pod.container_env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
                                  "RUNPOD_GPU_COUNT": str(pod.gpu_count), "RUNPOD_API_KEY": self.pod_key(pod.id), "RUNPOD_API_BASE_URL": self.url}
@@ -327,7 +327,7 @@ def lost_answer(fault: Any) -> tuple[int, Any]:
 def assert_no_pod_billed(api: FakeRunpod, timeout: float = 60) -> None:
     """How every Runpod scenario ends: no pod still billed, and each pod's ledger record
     says it ended and what it cost, to within a second of the fake's clock."""
-    from pipeline.pods import PodLedger
+    from pipeline.runpod.orchestrator import PodLedger
 
     deadline = time.monotonic() + timeout
     while api.running_pods() and time.monotonic() < deadline:

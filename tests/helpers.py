@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.sample import _paragraph
+from pipeline.core.sample import _paragraph
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = ROOT.parent / "shared" / "corpus"
@@ -45,9 +45,9 @@ def write_corpus(folder: Path, documents: int = 12, words: int = 250, seed: int 
 def finished_output(root: Path, embedder, docs_per_shard: int = 4) -> Path:
     """A whole output made without Luigi: 12 documents (two of them rejected) in shards
     of ``docs_per_shard``, and its _SUCCESS.json."""
-    from pipeline.corpus import write_manifest
-    from pipeline.shard_job import ShardJob, run_shard
-    from pipeline.summary import run_summary
+    from pipeline.core.corpus import write_manifest
+    from pipeline.core.shard_job import ShardJob, run_shard
+    from pipeline.output.summary import run_summary
 
     corpus = write_corpus(root / "corpus", documents=10, words=120)
     (corpus / "part-0" / "empty.md").write_bytes(b"")

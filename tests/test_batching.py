@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.batching import ShapePolicy, batch_widths, plan_batches
+from pipeline.core.batching import ShapePolicy, batch_widths, plan_batches
 
 
 def test_widths_step_finely_where_chunks_are_short_and_end_at_the_limit():

@@ -12,9 +12,9 @@ import pytest
 
 from helpers import ROOT, luigi_env, write_corpus
 from pipeline.bench import bench_model_path, format_table
-from pipeline.throughput import flops_per_token
-from pipeline.config import PROFILES
-from pipeline.embedder import Embedder, _native_bf16_cpu, pick_precision
+from pipeline.runpod.throughput import flops_per_token
+from pipeline.core.profiles import PROFILES
+from pipeline.core.embedder import Embedder, _native_bf16_cpu, pick_precision
 from pipeline.errors import PipelineError
 
 REQUIRED = ("baseline_tokens_per_s", "embedder_tokens_per_s", "feed_tokens_per_s_per_core", "end_to_end_tokens_per_s",

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import ROOT, assert_same_output, bucket_rows, luigi_command, luigi_env, run_luigi, write_corpus
-from pipeline.shards import shard_stats
-from pipeline.verify import verify_output
+from pipeline.core.shard_file import shard_stats
+from pipeline.output.verify import verify_output
 from storage_servers import FaultProxy
 
 pytestmark = pytest.mark.slow

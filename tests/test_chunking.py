@@ -1,7 +1,7 @@
 """The markdown-aware, token-bounded chunker, with the real model's tokenizer."""
 
-from pipeline.chunking import MAX_BLOCK_CHARS, ChunkerSettings, blocks, chunk_document
-from pipeline.corpus import decode, split_front_matter
+from pipeline.core.chunking import MAX_BLOCK_CHARS, ChunkerSettings, blocks, chunk_document
+from pipeline.core.corpus import decode, split_front_matter
 
 DOC = """---
 title: Wage Labour
@@ -136,8 +136,8 @@ def test_the_model_gets_the_chunkers_own_ids_framed_as_its_tokenizer_would(embed
 
     import numpy as np
 
-    from pipeline.config import PROFILES
-    from pipeline.embedder import Embedder
+    from pipeline.core.profiles import PROFILES
+    from pipeline.core.embedder import Embedder
 
     prefixed = Embedder(dataclasses.replace(PROFILES["minilm"], prefix="search_document: "), "", "cpu", 0, 4096, "float32")
     long_paragraph = " ".join(f"surplus-value{i} accumulates, unpaid labour-time" for i in range(300))

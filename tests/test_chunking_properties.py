@@ -18,9 +18,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 from tokenizers import Tokenizer
 
-import pipeline.chunking
-from pipeline.chunking import ChunkerSettings, chunk_document, plain_tokenizer
-from pipeline.corpus import split_front_matter
+import pipeline.core.chunking
+from pipeline.core.chunking import ChunkerSettings, chunk_document, plain_tokenizer
+from pipeline.core.corpus import split_front_matter
 
 
 @lru_cache(maxsize=1)
@@ -57,11 +57,11 @@ front_matter = st.sampled_from(["", "---\ntitle: T\n---\n", "---\n- a list\n---\
 document = st.tuples(front_matter, st.lists(block, max_size=14), st.sampled_from(["\n\n", "\n", "\n\n\n"])).map(
     lambda d: d[0] + d[2].join(d[1]))
 chunker = st.builds(ChunkerSettings, max_tokens=st.integers(1, 48), overlap_tokens=st.integers(0, 16))
-block_chars = st.sampled_from([pipeline.chunking.MAX_BLOCK_CHARS, 300, 40])  # small: cut long blocks too
+block_chars = st.sampled_from([pipeline.core.chunking.MAX_BLOCK_CHARS, 300, 40])  # small: cut long blocks too
 
 
 def chunk(text, body_start, chunker_settings, max_block_chars):
-    with mock.patch.object(pipeline.chunking, "MAX_BLOCK_CHARS", max_block_chars):
+    with mock.patch.object(pipeline.core.chunking, "MAX_BLOCK_CHARS", max_block_chars):
         return chunk_document(text, body_start, tokenizer(), chunker_settings)
 
 

@@ -7,7 +7,7 @@ import sys
 
 
 from helpers import ROOT, luigi_env
-from pipeline.image import image_reference, revision
+from pipeline.runpod.image import image_reference, revision
 
 
 def test_the_dockerfile_passes_hadolint():
@@ -25,7 +25,7 @@ def test_secrets_and_local_state_stay_out_of_the_build_context():
 def test_the_dockerfile_runs_the_watchdog_and_proves_the_model_loads_offline():
     """The full proof is tests/test_container_engine.py; this holds where no engine runs."""
     dockerfile = (ROOT / "containers" / "Dockerfile").read_text()
-    assert dockerfile.rstrip().endswith('ENTRYPOINT ["python", "-m", "pipeline.watchdog"]')
+    assert dockerfile.rstrip().endswith('ENTRYPOINT ["python", "-m", "pipeline.runpod.watchdog"]')
     assert "ARG BASE_IMAGE=" in dockerfile
     offline = dockerfile.index("HF_HUB_OFFLINE=1")
     assert dockerfile.index("model --fetch") < offline < dockerfile.index('RUN python -m pipeline model "${PIPELINE_MODEL}"')

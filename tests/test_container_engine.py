@@ -15,7 +15,7 @@ import pytest
 from fake_runpod import FakeRunpod, assert_no_pod_billed
 from helpers import write_corpus
 from pipeline import RunpodEmbedAll
-from pipeline.image import IMAGE_NAME, revision
+from pipeline.runpod.image import IMAGE_NAME, revision
 
 # Building the image takes minutes (on vfs storage, where every layer is a full copy, ten or more);
 # the first of these tests in a session builds it.

@@ -6,7 +6,7 @@ import hashlib
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import (
+from pipeline.core.corpus import (
     Rejected,
     decode,
     doc_id_for,

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 
 from helpers import write_corpus
 from pipeline import EmbedAll
-from pipeline.corpus import write_manifest
-from pipeline.manifest_growth import add_new_documents, documents_not_in_manifest
-from pipeline.shard_job import ShardJob, run_shard
-from pipeline.verify import verify_output
+from pipeline.core.corpus import write_manifest
+from pipeline.core.manifest_growth import add_new_documents, documents_not_in_manifest
+from pipeline.core.shard_job import ShardJob, run_shard
+from pipeline.output.verify import verify_output
 
 
 def add_documents(corpus, names):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from helpers import ROOT, assert_same_output, luigi_env, run_luigi, write_corpus
-from pipeline.verify import verify_output
+from pipeline.output.verify import verify_output
 
 pytestmark = pytest.mark.slow
 

@@ -2,9 +2,9 @@
 
 
 from fake_runpod import GPU_TYPES, FakeRunpod
-from pipeline.chunking import chunk_document
-from pipeline.corpus import decode, split_front_matter
-from pipeline.estimate import estimate, hourly_price, sample_corpus
+from pipeline.core.chunking import chunk_document
+from pipeline.core.corpus import decode, split_front_matter
+from pipeline.runpod.estimate import estimate, hourly_price, sample_corpus
 
 
 def test_a_sample_covering_the_corpus_counts_exactly_the_chunk_tokens(small_corpus, embedder):
@@ -44,8 +44,8 @@ def test_the_report_shows_its_arithmetic(small_corpus):
 
 
 def test_without_a_measured_figure_the_throughput_is_derived_from_the_gpus_peak(small_corpus):
-    from pipeline.throughput import flops_per_token
-    from pipeline.throughput import EXPECTED_UTILISATION, FP16_PEAK_FLOPS, MODEL_SHAPES
+    from pipeline.runpod.throughput import flops_per_token
+    from pipeline.runpod.throughput import EXPECTED_UTILISATION, FP16_PEAK_FLOPS, MODEL_SHAPES
 
     sample = sample_corpus(str(small_corpus), "*.md", "nomic")
     report = estimate(str(small_corpus), "*.md", "nomic", ["NVIDIA GeForce RTX 4090"])

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import ROOT, write_corpus
-from pipeline.chunking import MAX_TITLE_CHARS
-from pipeline.corpus import manifest_rows, write_manifest
-from pipeline.embedder import NullEmbedder
+from pipeline.core.chunking import MAX_TITLE_CHARS
+from pipeline.core.corpus import manifest_rows, write_manifest
+from pipeline.core.embedder import NullEmbedder
 from pipeline.errors import PipelineError
-from pipeline.layout import OutputLayout
-from pipeline.shard_job import ShardJob, run_shard
+from pipeline.output.layout import OutputLayout
+from pipeline.core.shard_job import ShardJob, run_shard
 
 SECRET = "TOPSECRET-outside-the-corpus"
 BODY = "A short paragraph about the working day, wages and the price of bread.\n"

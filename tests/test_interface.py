@@ -13,9 +13,9 @@ import pipeline
 from fake_runpod import GPU_TYPES, FakeRunpod
 from helpers import ROOT, shard_failing, write_corpus
 from pipeline import EmbeddingInterface, PodSettings, RunFailed, RunpodOrchestrator, read_shard
-from pipeline.corpus import doc_id_for
+from pipeline.core.corpus import doc_id_for
 from pipeline.errors import PipelineError
-from pipeline.verify import verify_output
+from pipeline.output.verify import verify_output
 
 SETTINGS = dict(docs_per_shard=4, device="cpu", precision="float32", batch_tokens=16384)
 

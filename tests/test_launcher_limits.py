@@ -1,6 +1,6 @@
 """The launcher's own limits, on a clock the test moves."""
 
-from pipeline.launcher_limits import RunGuard, RunLimits
+from pipeline.runpod.launcher_limits import RunGuard, RunLimits
 
 
 class Clock:

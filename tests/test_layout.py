@@ -3,12 +3,12 @@
 import ast
 from pathlib import Path
 
-from pipeline import layout
-from pipeline.layout import OutputLayout
+from pipeline.output import layout
+from pipeline.output.layout import OutputLayout
 
 from helpers import ROOT
 
-# Pieces of the output's file and folder names that only pipeline/layout.py may spell.
+# Pieces of the output's file and folder names that only pipeline/output/layout.py may spell.
 LAYOUT_NAMES = ("_SUCCESS.json", "manifest.parquet", "/shards", "/rejects", "_runs", "shard-{", "shard-*", "shard-0",
                 "shard-N", "/batches")
 

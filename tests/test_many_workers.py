@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import ROOT, api, kill_while_writing, luigi_command, luigi_env, read_output_rows, running_luigid, write_corpus
-from pipeline.shards import shard_stats
-from pipeline.status import run_status
-from pipeline.watchdog import SHARED_RUN_FLAGS
+from pipeline.core.shard_file import shard_stats
+from pipeline.output.status import run_status
+from pipeline.runpod.watchdog import SHARED_RUN_FLAGS
 
 pytestmark = pytest.mark.slow
 

@@ -14,17 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import ROOT, luigi_env, write_corpus
-from pipeline.corpus import write_manifest
-from pipeline.embedder import is_out_of_memory
-from pipeline.layout import OutputLayout
-from pipeline.shard_job import ShardJob, run_shard
+from pipeline.core.corpus import write_manifest
+from pipeline.core.embedder import is_out_of_memory
+from pipeline.output.layout import OutputLayout
+from pipeline.core.shard_job import ShardJob, run_shard
 
 CHILD = """
 import json, logging, resource, sys
 import torch
 torch.set_num_threads(1)  # no thread starts after the cap
-from pipeline.embedder import EmbedderSettings, load_embedder
-from pipeline.shard_job import ShardJob, run_shard
+from pipeline.core.embedder import EmbedderSettings, load_embedder
+from pipeline.core.shard_job import ShardJob, run_shard
 corpus, manifest, output = sys.argv[1:4]
 warnings = []
 logging.getLogger("luigi-interface").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())

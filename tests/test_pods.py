@@ -9,7 +9,7 @@ import pytest
 
 from fake_runpod import GPU_TYPES, FakeRunpod
 from pipeline.errors import PipelineError
-from pipeline.pods import NoCapacity, PodError, PodLedger, PodLimit, PodSettings, PodStuck, RunpodOrchestrator, decode_env
+from pipeline.runpod.orchestrator import NoCapacity, PodError, PodLedger, PodLimit, PodSettings, PodStuck, RunpodOrchestrator, decode_env
 
 FAST = dict(provisioning_timeout=5, capacity_timeout=3, capacity_retry_wait=0.05, poll_interval=0.05, api_attempts=5, api_max_wait=0.05)
 
@@ -196,7 +196,7 @@ def test_cost_report_adds_up_per_pod_per_run_and_in_total(tmp_path, fake):
     import sys
 
     from helpers import ROOT, luigi_env
-    from pipeline.pods import cost_report
+    from pipeline.output.ledger import cost_report
 
     first = orchestrator(tmp_path, fake)
     a, b = first.start_pod(), first.start_pod()

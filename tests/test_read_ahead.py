@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pipeline.read_ahead import read_ahead
+from pipeline.core.read_ahead import read_ahead
 
 
 def test_every_item_arrives_once_in_order_in_lists_no_longer_than_take():

@@ -9,7 +9,7 @@ import pytest
 
 import pipeline
 from helpers import finished_output
-from pipeline.reader import EmbeddingBatch, embedding_stats, list_embedding_files, read_shard, stream_embeddings
+from pipeline.output.read_back import EmbeddingBatch, embedding_stats, list_embedding_files, read_shard, stream_embeddings
 
 SHARDS = 3
 

@@ -18,8 +18,8 @@ import pytest
 
 from helpers import finished_output
 from pipeline.errors import PipelineError
-from pipeline.pods import PodLedger, ledger_record
-from pipeline.report import PodSpan, RunReport, ShardSpan, gather, render_html, render_png
+from pipeline.output.ledger import PodLedger, ledger_record
+from pipeline.output.report import PodSpan, RunReport, ShardSpan, gather, render_html, render_png
 
 NOW = time.time()  # gather() costs running pods up to this; the command, up to its own now
 HEADINGS = ["Run report", "Totals", "Throughput per shard", "Tokens over time", "Cost per pod", "Rejects by reason",

@@ -17,9 +17,10 @@ from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
 from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, wait_for, write_corpus
 from pipeline import RunpodEmbedAll
 from pipeline.errors import PipelineError
-from pipeline.pods import PodLedger, PodLimit, cost_report
-from pipeline.shards import shard_stats
-from pipeline.verify import verify_output
+from pipeline.output.ledger import PodLedger, cost_report
+from pipeline.runpod.orchestrator import PodLimit
+from pipeline.core.shard_file import shard_stats
+from pipeline.output.verify import verify_output
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     pod_env = luigi_env(HOME=str(tmp_path), PIPELINE_WATCHDOG_CHECK_SECONDS="0.2")
-    api = FakeRunpod(provisioning_seconds=0.1, pod_runtime=LocalProcesses([sys.executable, "-m", "pipeline.watchdog"], pod_env, str(ROOT)))
+    api = FakeRunpod(provisioning_seconds=0.1, pod_runtime=LocalProcesses([sys.executable, "-m", "pipeline.runpod.watchdog"], pod_env, str(ROOT)))
     for key, value in {"RUNPOD_API_BASE_URL": api.url, "RUNPOD_API_KEY": api.api_key, "HOME": str(tmp_path)}.items():
         monkeypatch.setenv(key, value)
     yield api
@@ -436,7 +437,7 @@ def test_server_errors_on_create_and_polls_do_not_end_the_run(fake, corpus, tmp_
 
 
 def test_cost_and_status_flag_a_pod_the_api_no_longer_knows_and_pods_sweep_ends_the_rest(fake, corpus, tmp_path):
-    from pipeline.pods import PodSettings, RunpodOrchestrator
+    from pipeline.runpod.orchestrator import PodSettings, RunpodOrchestrator
 
     output = tmp_path / "out"
     assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")

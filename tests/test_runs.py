@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import ROOT, api, kill_while_writing, luigi_command, luigi_env, read_output_rows, run_luigi, running_luigid, write_corpus
-from pipeline.shards import shard_stats
+from pipeline.core.shard_file import shard_stats
 
 pytestmark = pytest.mark.slow
 

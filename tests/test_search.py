@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import PROFILES
-from pipeline.corpus import write_manifest
-from pipeline.search import embed_query, format_results, query_embedder, search
-from pipeline.shard_job import ShardJob, run_shard
+from pipeline.core.profiles import PROFILES
+from pipeline.core.corpus import write_manifest
+from pipeline.output.search import embed_query, format_results, query_embedder, search
+from pipeline.core.shard_job import ShardJob, run_shard
 
 TOPICS = {
     "beekeeping": ("Keeping Honey Bees", [
@@ -99,7 +99,7 @@ def test_a_question_about_volcanoes_finds_the_volcano_document_first(topics_outp
 
 def test_the_scores_are_the_exact_cosines_whatever_the_batch_size(topics_output, embedder):
     """The running top-k over small batches is the top-k of every chunk's cosine."""
-    from pipeline.reader import stream_embeddings
+    from pipeline.output.read_back import stream_embeddings
 
     query = "stretch and fold the dough"
     vector = embed_query(embedder, query)

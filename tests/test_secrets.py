@@ -29,8 +29,8 @@ import pytest
 
 from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
 from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, write_corpus
-from pipeline.image import DOCKERFILE, build_context, copied_paths
-from pipeline.pods import decode_env
+from pipeline.runpod.image import DOCKERFILE, build_context, copied_paths
+from pipeline.runpod.orchestrator import decode_env
 from secret_canaries import (LAUNCHER_AWS, LAUNCHER_RUNPOD_KEY, MARKER, POD_AWS, POD_GOOGLE_KEY, POD_RUNPOD_KEY_PREFIX,
                              REGISTRY_LOGIN, write_project)
 
@@ -134,7 +134,7 @@ class Scenario:
         pod_env = luigi_env(HOME=str(self.home), TMPDIR=str(self.pod_tmp), PIPELINE_WATCHDOG_CHECK_SECONDS="0.2")
         pod_env.pop("RUNPOD_API_KEY", None)
         self.fake = FakeRunpod(api_key=LAUNCHER_RUNPOD_KEY, pod_key_prefix=POD_RUNPOD_KEY_PREFIX, provisioning_seconds=0.1,
-                               pod_runtime=LocalProcesses([sys.executable, "-m", "pipeline.watchdog"], pod_env, str(ROOT),
+                               pod_runtime=LocalProcesses([sys.executable, "-m", "pipeline.runpod.watchdog"], pod_env, str(ROOT),
                                                           str(self.pod_logs)))
         self.project = write_project(tmp_path / "project")
         self.status_messages: set[str] = set()
@@ -297,7 +297,7 @@ def test_the_pods_workers_get_the_bucket_credentials_but_not_its_runpod_key(tmp_
     dump = tmp_path / "worker-env.json"
     worker = tmp_path / "worker.py"
     worker.write_text(f"import json, os\njson.dump(dict(os.environ), open({str(dump)!r}, 'w'))\n")
-    run_one_worker = ("import sys; from pipeline import watchdog; "
+    run_one_worker = ("import sys; from pipeline.runpod import watchdog; "
                       f"watchdog.work_command = lambda url, extra: [sys.executable, {str(worker)!r}]; sys.exit(watchdog.main([]))")
     env = luigi_env(HOME=str(tmp_path), TMPDIR=str(tmp_path), RUNPOD_API_BASE_URL="http://127.0.0.1:9", RUNPOD_API_KEY=f"{POD_RUNPOD_KEY_PREFIX}1",
                     GOOGLE_CREDENTIALS_JSON_B64=base64.b64encode(POD_GOOGLE_KEY.encode()).decode(),
@@ -324,7 +324,7 @@ def test_the_build_context_holds_what_the_image_needs_and_no_secret(planted_chec
     files = context_files(planted_checkout)
     needed = {"containers/Dockerfile",
               *[p for p in copied_paths(planted_checkout / DOCKERFILE) if (planted_checkout / p).is_file()]}
-    assert needed <= set(files) and "pipeline/watchdog.py" in files
+    assert needed <= set(files) and "pipeline/runpod/watchdog.py" in files
     assert not [name for name in files if name.split("/")[0] in (".env", ".git", ".venv", "var", "output", "pod-key.json", "tests")]
     assert not [name for name in files if "__pycache__" in name]
     leaks = Leaks()

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from helpers import write_corpus
-from pipeline.corpus import write_manifest
-from pipeline.embedder import NullEmbedder
-from pipeline.layout import OutputLayout
-from pipeline.shard_job import ShardJob, run_shard
+from pipeline.core.corpus import write_manifest
+from pipeline.core.embedder import NullEmbedder
+from pipeline.output.layout import OutputLayout
+from pipeline.core.shard_job import ShardJob, run_shard
 
 
 def add_bad_documents(corpus):
@@ -134,8 +134,8 @@ def test_precision_recorded_is_the_precision_the_model_runs_in(tmp_path, embedde
     import torch
     from safetensors.torch import load_file, save_file
 
-    from pipeline.config import PROFILES
-    from pipeline.embedder import Embedder
+    from pipeline.core.profiles import PROFILES
+    from pipeline.core.embedder import Embedder
 
     source = embedder.model.tokenizer.name_or_path
     folder = tmp_path / "fp16-model"
@@ -151,14 +151,14 @@ def test_precision_recorded_is_the_precision_the_model_runs_in(tmp_path, embedde
 
 def overlapping(monkeypatch, overlap):
     """Run the CPU model as if it left the CPU free (a GPU): reading and writing overlap it."""
-    from pipeline.embedder import Embedder
+    from pipeline.core.embedder import Embedder
 
     monkeypatch.setattr(Embedder, "frees_cpu", property(lambda self: overlap))
 
 
 @pytest.fixture
 def reader_pool_ends():
-    from pipeline.readers import close_readers
+    from pipeline.core.reader_pool import close_readers
 
     yield
     close_readers()
@@ -171,7 +171,7 @@ def test_a_shard_read_in_many_pieces_gives_the_rows_of_one_read_whole(tmp_path, 
     """Reading runs ahead of the model in pieces merged into groups, in this process or
     in reader processes; rows, vectors, rejects and progress must not depend on how the
     pieces fell or who read them."""
-    from pipeline import readers as reader_module, shard_job
+    from pipeline.core import reader_pool as reader_module, shard_job
 
     monkeypatch.setattr(reader_module, "BATCH_DOCUMENTS", 2)  # many batches, joined into groups
 
@@ -205,7 +205,7 @@ def test_a_reader_process_that_dies_fails_its_shard_and_the_next_shard_gets_new_
     import signal
     from concurrent.futures.process import BrokenProcessPool
 
-    from pipeline import readers
+    from pipeline.core import reader_pool as readers
 
     run(tmp_path / "first", small_corpus, embedder, readers=1)
     [pool] = readers._pools.values()
@@ -220,7 +220,7 @@ def test_a_reader_process_that_dies_fails_its_shard_and_the_next_shard_gets_new_
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "in-turn"])
 def test_a_failing_group_write_fails_the_shard_and_publishes_nothing(tmp_path, small_corpus, embedder, monkeypatch, overlap):
-    from pipeline import shard_job
+    from pipeline.core import shard_job
 
     overlapping(monkeypatch, overlap)
 
@@ -246,8 +246,8 @@ def test_progress_counts_documents_as_their_chunks_are_embedded_not_only_when_wr
     see documents, a percentage and an ETA move while the model works through it."""
     import functools
 
-    from pipeline import shard_job
-    from pipeline.progress import Progress
+    from pipeline.core import shard_job
+    from pipeline.core.progress import Progress
 
     monkeypatch.setattr(shard_job, "Progress", functools.partial(Progress, interval=0))
     corpus = write_corpus(tmp_path / "corpus", documents=10, words=400)

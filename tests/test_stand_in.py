@@ -6,16 +6,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import write_corpus
-from pipeline.config import PROFILES
-from pipeline.corpus import write_manifest
-from pipeline.embedder import Embedder
+from pipeline.core.profiles import PROFILES
+from pipeline.core.corpus import write_manifest
+from pipeline.core.embedder import Embedder
 from pipeline.errors import PipelineError
-from pipeline.reader import read_shard, stream_embeddings
-from pipeline.search import query_embedder
-from pipeline.layout import OutputLayout
-from pipeline.shard_job import ShardJob, run_shard
-from pipeline.stand_in import SHAPES, save_stand_in
-from pipeline.verify import verify_output
+from pipeline.output.read_back import read_shard, stream_embeddings
+from pipeline.output.search import query_embedder
+from pipeline.output.layout import OutputLayout
+from pipeline.core.shard_job import ShardJob, run_shard
+from pipeline.core.stand_in import SHAPES, save_stand_in
+from pipeline.output.verify import verify_output
 
 
 @pytest.fixture(scope="module")

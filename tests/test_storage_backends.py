@@ -4,7 +4,7 @@ import pytest
 
 from conftest import Bucket
 from pipeline import storage
-from pipeline.corpus import list_documents, write_manifest
+from pipeline.core.corpus import list_documents, write_manifest
 from pipeline.errors import PipelineError
 from pipeline.storage import StorageError, atomic_output
 from storage_servers import FaultProxy
@@ -62,7 +62,7 @@ def test_manifest_in_a_bucket_from_a_corpus_in_a_bucket(bucket, small_corpus):
     bucket.upload_folder(small_corpus, "corpus")
     manifest = f"{bucket.url}/out/manifest.parquet"
     assert write_manifest(f"{bucket.url}/corpus", "*.md", 5, manifest) == 12
-    from pipeline.corpus import manifest_info, manifest_rows
+    from pipeline.core.corpus import manifest_info, manifest_rows
 
     info = manifest_info(manifest)
     assert (info["documents"], info["shards"], info["corpus"]) == ("12", "3", f"{bucket.url}/corpus")

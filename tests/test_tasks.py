@@ -7,7 +7,7 @@ import luigi
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.embedder
+import pipeline.core.embedder
 from helpers import ROOT, luigi_env, shard_failing
 from pipeline import CorpusManifest, EmbedAll
 from pipeline.errors import PipelineError
@@ -22,10 +22,10 @@ def embed_all(corpus, output, **overrides):
 
 
 def test_the_model_loads_once_per_worker_however_many_shards(tmp_path, small_corpus, monkeypatch):
-    pipeline.embedder.load_embedder.cache_clear()
+    pipeline.core.embedder.load_embedder.cache_clear()
     loads = []
-    real_init = pipeline.embedder.Embedder.__init__
-    monkeypatch.setattr(pipeline.embedder.Embedder, "__init__", lambda self, *a: loads.append(a) or real_init(self, *a))
+    real_init = pipeline.core.embedder.Embedder.__init__
+    monkeypatch.setattr(pipeline.core.embedder.Embedder, "__init__", lambda self, *a: loads.append(a) or real_init(self, *a))
     assert build(embed_all(small_corpus, tmp_path / "out"))
     assert len(list((tmp_path / "out" / "shards").glob("shard-*.parquet"))) == 3
     assert len(loads) == 1
@@ -77,7 +77,7 @@ def test_no_corpus_means_the_generated_sample(tmp_path, monkeypatch):
     assert len(rows) == 200 and rows[0]["path"].endswith(".md")
     assert (tmp_path / "cache" / "embedding-pipeline" / "sample-v1" / rows[0]["path"]).is_file()
     # The sample is byte-identical wherever it is generated.
-    from pipeline.sample import write_sample
+    from pipeline.core.sample import write_sample
 
     write_sample(tmp_path / "again")
     assert (tmp_path / "again" / rows[7]["path"]).read_bytes() == (

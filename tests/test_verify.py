@@ -11,8 +11,8 @@ import pytest
 
 from helpers import finished_output
 from pipeline.cli import main
-from pipeline.layout import OutputLayout
-from pipeline.verify import verify_output
+from pipeline.output.layout import OutputLayout
+from pipeline.output.verify import verify_output
 
 SHARDS = 3
 

@@ -12,9 +12,9 @@ import pytest
 
 from fake_runpod import FakeRunpod
 from helpers import ROOT, luigi_env, write_corpus
-from pipeline.pods import PodLedger, PodSettings, RunpodOrchestrator
-from pipeline.shards import shard_stats
-from pipeline.watchdog import worker_commands
+from pipeline.runpod.orchestrator import PodLedger, PodSettings, RunpodOrchestrator
+from pipeline.core.shard_file import shard_stats
+from pipeline.runpod.watchdog import worker_commands
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def pod(monkeypatch, tmp_path):
 
 
 def watchdog(env, **extra):
-    return subprocess.Popen([sys.executable, "-m", "pipeline.watchdog"], cwd=ROOT, env={**env, **extra},
+    return subprocess.Popen([sys.executable, "-m", "pipeline.runpod.watchdog"], cwd=ROOT, env={**env, **extra},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

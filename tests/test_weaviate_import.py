@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from helpers import finished_output
-from pipeline.reader import EmbeddingBatch, stream_embeddings
-from pipeline.weaviate_import import COLLECTION_PROPERTIES, object_uuid, weaviate_objects
+from pipeline.output.read_back import EmbeddingBatch, stream_embeddings
+from pipeline.output.weaviate_import import COLLECTION_PROPERTIES, object_uuid, weaviate_objects
 
 KINDS = {"TEXT": str, "INT": int}
 

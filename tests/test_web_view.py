@@ -27,7 +27,7 @@ DOCS_PER_SHARD = 50
 WORDS = 1200  # several seconds a shard on two CPU cores, so the browser finds one running (300 took 1-2 s: flaky)
 FAILING = 1  # this shard's rejects file cannot be written: a folder is in its place
 
-DURATION = r"\d+h\d\dm|\d+m\d\ds"  # pipeline.progress.format_duration
+DURATION = r"\d+h\d\dm|\d+m\d\ds"  # pipeline.core.progress.format_duration
 # Documents count as their chunks are embedded, so a running shard shows some done and an ETA.
 RUNNING_SHARD = re.compile(
     rf"shard \d+ of {SHARDS}: ([1-9]\d*)/({DOCS_PER_SHARD}) documents, ETA ({DURATION})\n"

@@ -26,7 +26,7 @@ from storage_servers import FakeGCS  # noqa: E402
 
 CHILD = """
 import json, resource, sys
-from pipeline.corpus import write_manifest
+from pipeline.core.corpus import write_manifest
 count = write_manifest(sys.argv[1], "*.md", 1000, sys.argv[2])
 print(json.dumps({"documents": count, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

@@ -24,10 +24,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.corpus import MANIFEST_SCHEMA, doc_id_for  # noqa: E402
-from pipeline.layout import OutputLayout  # noqa: E402
-from pipeline.shards import ShardWriter, shard_schema  # noqa: E402
-from pipeline.summary import run_summary  # noqa: E402
+from pipeline.core.corpus import MANIFEST_SCHEMA, doc_id_for  # noqa: E402
+from pipeline.output.layout import OutputLayout  # noqa: E402
+from pipeline.core.shard_file import ShardWriter, shard_schema  # noqa: E402
+from pipeline.output.summary import run_summary  # noqa: E402
 
 DOCS_PER_SHARD, CHUNKS_PER_DOC, DIMENSION = 4, 3, 384
 SETTINGS = {"model_profile": "minilm", "model_id": "sentence-transformers/all-MiniLM-L6-v2", "dimension": str(DIMENSION),
@@ -35,7 +35,7 @@ SETTINGS = {"model_profile": "minilm", "model_id": "sentence-transformers/all-Mi
             "chunk_max_tokens": "254", "chunk_overlap_tokens": "32"}
 CHILD = """
 import json, resource, sys, time
-from pipeline.verify import verify_output
+from pipeline.output.verify import verify_output
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 done, at_tenth = [0], [0]
 def tick(total):

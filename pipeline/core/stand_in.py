@@ -16,8 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .config import _offline_minilm_path, profile
-from .errors import PipelineError
+from pipeline.core.profiles import offline_minilm_path, profile
+from pipeline.errors import PipelineError
 
 MARKER = "pipeline_stand_in.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -41,7 +41,7 @@ def save_stand_in(folder: str, profile_name: str = "nomic", layers: int | None =
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, max_position_embeddings=model_profile.max_tokens or 512, **shape)
     BertModel(config).half().save_pretrained(target)
-    minilm = Path(_offline_minilm_path())
+    minilm = Path(offline_minilm_path())
     for name in TOKENIZER_FILES:
         shutil.copyfile(minilm / name, target / name)
     (target / "1_Pooling").mkdir(exist_ok=True)

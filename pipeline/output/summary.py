@@ -11,9 +11,9 @@ import json
 from collections import Counter
 from typing import Any
 
-from . import storage
-from .layout import OutputLayout
-from .shards import shard_metadata
+from pipeline import storage
+from pipeline.output.layout import OutputLayout
+from pipeline.core.shard_file import shard_metadata
 
 COUNTED = ("documents", "embedded_documents", "rejected_documents", "chunks", "tokens", "seconds")
 
@@ -80,7 +80,7 @@ def run_summary(output: str, total_shards: int, parameters: dict[str, Any]) -> d
 
 def _cost(output: str) -> dict[str, Any]:
     """Dollars spent on Runpod pods for this output (zero for a local run)."""
-    from .pods import cost_report
+    from pipeline.output.ledger import cost_report
 
     report = cost_report(output)
     return {"dollars": report["dollars"], "pods": len(report["pods"]), "runs": len(report["runs"])}

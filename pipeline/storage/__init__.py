@@ -28,10 +28,8 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, TypeVar
 
-import luigi
 
-from . import config
-from .errors import PipelineError, backoff
+from pipeline.errors import PipelineError, backoff
 
 log = logging.getLogger("luigi-interface")
 T = TypeVar("T")
@@ -138,10 +136,29 @@ def describe(exc: BaseException) -> str:
     return f"HTTP {status}: {message}" if status else f"{exc.__class__.__name__}: {message}"
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard a storage call tries: ``attempts``, the first included, and at most
+    ``max_wait`` seconds between two (docs/storage.md)."""
+
+    attempts: int = 8
+    max_wait: float = 30.0
+
+
+_retry_policy = RetryPolicy()
+
+
+def use_retry_policy(policy: RetryPolicy) -> RetryPolicy:
+    """Set how this process's storage calls retry (a run sets it from its settings:
+    ``config.prepare_run``); returns the policy it replaces."""
+    global _retry_policy
+    previous, _retry_policy = _retry_policy, policy
+    return previous
+
+
 def retrying(action: str, path: str, call: Callable[[], T]) -> T:
     """Run ``call``, retrying transient errors with jittered exponential backoff."""
-    attempts = int(config.setting("storage_retries"))
-    max_wait = float(config.setting("storage_retry_max_wait"))
+    attempts, max_wait = _retry_policy.attempts, _retry_policy.max_wait
 
     def on_retry(exc: BaseException, attempt: int, wait: float) -> None:
         log.warning("%s %s: %s; retry %d of %d in %.1fs", action, path, describe(exc), attempt, attempts - 1, wait)
@@ -588,20 +605,6 @@ def backend_for(path: str):
 
 # ---------------------------------------------------------------------------------------
 # The operations the pipeline uses
-
-
-class StoredTarget(luigi.Target):
-    """A Luigi target in any backend: ``exists()`` is one cheap call (a stat or a HEAD)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def exists(self) -> bool:
-        return backend_for(self.path).exists(self.path)
-
-
-def target(path: str) -> StoredTarget:
-    return StoredTarget(path)
 
 
 def exists(path: str) -> bool:

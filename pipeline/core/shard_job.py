@@ -18,16 +18,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .chunk_columns import ChunkColumns, read_columns
-from .corpus import duplicates_in_shard, manifest_rows
-from .embedder import Embedder
-from .errors import PipelineError
-from .layout import OutputLayout
-from .progress import Progress, Reporter
-from .read_ahead import read_ahead
-from .readers import read_in_processes
-from .shards import ShardWriter, shard_schema
-from . import storage
+from pipeline.core.chunk_columns import ChunkColumns, read_columns
+from pipeline.core.corpus import duplicates_in_shard, manifest_rows
+from pipeline.core.embedder import Embedder
+from pipeline.errors import PipelineError
+from pipeline.output.layout import OutputLayout
+from pipeline.core.progress import Progress, Reporter
+from pipeline.core.read_ahead import read_ahead
+from pipeline.core.reader_pool import read_in_processes
+from pipeline.core.shard_file import ShardWriter, shard_schema
+from pipeline import storage
 
 log = logging.getLogger("luigi-interface")
 

@@ -18,10 +18,10 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from . import storage
-from .chunking import chunk_budget, chunk_document, plain_tokenizer
-from .corpus import Rejected, decode, list_documents, split_front_matter
-from .throughput import EXPECTED_UTILISATION, FP16_PEAK_FLOPS, derived_tokens_per_second, model_flops_per_token
+from pipeline import storage
+from pipeline.core.chunking import chunk_budget, chunk_document, plain_tokenizer
+from pipeline.core.corpus import Rejected, decode, list_documents, split_front_matter
+from pipeline.runpod.throughput import EXPECTED_UTILISATION, FP16_PEAK_FLOPS, derived_tokens_per_second, model_flops_per_token
 
 # Community-cloud prices seen in 2026, used only when the API cannot be asked.
 FALLBACK_PRICE_PER_HOUR = {
@@ -51,7 +51,7 @@ class CorpusSample:
 def _tokenizer(model: str):
     """The production model's tokenizer when it is on this machine; else the offline
     model's, which has the same BERT uncased WordPiece vocabulary as nomic-embed."""
-    from .config import profile
+    from pipeline.core.profiles import profile
 
     chosen = profile(model)
     try:
@@ -97,7 +97,7 @@ def sample_corpus(corpus: str, pattern: str, model: str, sample_size: int = 200,
 def hourly_price(gpu_type: str, cloud_type: str = "COMMUNITY") -> tuple[float, str]:
     if os.environ.get("RUNPOD_API_KEY"):
         try:
-            from .pods import import_runpod
+            from pipeline.runpod.orchestrator import import_runpod
 
             runpod = import_runpod()
             runpod.api_key = os.environ["RUNPOD_API_KEY"]

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from . import storage
+from pipeline import storage
 
 MANIFEST = "manifest.parquet"
 SUMMARY = "_SUCCESS.json"
@@ -42,7 +42,7 @@ def shard_number(name: str, suffix: str) -> int | None:
 
 def require_manifest(output: "OutputLayout") -> str:
     """The output's manifest path; a clear error when no run has started there."""
-    from .errors import PipelineError
+    from pipeline.errors import PipelineError
 
     if not storage.exists(output.manifest):
         raise PipelineError(f"{output.root} has no {MANIFEST}: no run has started there")

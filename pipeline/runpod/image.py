@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from .errors import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.image")
 ROOT = Path(__file__).resolve().parent.parent

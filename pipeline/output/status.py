@@ -14,17 +14,16 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from . import storage
-from . import layout
-from .layout import OutputLayout, require_manifest
-from .corpus import manifest_info
-from .orphans import gone_pods
-from .pods import cost_report
-from .progress import format_duration
-from .shards import shard_stats
-from .summary import active_seconds
+from pipeline import storage
+from pipeline.output import layout
+from pipeline.output.layout import OutputLayout, require_manifest
+from pipeline.core.corpus import manifest_info
+from pipeline.output.ledger import cost_report
+from pipeline.core.progress import format_duration
+from pipeline.core.shard_file import shard_stats
+from pipeline.output.summary import active_seconds
 
 
 def count_shards(output: str) -> int:
@@ -94,12 +93,6 @@ def history_file(db_connection: str) -> Optional[Path]:
     return Path(db_connection[len(prefix):]) if db_connection.startswith(prefix) else None
 
 
-def configured_history() -> Optional[Path]:
-    import luigi.configuration
-
-    return history_file(luigi.configuration.get_config().get("task_history", "db_connection", ""))
-
-
 def _same_output(recorded: str, output: str) -> bool:
     if recorded.rstrip("/") == output.rstrip("/"):
         return True
@@ -128,8 +121,11 @@ def shard_events(history: Path, output: str) -> dict[int, tuple[str, str]]:
     return latest
 
 
-def run_status(output: str, history: Optional[Path] = None) -> dict[str, Any]:
-    """Shards done, failed and running, documents, throughput, ETA and dollars for an output."""
+def run_status(output: str, history: Optional[Path] = None,
+               gone_pods: Optional[Callable[[str], list[str]]] = None) -> dict[str, Any]:
+    """Shards done, failed and running, documents, throughput, ETA and dollars for an output.
+    ``gone_pods(output)``: the ledger's running pods that Runpod no longer has (the
+    command line asks Runpod; without it, ``pods_gone`` is None)."""
     where = OutputLayout.of(output)
     info = manifest_info(require_manifest(where))
     total = int(info["shards"])
@@ -160,7 +156,7 @@ def run_status(output: str, history: Optional[Path] = None) -> dict[str, Any]:
         "finished": storage.exists(where.summary),
         "dollars": cost["dollars"],
         "pods_running": cost["running"],
-        "pods_gone": gone_pods(output) if cost["running"] else None,
+        "pods_gone": gone_pods(output) if cost["running"] and gone_pods else None,
     }
 
 

@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from . import storage
-from .errors import PipelineError
+from pipeline import storage
+from pipeline.errors import PipelineError
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -50,7 +50,7 @@ class Rejected(Exception):
         self.reason = reason
         self.detail = detail
 
-    def __reduce__(self):  # reader processes send rejections back (pipeline.readers)
+    def __reduce__(self):  # reader processes send rejections back (pipeline.core.reader_pool)
         return Rejected, (self.reason, self.detail)
 
 

@@ -15,9 +15,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .chunking import Chunk, chunk_document
-from .corpus import Document, Rejected, front_matter_json, iter_documents
-from .shards import CHUNK_SCHEMA, PROMOTED_FIELDS
+from pipeline.core.chunking import Chunk, chunk_document
+from pipeline.core.corpus import Document, Rejected, front_matter_json, iter_documents
+from pipeline.core.shard_file import CHUNK_SCHEMA, PROMOTED_FIELDS
 
 
 def _text_or_none(value: Any) -> Any:

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
-from .layout import OutputLayout
-from .corpus import _ROWS_PER_WRITE, doc_id_for, list_documents, manifest_file, manifest_info
+from pipeline import storage
+from pipeline.output.layout import OutputLayout
+from pipeline.core.corpus import _ROWS_PER_WRITE, doc_id_for, list_documents, manifest_file, manifest_info
 
 
 def documents_not_in_manifest(corpus: str, pattern: str, manifest: str) -> Iterator[storage.Listed]:

@@ -7,7 +7,7 @@ shard has appeared for ``PIPELINE_WATCHDOG_IDLE_SECONDS``, past
 spend, and on SIGTERM/SIGINT. Inside a pod Runpod sets ``RUNPOD_POD_ID`` and a
 pod-scoped ``RUNPOD_API_KEY``.
 
-    python -m pipeline.watchdog [extra luigi arguments]
+    python -m pipeline.runpod.watchdog [extra luigi arguments]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .pods import decode_env
+from pipeline.runpod.orchestrator import decode_env
 
 log = logging.getLogger("pipeline.watchdog")
 
@@ -132,7 +132,7 @@ def supervise(
                 continue
             else:
                 try:
-                    from .status import count_shards
+                    from pipeline.output.status import count_shards
 
                     current = count_shards(output)
                 except Exception as exc:  # a storage hiccup is not idleness
@@ -235,6 +235,9 @@ def start_pod_scheduler(folder: str) -> tuple[subprocess.Popen, str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from pipeline.config import prepare_run
+
+    prepare_run(exit_codes=False)  # storage retries from the launcher's settings, as the workers have them
     env = dict(os.environ)
     output = env.get("PIPELINE_OUTPUT", "")
     code, reason = 1, "the watchdog itself failed"
@@ -284,7 +287,7 @@ def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, s
     """Mark the pod ended now in the ledger (``reason`` None: running again; ``again``:
     move an end this watchdog wrote to now, before another try). Writes the whole record
     from the pod's env if the launcher died before writing it."""
-    from .pods import PodLedger, identity_record
+    from pipeline.runpod.orchestrator import PodLedger, identity_record
 
     try:
         ledger = PodLedger(output)

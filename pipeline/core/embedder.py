@@ -2,7 +2,7 @@
 
 The model is loaded once per worker process (``load_embedder`` is cached) and
 nothing is ever downloaded: hub access is switched off before the libraries load
-(``config.offline_model_hub``, when the first model loads, not on import).
+(``profiles.offline_model_hub``, when the first model loads, not on import).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .batching import Batch, ShapePolicy, plan_batches
-from .chunking import chunk_budget, plain_tokenizer
-from .config import ModelProfile, offline_model_hub, profile
-from .errors import PipelineError
-from .stand_in import stand_in_for
+from pipeline.core.batching import Batch, ShapePolicy, plan_batches
+from pipeline.core.chunking import chunk_budget, plain_tokenizer
+from pipeline.core.profiles import ModelProfile, offline_model_hub, profile
+from pipeline.errors import PipelineError
+from pipeline.core.stand_in import stand_in_for
 
 log = logging.getLogger("luigi-interface")
 

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from . import storage
-from .layout import OutputLayout
-from .errors import PipelineError
-from .pods import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, decode_env, identity_record
+from pipeline import storage
+from pipeline.output.layout import OutputLayout
+from pipeline.errors import PipelineError
+from pipeline.runpod.orchestrator import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, decode_env, identity_record
 
 log = logging.getLogger("luigi-interface")
 
@@ -197,7 +197,7 @@ def sweep_output(orchestrator: RunpodOrchestrator, output: str) -> tuple[list[st
 def gone_pods(output: str, api_key: Optional[str] = None) -> Optional[list[str]]:
     """Pods the ledger calls running that the API no longer shows; None when the API
     cannot be asked (no key) or nothing in the ledger is running."""
-    from .pods import PodSettings
+    from pipeline.runpod.orchestrator import PodSettings
 
     running = [r for r in PodLedger(output).records() if r["stopped_at_epoch"] is None]
     if not running or not (api_key or os.environ.get("RUNPOD_API_KEY")):

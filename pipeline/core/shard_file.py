@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from pipeline import storage
 
 PIPELINE_VERSION = "0.1.0"
 META_PREFIX = "pipeline."
@@ -39,7 +39,7 @@ METADATA_TYPE = pa.struct(
 PROMOTED_FIELDS = ("title", "author", "date", "source_url", "language")
 
 
-# A shard's columns but the vectors: what readers hand back (pipeline.chunk_columns).
+# A shard's columns but the vectors: what readers hand back (pipeline.core.chunk_columns).
 CHUNK_SCHEMA = pa.schema(
     [
         pa.field("doc_id", pa.string(), nullable=False),
@@ -118,10 +118,10 @@ def settings_mismatch(existing: dict[str, str], wanted: dict[str, str], keys: It
 
 
 def refuse_stand_in(settings: dict[str, str], where: str) -> None:
-    """Vectors from a stand-in model (random weights, pipeline.stand_in) mean nothing:
+    """Vectors from a stand-in model (random weights, pipeline.core.stand_in) mean nothing:
     nothing that uses vectors may take them."""
     if settings.get("stand_in_for"):
-        from .errors import PipelineError
+        from pipeline.errors import PipelineError
 
         raise PipelineError(f"{where} was made by a stand-in for {settings['stand_in_for']} (random weights, for "
                             f"measuring throughput only): its vectors mean nothing; embed again with the real model")

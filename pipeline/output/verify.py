@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
-from .corpus import manifest_file, manifest_info
-from . import layout
-from .layout import OutputLayout, numbered_name
-from .shards import footer_settings, setting_differs, shard_schema
+from pipeline import storage
+from pipeline.core.corpus import manifest_file, manifest_info
+from pipeline.output import layout
+from pipeline.output.layout import OutputLayout, numbered_name
+from pipeline.core.shard_file import footer_settings, setting_differs, shard_schema
 
 # Settings every shard of one output must share (tasks.SHARED_SETTINGS and what
 # else tells two models or chunkers apart).

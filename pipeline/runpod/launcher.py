@@ -2,7 +2,7 @@
 
 The launcher builds the manifest itself (a listing: cheap), ends this output's pods
 that no live launcher follows, starts a pod whose container runs
-``python -m pipeline.watchdog`` (EmbedAll, then the pod ends itself), follows progress
+``python -m pipeline.runpod.watchdog`` (EmbedAll, then the pod ends itself), follows progress
 by the shard targets appearing, and terminates the pod when the work is done, when it
 fails, at a limit of its own (spend, the first shard's and the next shard's
 deadlines, runtime: the watchdog's, for a pod whose watchdog never started), and on
@@ -24,15 +24,18 @@ from urllib.parse import urlparse
 
 import luigi
 
-from . import config, storage
-from .errors import PipelineError
-from .launcher_limits import RunGuard, RunLimits
-from .orphans import LauncherLease, clear_the_way
-from .pods import PodLedger, PodLimit, PodSettings, RunpodOrchestrator, cost_report
-from .progress import LiveLine, format_duration
-from .status import RunWatch, count_shards
-from .tasks import CorpusManifest, EmbedAll, RunParameters
-from .watchdog import Limits
+from pipeline import config
+
+from pipeline import storage
+from pipeline.errors import PipelineError
+from pipeline.runpod.launcher_limits import RunGuard, RunLimits
+from pipeline.runpod.orphans import LauncherLease, clear_the_way
+from pipeline.output.ledger import PodLedger, cost_report
+from pipeline.runpod.orchestrator import PodLimit, PodSettings, RunpodOrchestrator
+from pipeline.core.progress import LiveLine, format_duration
+from pipeline.output.status import RunWatch, count_shards
+from pipeline.tasks import CorpusManifest, EmbedAll, RunParameters
+from pipeline.runpod.watchdog import Limits
 
 log = logging.getLogger("luigi-interface")
 
@@ -190,7 +193,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         image = self.image
         if not image:
             # Build and ship this revision's container first (what `make image` does).
-            from .image import build_and_push
+            from pipeline.runpod.image import build_and_push
 
             image = build_and_push(os.environ.get("PIPELINE_REGISTRY", ""))
         self._stopping = threading.Event()  # set by SIGINT/SIGTERM: every wait ends at once

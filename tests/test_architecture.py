@@ -1,0 +1,81 @@
+"""The package's folders are its architecture: which folder may import which, a module
+map in docs/architecture.md that matches the tree, and modules short enough to read."""
+
+import ast
+import re
+from pathlib import Path
+
+from helpers import ROOT
+
+PACKAGE = ROOT / "pipeline"
+
+# What each folder may import from the pipeline itself; None: anything. Third-party
+# imports are free, except Luigi and the Runpod SDK where NO_LUIGI_OR_RUNPOD says.
+MAY_IMPORT = {
+    "core": ("pipeline.core", "pipeline.storage", "pipeline.errors", "pipeline.output.layout"),  # a shard is published into the layout
+    "storage": ("pipeline.storage", "pipeline.errors"),
+    "output": ("pipeline.output", "pipeline.core", "pipeline.storage", "pipeline.errors"),
+    "runpod": None,
+    "": None,
+}
+NO_LUIGI_OR_RUNPOD = ("core", "storage", "output")
+# Modules over the length a reader takes in at once; each is a known debt, not a licence.
+LONGEST = 450
+TOO_LONG_FOR_NOW = {"storage/__init__.py", "runpod/orchestrator.py", "core/embedder.py"}
+
+
+def modules() -> list[Path]:
+    return sorted(path for path in PACKAGE.rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def folder_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else ""
+
+
+def imported(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, f"{path}: relative import of {node.module}; the package uses absolute ones"
+            names.add(node.module)
+            if node.module == "pipeline" or node.module.startswith("pipeline."):
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_each_folder_imports_only_what_it_may():
+    wrong = []
+    for path in modules():
+        folder = folder_of(path)
+        for name in sorted(imported(path)):
+            top = name.split(".")[0]
+            if folder in NO_LUIGI_OR_RUNPOD and top in ("luigi", "runpod"):
+                wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+            allowed = MAY_IMPORT[folder]
+            if top == "pipeline" and allowed is not None and name != "pipeline":
+                # "from pipeline.x import y": the module x (y may be a name in it, or a module under it)
+                if not any(name == prefix or name.startswith(prefix + ".") for prefix in allowed):
+                    parent = name.rsplit(".", 1)[0]
+                    if not any(parent == prefix or parent.startswith(prefix + ".") for prefix in allowed):
+                        wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert wrong == []
+
+
+def module_map() -> str:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    return text[text.index("## Modules\n"):text.index("\n## ", text.index("## Modules\n") + 1)]
+
+
+def test_the_module_map_names_every_module_and_only_those():
+    named = set(re.findall(r"\*\*`([a-z_/]+\.py)`\*\*", module_map()))
+    tree = {str(path.relative_to(PACKAGE)) for path in modules()}
+    assert tree - named == set(), "modules the map in docs/architecture.md does not describe"
+    assert named - tree == set(), "modules the map describes that are not in the tree"
+
+
+def test_modules_stay_short_enough_to_read():
+    lengths = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in modules()}
+    assert {name for name, lines in lengths.items() if lines > LONGEST} <= TOO_LONG_FOR_NOW, lengths
