@@ -119,7 +119,7 @@ class Bucket:
         self.server = server
         for key, value in self.env.items():
             monkeypatch.setenv(key, value)
-        pipeline.storage._backend.cache_clear()  # clients read their endpoint when made
+        pipeline.storage.forget_clients()  # clients read their endpoint when made
         self.scheme = "gs" if kind == "gcs" else "s3"
         self.url = f"{self.scheme}://{self.name}"
         if kind == "gcs":
@@ -165,7 +165,7 @@ def _bucket(kind, request, monkeypatch):
     yield Bucket(kind, server, monkeypatch)
     import pipeline.storage
 
-    pipeline.storage._backend.cache_clear()
+    pipeline.storage.forget_clients()
 
 
 @pytest.fixture(params=["gcs", "s3"])

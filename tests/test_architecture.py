@@ -21,7 +21,7 @@ MAY_IMPORT = {
 NO_LUIGI_OR_RUNPOD = ("core", "storage", "output")
 # Modules over the length a reader takes in at once; each is a known debt, not a licence.
 LONGEST = 450
-TOO_LONG_FOR_NOW = {"storage/__init__.py", "runpod/orchestrator.py", "core/embedder.py"}
+TOO_LONG_FOR_NOW = {"runpod/orchestrator.py", "core/embedder.py"}
 
 
 def modules() -> list[Path]:
@@ -70,7 +70,7 @@ def module_map() -> str:
 
 
 def test_the_module_map_names_every_module_and_only_those():
-    named = set(re.findall(r"\*\*`([a-z_/]+\.py)`\*\*", module_map()))
+    named = set(re.findall(r"\*\*`([a-z0-9_/]+\.py)`\*\*", module_map()))
     tree = {str(path.relative_to(PACKAGE)) for path in modules()}
     assert tree - named == set(), "modules the map in docs/architecture.md does not describe"
     assert named - tree == set(), "modules the map describes that are not in the tree"

@@ -19,7 +19,7 @@ def keys(tmp_path, monkeypatch, gcs_server, s3_server):
 
     for key, value in {**gcs_server.env(), **s3_server.env()}.items():
         monkeypatch.setenv(key, value)
-    pipeline.storage._backend.cache_clear()
+    pipeline.storage.forget_clients()
     for name in ("GOOGLE_APPLICATION_CREDENTIALS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(f"PIPELINE_POD_{name}", raising=False)
@@ -29,7 +29,7 @@ def keys(tmp_path, monkeypatch, gcs_server, s3_server):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "LAUNCHERKEYID")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "launcher-secret")
     yield tmp_path
-    pipeline.storage._backend.cache_clear()
+    pipeline.storage.forget_clients()
 
 
 def pod_env(corpus, output):

@@ -76,7 +76,7 @@ def proxied_bucket(request, monkeypatch, fast_retries):
     proxy = FaultProxy(server.port)
     yield Bucket(request.param, server, monkeypatch, url=proxy.url), proxy
     proxy.stop()
-    storage._backend.cache_clear()
+    storage.forget_clients()
 
 
 def test_transient_errors_are_retried_until_the_call_succeeds(proxied_bucket):
@@ -141,7 +141,7 @@ def test_a_manifest_of_twenty_thousand_objects_pages_through_the_bucket(tmp_path
     try:
         for key, value in server.env().items():
             monkeypatch.setenv(key, value)
-        storage._backend.cache_clear()
+        storage.forget_clients()
         manifest = tmp_path / "manifest.parquet"
         assert write_manifest("gs://big/corpus", "*.md", 1000, str(manifest)) == 20_000
         table = pq.read_table(manifest)
@@ -150,7 +150,7 @@ def test_a_manifest_of_twenty_thousand_objects_pages_through_the_bucket(tmp_path
         assert table.column("shard").to_pylist() == [i // 1000 for i in range(20_000)]
     finally:
         server.stop()
-        storage._backend.cache_clear()
+        storage.forget_clients()
 
 
 def test_s3_without_conditional_writes_falls_back_to_check_then_put(s3_server, monkeypatch, fast_retries):
@@ -165,7 +165,7 @@ def test_s3_without_conditional_writes_falls_back_to_check_then_put(s3_server, m
         assert [fault for _, _, fault in proxy.faults()] == ["501"]
     finally:
         proxy.stop()
-        storage._backend.cache_clear()
+        storage.forget_clients()
 
 
 def test_a_large_shard_is_published_whole_and_exactly_once(bucket):

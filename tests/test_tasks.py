@@ -106,13 +106,13 @@ def test_a_trailing_slash_names_the_same_output(tmp_path, monkeypatch):
 
     assert EmbedAll(output=str(tmp_path) + "/").output_location == str(tmp_path)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # anonymous client, no call made
-    pipeline.storage._backend.cache_clear()
+    pipeline.storage.forget_clients()
     try:
         task = EmbedAll(output="gs://bucket/out/", corpus="gs://bucket/corpus/")
         assert (task.output_location, task.corpus) == ("gs://bucket/out", "gs://bucket/corpus")
         assert task.output().path == "gs://bucket/out/_SUCCESS.json"
     finally:
-        pipeline.storage._backend.cache_clear()
+        pipeline.storage.forget_clients()
 
 
 def test_settings_come_from_luigi_cfg_then_env_then_command_line(tmp_path):
