@@ -31,7 +31,8 @@ import numpy as np
 from pipeline.core.batching import ShapePolicy
 from pipeline.core.corpus import manifest_rows, write_manifest
 from pipeline.core.profiles import PROFILES, profile as profile_of
-from pipeline.core.embedder import Embedder, NullEmbedder, default_batch_tokens
+from pipeline.core.embedder import Embedder, default_batch_tokens
+from pipeline.core.null_embedder import NullEmbedder
 from pipeline.output.layout import OutputLayout
 from pipeline.errors import PipelineError
 from pipeline.core.stand_in import SHAPES, save_stand_in

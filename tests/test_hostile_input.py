@@ -16,7 +16,7 @@ import pytest
 from helpers import ROOT, write_corpus
 from pipeline.core.chunking import MAX_TITLE_CHARS
 from pipeline.core.corpus import manifest_rows, write_manifest
-from pipeline.core.embedder import NullEmbedder
+from pipeline.core.null_embedder import NullEmbedder
 from pipeline.errors import PipelineError
 from pipeline.output.layout import OutputLayout
 from pipeline.core.shard_job import ShardJob, run_shard

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from helpers import write_corpus
 from pipeline.core.corpus import write_manifest
-from pipeline.core.embedder import NullEmbedder
+from pipeline.core.null_embedder import NullEmbedder
 from pipeline.output.layout import OutputLayout
 from pipeline.core.shard_job import ShardJob, run_shard
 

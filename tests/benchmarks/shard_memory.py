@@ -25,7 +25,8 @@ from helpers import ROOT, write_corpus  # noqa: E402
 CHILD = """
 import json, resource, sys
 from pipeline.core.corpus import write_manifest
-from pipeline.core.embedder import EmbedderSettings, NullEmbedder, load_embedder
+from pipeline.core.embedder import EmbedderSettings, load_embedder
+from pipeline.core.null_embedder import NullEmbedder
 from pipeline.core.shard_job import ShardJob, run_shard
 corpus, work = sys.argv[1], sys.argv[2]
 embedder = load_embedder(EmbedderSettings(device="cpu", batch_tokens=16384))
