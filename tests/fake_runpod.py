@@ -230,7 +230,7 @@ class FakeRunpod:
             )
             self.pods[pod.id] = pod
         if self.pod_runtime and (self.start_containers(pod) if callable(self.start_containers) else self.start_containers):
-            from pipeline.runpod.orchestrator import decode_env
+            from pipeline.runpod.pod_env import decode_env
 
             pod.container_env = {**pod.env, **decode_env(pod.env), "RUNPOD_POD_ID": pod.id,
                                  "RUNPOD_GPU_COUNT": str(pod.gpu_count), "RUNPOD_API_KEY": self.pod_key(pod.id), "RUNPOD_API_BASE_URL": self.url}

@@ -9,7 +9,9 @@ import pytest
 
 from fake_runpod import GPU_TYPES, FakeRunpod
 from pipeline.errors import PipelineError
-from pipeline.runpod.orchestrator import NoCapacity, PodError, PodLedger, PodLimit, PodSettings, PodStuck, RunpodOrchestrator, decode_env
+from pipeline.output.ledger import PodLedger
+from pipeline.runpod.orchestrator import NoCapacity, PodError, PodLimit, PodSettings, PodStuck, RunpodOrchestrator
+from pipeline.runpod.pod_env import decode_env
 
 FAST = dict(provisioning_timeout=5, capacity_timeout=3, capacity_retry_wait=0.05, poll_interval=0.05, api_attempts=5, api_max_wait=0.05)
 

@@ -30,7 +30,7 @@ import pytest
 from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
 from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, write_corpus
 from pipeline.runpod.image import DOCKERFILE, build_context, copied_paths
-from pipeline.runpod.orchestrator import decode_env
+from pipeline.runpod.pod_env import decode_env
 from secret_canaries import (LAUNCHER_AWS, LAUNCHER_RUNPOD_KEY, MARKER, POD_AWS, POD_GOOGLE_KEY, POD_RUNPOD_KEY_PREFIX,
                              REGISTRY_LOGIN, write_project)
 

@@ -35,6 +35,7 @@ from pipeline.runpod.orchestrator import PodLimit, PodSettings, RunpodOrchestrat
 from pipeline.core.progress import LiveLine, format_duration
 from pipeline.output.status import RunWatch, count_shards
 from pipeline.tasks import CorpusManifest, EmbedAll, RunParameters
+from pipeline.runpod.pod_env import PodWorkers, settings_env
 from pipeline.runpod.watchdog import Limits
 
 log = logging.getLogger("luigi-interface")
@@ -134,32 +135,23 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         return self.clone(EmbedAll, add_new_documents=False).complete()
 
     def pod_env(self) -> dict[str, str]:
-        env = {
-            "PIPELINE_CORPUS": self.corpus_location(),
-            "PIPELINE_OUTPUT": self.output_location,
-            "PIPELINE_PATTERN": self.pattern,
-            "PIPELINE_DOCS_PER_SHARD": str(self.docs_per_shard),
-            "PIPELINE_MODEL": self.model,
-            "PIPELINE_MAX_TOKENS": str(self.max_tokens),
-            "PIPELINE_BATCH_TOKENS": str(self.batch_tokens),
-            "PIPELINE_DEVICE": self.device,
-            "PIPELINE_PRECISION": self.precision,
-            "PIPELINE_READERS": str(self.readers),
-            "PIPELINE_SKIP_DUPLICATES": str(self.skip_duplicates).lower(),
-            "PIPELINE_WATCHDOG_MAX_DOLLARS": str(self.max_dollars),
-            # The watchdog's idle clock starts with the pod, model load and first shard included.
-            "PIPELINE_WATCHDOG_IDLE_SECONDS": f"{max(self.idle_seconds, self.first_shard_seconds):g}",
-            "PIPELINE_GPUS": str(self.gpus_per_pod),
-        }
-        if self.model_path:
-            env["PIPELINE_MODEL_PATH"] = self.model_path
-        if self.pods_scheduler_url:
-            env["PIPELINE_SCHEDULER_URL"] = self.pods_scheduler_url
+        """The pod's environment (``pod_env.py``): the run's settings as its workers read
+        them, its watchdog's limits, how it runs its workers, bucket endpoints and the
+        pod's own credentials."""
+        corpus = self.corpus_location()
+        env = settings_env({
+            "corpus": corpus, "output": self.output_location, "pattern": self.pattern,
+            "docs_per_shard": self.docs_per_shard, "model": self.model, "model_path": self.model_path or None,
+            "max_tokens": self.max_tokens, "batch_tokens": self.batch_tokens, "device": self.device,
+            "precision": self.precision, "readers": self.readers, "skip_duplicates": self.skip_duplicates,
+        })
+        own = Limits.from_env(dict(os.environ))  # a run time or check interval set on the launcher goes to its pods
+        # The watchdog's idle clock starts with the pod, model load and first shard included.
+        env.update(Limits(idle_seconds=max(self.idle_seconds, self.first_shard_seconds), max_seconds=own.max_seconds,
+                          max_dollars=self.max_dollars, check_every=own.check_every).to_env())
+        env.update(PodWorkers(gpus=self.gpus_per_pod, scheduler_url=self.pods_scheduler_url).to_env())
         env.update({k: os.environ[k] for k in PASSED_THROUGH if os.environ.get(k)})
-        for name in ("PIPELINE_WATCHDOG_MAX_SECONDS", "PIPELINE_WATCHDOG_CHECK_SECONDS"):
-            if os.environ.get(name):
-                env[name] = os.environ[name]
-        schemes = {location.split("://", 1)[0] for location in (env["PIPELINE_CORPUS"], self.output_location) if "://" in location}
+        schemes = {location.split("://", 1)[0] for location in (corpus, self.output_location) if "://" in location}
         env.update(pod_credentials(os.environ, schemes))
         return env
 

@@ -11,7 +11,6 @@ looked up by its unique name before it is tried again, so no pod is ever orphane
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from pipeline.output.ledger import PodLedger, ledger_record
+from pipeline.runpod.pod_env import PodIdentity, encode_env
 from pipeline.errors import PipelineError, backoff
 
 log = logging.getLogger("luigi-interface")
@@ -29,7 +29,6 @@ log = logging.getLogger("luigi-interface")
 DEFAULT_GPU_TYPES = ("NVIDIA GeForce RTX 4090", "NVIDIA RTX A6000", "NVIDIA L40S")
 POD_NAME_PREFIX = "embedding-pipeline-"
 _NO_CAPACITY = re.compile(r"no longer any instances available|not enough free gpus|no available", re.I)
-_SAFE_ENV_VALUE = re.compile(r'^[^"\\\n\r]*$')
 
 
 class PodError(PipelineError):
@@ -121,34 +120,6 @@ class PodSettings:
     poll_interval: float = 10
     api_attempts: int = 6
     api_max_wait: float = 30
-
-
-def encode_env(env: dict[str, str]) -> dict[str, str]:
-    """The SDK pastes env values into its GraphQL text unescaped, so a quote, backslash
-    or newline (a service-account JSON) would break the query. Such values travel
-    base64-encoded as ``NAME_B64``; ``decode_env`` restores them inside the pod."""
-    encoded = {}
-    for key, value in env.items():
-        if _SAFE_ENV_VALUE.match(value):
-            encoded[key] = value
-        else:
-            encoded[f"{key}_B64"] = base64.b64encode(value.encode()).decode()
-    return encoded
-
-
-def decode_env(environ: dict[str, str]) -> dict[str, str]:
-    """The variables ``encode_env`` encoded, decoded (for the pod's entrypoint)."""
-    return {key[: -len("_B64")]: base64.b64decode(value).decode() for key, value in environ.items() if key.endswith("_B64")}
-
-
-def identity_record(pod_id: str, env: dict[str, str], price: float, gpu_count: int, now: float) -> dict[str, Any]:
-    """The ledger record of a pod rebuilt from the identity its launcher put in its env
-    (``RunpodOrchestrator._pod_identity``): for a pod whose record was never written
-    (its launcher died), by its watchdog or by the launch that ends it as an orphan."""
-    return ledger_record(
-        pod_id, env.get("PIPELINE_POD_NAME", ""), env.get("PIPELINE_POD_RUN_ID", "unrecorded"),
-        env.get("PIPELINE_POD_GPU_TYPE", ""), gpu_count, env.get("PIPELINE_POD_CLOUD_TYPE", ""), price,
-        env.get("PIPELINE_POD_IMAGE", ""), float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or now))
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -334,17 +305,8 @@ class RunpodOrchestrator:
         return ledger_record(pod_id, name, self.run_id, gpu_type, s.gpu_count, s.cloud_type, price, s.image, started)
 
     def _pod_identity(self, name: str, gpu_type: str, price: float) -> dict[str, str]:
-        # No listed price: the watchdog reads its pod's costPerHr instead of trusting a 0.
-        listed = {"PIPELINE_WATCHDOG_PRICE_PER_HOUR": str(price)} if price else {}
-        return {
-            **listed,
-            "PIPELINE_WATCHDOG_CREATED_AT": str(self.clock()),
-            "PIPELINE_POD_NAME": name,
-            "PIPELINE_POD_RUN_ID": self.run_id,
-            "PIPELINE_POD_GPU_TYPE": gpu_type,
-            "PIPELINE_POD_CLOUD_TYPE": self.settings.cloud_type,
-            "PIPELINE_POD_IMAGE": self.settings.image,
-        }
+        return PodIdentity(name=name, run_id=self.run_id, gpu_type=gpu_type, cloud_type=self.settings.cloud_type,
+                           image=self.settings.image, created_at=self.clock(), price_per_hour=price).to_env()
 
     def _end_if_created(self, name: str) -> None:
         try:

@@ -24,7 +24,9 @@ from typing import Any, Callable, Optional
 from pipeline import storage
 from pipeline.output.layout import OutputLayout
 from pipeline.errors import PipelineError
-from pipeline.runpod.orchestrator import POD_NAME_PREFIX, PodLedger, RunpodOrchestrator, decode_env, identity_record
+from pipeline.output.ledger import PodLedger
+from pipeline.runpod.orchestrator import POD_NAME_PREFIX, RunpodOrchestrator
+from pipeline.runpod.pod_env import PodIdentity, decode_env
 
 log = logging.getLogger("luigi-interface")
 
@@ -148,7 +150,8 @@ def end_pods(orchestrator: RunpodOrchestrator, pods: list[dict[str, Any]], reaso
                 log.warning("runpod: pod %s shows no price (costPerHr) and none was listed: its record counts $0/h", pod["id"])
             known = {"PIPELINE_POD_NAME": pod.get("name", ""), "PIPELINE_POD_RUN_ID": pod_run_id(pod),
                      "PIPELINE_POD_IMAGE": pod.get("imageName", ""), **env}
-            orchestrator.ledger.record(identity_record(pod["id"], known, price, int(pod.get("gpuCount") or 1), orchestrator.clock()))
+            orchestrator.ledger.record(PodIdentity.from_env(known).ledger_record(
+                pod["id"], price, int(pod.get("gpuCount") or 1), orchestrator.clock()))
         orchestrator.terminate_pod(pod["id"], reason=reason)
     return [pod["id"] for pod in pods]
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from pipeline.runpod.orchestrator import decode_env
+from pipeline.runpod.pod_env import PodIdentity, PodWorkers, decode_env
 
 log = logging.getLogger("pipeline.watchdog")
 
@@ -35,20 +35,20 @@ class Limits:
     price_per_hour: float = 0.0  # the launcher's; the API's costPerHr comes first
     check_every: float = 30
 
+    _ENV_NAMES = {"idle_seconds": "IDLE_SECONDS", "max_seconds": "MAX_SECONDS", "max_dollars": "MAX_DOLLARS",
+                  "price_per_hour": "PRICE_PER_HOUR", "check_every": "CHECK_SECONDS"}
+
+    def to_env(self) -> dict[str, str]:
+        """The limits a launcher gives its pod's watchdog, as ``from_env`` reads them
+        there: those that differ from the watchdog's own defaults."""
+        defaults = Limits()
+        return {f"PIPELINE_WATCHDOG_{name}": format(getattr(self, field), ".15g") for field, name in self._ENV_NAMES.items()
+                if getattr(self, field) != getattr(defaults, field)}
+
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Limits":
-        def number(name: str, default: float) -> float:
-            value = env.get(f"PIPELINE_WATCHDOG_{name}")
-            return float(value) if value not in (None, "") else default
-
-        defaults = cls()
-        return cls(
-            idle_seconds=number("IDLE_SECONDS", defaults.idle_seconds),
-            max_seconds=number("MAX_SECONDS", defaults.max_seconds),
-            max_dollars=number("MAX_DOLLARS", defaults.max_dollars),
-            price_per_hour=number("PRICE_PER_HOUR", defaults.price_per_hour),
-            check_every=number("CHECK_SECONDS", defaults.check_every),
-        )
+        values = {field: env.get(f"PIPELINE_WATCHDOG_{name}") for field, name in cls._ENV_NAMES.items()}
+        return cls(**{field: float(value) for field, value in values.items() if value not in (None, "")})
 
 
 def terminate_own_pod(env: dict[str, str], max_wait: float = 60, before_retry: Callable[[], None] = lambda: None) -> bool:
@@ -177,15 +177,6 @@ def work_command(scheduler_url: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "luigi", "--module", "pipeline", "EmbedAll", *scheduler, *extra]
 
 
-def gpu_count(env: dict[str, str]) -> int:
-    """GPUs in this pod: the launcher says how many it rented (PIPELINE_GPUS); Runpod
-    says too (RUNPOD_GPU_COUNT)."""
-    for name in ("PIPELINE_GPUS", "RUNPOD_GPU_COUNT"):
-        if env.get(name, "").strip():
-            return max(int(env[name]), 1)
-    return 1
-
-
 def worker_env(env: dict[str, str]) -> dict[str, str]:
     """The workers' environment: the bucket credentials, without what only the watchdog
     needs (the pod's Runpod key, to end its pod) or the encoded forms ``decode_env``
@@ -196,7 +187,7 @@ def worker_env(env: dict[str, str]) -> dict[str, str]:
 def worker_commands(env: dict[str, str], extra: list[str], scheduler_url: str) -> list[tuple[list[str], dict[str, str]]]:
     """One worker per GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``), so each
     loads the model once onto its device and runs shards there."""
-    gpus = gpu_count(env)
+    gpus = PodWorkers.from_env(env).gpus
     if gpus == 1:
         return [(work_command(scheduler_url, extra), env)]
     return [(work_command(scheduler_url, extra), {**env, "CUDA_VISIBLE_DEVICES": str(gpu)}) for gpu in range(gpus)]
@@ -258,10 +249,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f.write(env.pop("GOOGLE_CREDENTIALS_JSON"))
             env["GOOGLE_APPLICATION_CREDENTIALS"] = path
         output = env.get("PIPELINE_OUTPUT", "")
-        scheduler_url = env.get("PIPELINE_SCHEDULER_URL", "")
-        if gpu_count(env) > 1 and not scheduler_url:
+        workers = PodWorkers.from_env(env)
+        scheduler_url = workers.scheduler_url
+        if workers.gpus > 1 and not scheduler_url:
             pod_scheduler, scheduler_url = start_pod_scheduler(tempfile.mkdtemp(prefix="pod-luigid-"))
-            log.info("watchdog: %d GPUs: one worker each, sharing this pod's scheduler at %s", gpu_count(env), scheduler_url)
+            log.info("watchdog: %d GPUs: one worker each, sharing this pod's scheduler at %s", workers.gpus, scheduler_url)
         commands = worker_commands(worker_env(env), argv if argv is not None else sys.argv[1:], scheduler_url)
         code, reason = supervise(commands, Limits.from_env(env), output, env, stopping)
     except Exception as exc:
@@ -287,14 +279,15 @@ def record_end(output: str, pod_id: str, reason: Optional[str], env: dict[str, s
     """Mark the pod ended now in the ledger (``reason`` None: running again; ``again``:
     move an end this watchdog wrote to now, before another try). Writes the whole record
     from the pod's env if the launcher died before writing it."""
-    from pipeline.runpod.orchestrator import PodLedger, identity_record
+    from pipeline.output.ledger import PodLedger
 
     try:
         ledger = PodLedger(output)
         try:
             record = ledger.get(pod_id)
         except FileNotFoundError:
-            record = identity_record(pod_id, env, _price_per_hour(env, Limits.from_env(env)), gpu_count(env), time.time())
+            record = PodIdentity.from_env(env).ledger_record(pod_id, _price_per_hour(env, Limits.from_env(env)),
+                                                             PodWorkers.from_env(env).gpus, time.time())
         if reason is None:
             record.update(stopped_at=None, stopped_at_epoch=None, end_reason="watchdog could not terminate it")
         elif again and record["end_reason"] == reason:

@@ -1,0 +1,41 @@
+"""The launcher->pod environment contract: what one side writes, the other reads back."""
+
+import pytest
+
+from pipeline import config
+from pipeline.runpod.pod_env import PodIdentity, PodWorkers, settings_env
+from pipeline.runpod.watchdog import Limits
+
+
+def test_run_settings_reach_the_pods_workers_as_their_settings(monkeypatch):
+    env = settings_env({"corpus": "gs://b/corpus", "docs_per_shard": 250, "skip_duplicates": True, "model_path": None})
+    assert env == {"PIPELINE_CORPUS": "gs://b/corpus", "PIPELINE_DOCS_PER_SHARD": "250", "PIPELINE_SKIP_DUPLICATES": "true"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert (config.setting("corpus"), config.setting("docs_per_shard"), config.setting("skip_duplicates")) == (
+        "gs://b/corpus", "250", "true")
+    with pytest.raises(ValueError, match="not run settings"):
+        settings_env({"corpsu": "x"})
+
+
+def test_a_pods_identity_and_workers_survive_the_trip():
+    identity = PodIdentity(name="embedding-pipeline-ab", run_id="r1", gpu_type="NVIDIA H200", cloud_type="SECURE",
+                           image="reg/img:1", created_at=1700000000.5, price_per_hour=3.99)
+    assert PodIdentity.from_env(identity.to_env()) == identity
+    unpriced = PodIdentity(name="n", created_at=5.0)
+    assert "PIPELINE_WATCHDOG_PRICE_PER_HOUR" not in unpriced.to_env()  # the watchdog asks the API rather than trust a 0
+    record = identity.ledger_record("pod1", price=3.5, gpu_count=2, now=1800000000.0)
+    assert (record["pod_id"], record["run_id"], record["started_at_epoch"], record["gpu_count"], record["price_per_hour"]) == (
+        "pod1", "r1", 1700000000.5, 2, 3.5)
+    assert PodIdentity.from_env({}).ledger_record("p", 0.0, 1, now=42.0)["started_at_epoch"] == 42.0
+    workers = PodWorkers(gpus=4, scheduler_url="http://10.0.0.2:8082")
+    assert PodWorkers.from_env(workers.to_env()) == workers
+    assert PodWorkers.from_env({"RUNPOD_GPU_COUNT": "2"}).gpus == 2  # a pod started by hand: Runpod's count
+
+
+def test_watchdog_limits_travel_when_they_differ_from_its_defaults():
+    limits = Limits(idle_seconds=1800, max_dollars=12.5, check_every=0.2)
+    env = limits.to_env()
+    assert set(env) == {"PIPELINE_WATCHDOG_IDLE_SECONDS", "PIPELINE_WATCHDOG_MAX_DOLLARS", "PIPELINE_WATCHDOG_CHECK_SECONDS"}
+    assert Limits.from_env(env) == limits
+    assert Limits().to_env() == {}
