@@ -14,7 +14,7 @@ SCHEDULER_PORT ?= 8082
 EMBED_ARGS ?= --output output/sample --docs-per-shard 25
 LUIGI_STATE := var/luigi
 
-.PHONY: embed worker test chaos verify report bench image cost-estimate luigid luigid-stop setup clean
+.PHONY: embed worker test check chaos verify report bench image cost-estimate luigid luigid-stop setup clean
 
 setup: $(STAMP)
 
@@ -43,8 +43,14 @@ worker: $(STAMP)
 	$(BIN)/luigi --module pipeline EmbedAll --scheduler-host $(SCHEDULER_HOST) --scheduler-port $(SCHEDULER_PORT) \
 		$(WORKER_FLAGS) $(EMBED_ARGS)
 
+# The whole suite: what CI runs (.ci/run).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier for daily work: everything but the tests that run the pipeline in
+# subprocesses or build images (markers slow and docker); a few minutes.
+check: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
 
 # Fault injection, longer than make test's quick form: workers killed (SIGKILL) 25 times
 # at random moments and mid-upload, rerun each time (tests/test_chaos.py).
