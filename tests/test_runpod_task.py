@@ -415,7 +415,7 @@ def test_a_launch_beside_a_launcher_still_looking_for_a_gpu_refuses_and_ctrl_c_s
 
 
 def test_of_two_pods_the_one_whose_container_never_starts_is_ended_and_the_other_finishes(fake, tmp_path):
-    corpus = write_corpus(tmp_path / "corpus", documents=240, words=1000)  # work for well past the deadline (~3 min here)
+    corpus = write_corpus(tmp_path / "corpus", documents=360, words=1000)  # work for well past the deadline
     fake.start_containers = lambda pod: pod.id != "fakepod0002"
     output = tmp_path / "out"
     with running_luigid(tmp_path / "luigid") as port:
@@ -424,7 +424,7 @@ def test_of_two_pods_the_one_whose_container_never_starts_is_ended_and_the_other
     records = {r["pod_id"]: r for r in PodLedger(str(output)).records()}
     assert records["fakepod0002"]["end_reason"] == "launcher: pod fakepod0002 made no shard within 25s of running (--first-shard-seconds)"
     stats = [shard_stats(str(path)) for path in (output / "shards").glob("shard-*.parquet")]
-    assert len(stats) == 80 and {s["pod_id"] for s in stats} == {"fakepod0001"}
+    assert len(stats) == 120 and {s["pod_id"] for s in stats} == {"fakepod0001"}
     assert verify_output(str(output)).ok
 
 
