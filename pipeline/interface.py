@@ -25,7 +25,9 @@ from pipeline.core.corpus import write_manifest_of
 from pipeline.config import prepare_run
 from pipeline.core.embedder import Embedder
 from pipeline.errors import PipelineError
+from pipeline.output import layout
 from pipeline.output.layout import OutputLayout
+from pipeline.output.verify import shard_numbers
 from pipeline.core.shard_job import ShardJob, run_shard
 from pipeline.core.shard_file import PIPELINE_VERSION
 from pipeline.output.summary import publish_summary, run_summary
@@ -105,7 +107,8 @@ class EmbeddingInterface:
         if not storage.exists(self.run.manifest_path()):
             return Checkpoint(self.output, parameters, None, (), False)
         total = self.run.check_manifest_matches()
-        done = tuple(sorted(n for n in OutputLayout.of(self.output).list_shards().numbers if n < total))
+        listing = OutputLayout.of(self.output).list_shards()
+        done = tuple(sorted(shard_numbers(listing, layout.SHARDS, layout.SHARD_SUFFIX, total, problems=[])))
         return Checkpoint(self.output, parameters, total, done, len(done) == total and self.run.complete())
 
     def resume_from_checkpoint(self, checkpoint: Checkpoint | dict[str, Any]) -> Checkpoint:
@@ -155,13 +158,13 @@ class EmbeddingInterface:
         run = self.run
         making = [str(root), [(d.relative, d.content_hash) for d in listed], PIPELINE_VERSION,
                   [run.model, run.model_path, run.max_tokens, run.device, run.precision, run.skip_duplicates]]
-        layout = OutputLayout.of(OutputLayout.of(self.output).batch_output(hashlib.sha256(json.dumps(making).encode()).hexdigest()[:16]))
-        output, shard = layout.root, layout.shard(0)
-        if storage.exists(layout.summary):
+        batch = OutputLayout.of(self.output).batch_output(hashlib.sha256(json.dumps(making).encode()).hexdigest()[:16])
+        output, shard = batch.root, batch.shard(0)
+        if storage.exists(batch.summary):
             return shard
         if not storage.exists(shard):
             storage.ensure_writable_dir(output)
-            manifest = layout.manifest
+            manifest = batch.manifest
             write_manifest_of(listed, str(root), "", len(listed), manifest)
             run_shard(ShardJob(str(root), manifest, output, 1, skip_duplicates=run.skip_duplicates), 0, self.embedder())
         publish_summary(output, run_summary(output, 1, {"corpus": str(root), "files": len(listed),

@@ -104,10 +104,10 @@ class OutputLayout:
     def pod_record(self, pod_id: str) -> str:
         return f"{self.pods}/{pod_id}.json"
 
-    def batch_output(self, key: str) -> str:
+    def batch_output(self, key: str) -> "OutputLayout":
         """The small output of its own that ``EmbeddingInterface.batch_process`` makes
         for one set of files (``key``: what names them)."""
-        return f"{self.root}/batches/batch-{key}"
+        return OutputLayout(f"{self.root}/batches/batch-{key}")
 
     def launcher_lease(self, run_id: str) -> str:
         return f"{self.launchers}/{run_id}.json"

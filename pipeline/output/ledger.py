@@ -35,7 +35,6 @@ class PodLedger:
 
     def __init__(self, output: str):
         self.layout = OutputLayout.of(output)
-        self.folder = self.layout.pods
 
     def record(self, pod: dict[str, Any]) -> None:
         with storage.atomic_output(self.layout.pod_record(pod["pod_id"])) as staged:
@@ -51,7 +50,8 @@ class PodLedger:
         return json.loads(storage.read_text(self.layout.pod_record(pod_id)))
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(storage.read_text(f"{self.folder}/{item.relative}")) for item in storage.list_files(self.folder, "*.json", hashes=False)]
+        folder = self.layout.pods
+        return [json.loads(storage.read_text(f"{folder}/{item.relative}")) for item in storage.list_files(folder, "*.json", hashes=False)]
 
     @staticmethod
     def dollars(pod: dict[str, Any], now: Optional[float] = None) -> float:
