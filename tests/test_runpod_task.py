@@ -415,8 +415,10 @@ def test_a_launch_beside_a_launcher_still_looking_for_a_gpu_refuses_and_ctrl_c_s
 
 
 def test_of_two_pods_the_one_whose_container_never_starts_is_ended_and_the_other_finishes(fake, tmp_path):
-    corpus = write_corpus(tmp_path / "corpus", documents=360, words=1000)  # work for well past the deadline
+    corpus = write_corpus(tmp_path / "corpus", documents=36, words=300)
     fake.start_containers = lambda pod: pod.id != "fakepod0002"
+    # Pod 1 works for well past pod 2's deadline: 4 s before each of its shards after the first.
+    fake.pod_runtime.base_env.update(PYTHONPATH=str(ROOT / "tests" / "slow_shards"), TEST_SHARD_PAUSE_SECONDS="4")
     output = tmp_path / "out"
     with running_luigid(tmp_path / "luigid") as port:
         assert luigi.build([task(corpus, output, pods=2, pods_scheduler_url=f"http://127.0.0.1:{port}", first_shard_seconds=25)],
@@ -424,7 +426,7 @@ def test_of_two_pods_the_one_whose_container_never_starts_is_ended_and_the_other
     records = {r["pod_id"]: r for r in PodLedger(str(output)).records()}
     assert records["fakepod0002"]["end_reason"] == "launcher: pod fakepod0002 made no shard within 25s of running (--first-shard-seconds)"
     stats = [shard_stats(str(path)) for path in (output / "shards").glob("shard-*.parquet")]
-    assert len(stats) == 120 and {s["pod_id"] for s in stats} == {"fakepod0001"}
+    assert len(stats) == 12 and {s["pod_id"] for s in stats} == {"fakepod0001"}
     assert verify_output(str(output)).ok
 
 
