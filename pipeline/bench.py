@@ -211,7 +211,7 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
                                       NullEmbedder(embedder, overlap=True))
         _, feed_thread_s, _ = _timed(run_shard, ShardJob(corpus, manifest, f"{work}/null-thread", 1), 0,
                                      NullEmbedder(embedder, overlap=True))
-        readers = reader_processes(-1, frees_cpu=True)
+        readers = reader_processes(-1, runs_off_cpu=True)
         warm_readers(corpus, manifest, embedder, readers)
         with_readers = StandInGPU(embedder, pace)
         _, with_readers_s, worker_cpu_s = _timed(run_shard, ShardJob(corpus, manifest, f"{work}/stand-in-readers", 1, readers=readers),

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
-from pipeline.config import prepare_run
+from pipeline import config
+from pipeline.config import gpu_type_list, prepare_run
 from pipeline.errors import PipelineError
 from pipeline.output.layout import OutputLayout
 
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     estimate_parser.add_argument("--pattern", default="*.md")
     estimate_parser.add_argument("--model", default="nomic", help="profile whose tokenizer counts the tokens")
     estimate_parser.add_argument("--sample", type=int, default=200, help="documents read and chunked")
-    estimate_parser.add_argument("--gpu-types", default="NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA L40S")
+    estimate_parser.add_argument("--gpu-types", default="", help="comma-separated; empty: the run's gpu_types setting")
     estimate_parser.add_argument("--tokens-per-second", type=float, default=None, help="a measured throughput to use")
     bench_parser = commands.add_parser("bench", help="measure throughput: baseline, embedder, feed, end to end")
     bench_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.core.sample import ensure_sample_corpus
 
             corpus = args.corpus or ensure_sample_corpus()
-            gpus = [g.strip() for g in args.gpu_types.split(",") if g.strip()]
+            gpus = gpu_type_list(args.gpu_types or config.setting("gpu_types"))
             print(estimate(corpus, args.pattern, args.model, gpus, args.sample, args.tokens_per_second))
         elif args.command == "image":
             import logging

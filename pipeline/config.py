@@ -81,6 +81,11 @@ RETCODES = {
 }
 
 
+def gpu_type_list(setting_value: str) -> tuple[str, ...]:
+    """GPU types from their comma-separated setting, in order of preference."""
+    return tuple(g.strip() for g in setting_value.split(",") if g.strip())
+
+
 def setting(name: str) -> str:
     """The configured default of one run setting, before the command line: ``PIPELINE_<NAME>``
     from the environment, then from a ``.env`` file, then luigi.cfg's ``[pipeline]``, then

@@ -53,3 +53,27 @@ def backoff(
         reraise=True,
         sleep=sleep,
     )
+
+
+# Exception class names that mean the connection failed or timed out, across requests,
+# urllib3, botocore and google-cloud-storage: worth trying again.
+_NETWORK_ERROR_NAMES = {
+    "ConnectionError",  # requests
+    "Timeout",
+    "ChunkedEncodingError",
+    "ProtocolError",  # urllib3
+    "IncompleteRead",
+    "EndpointConnectionError",  # botocore
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ResponseStreamingError",
+    "DataCorruption",  # google-cloud-storage: a download that failed its checksum
+}
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """A dropped connection, a timeout or a broken transfer, from any client library."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return bool({cls.__name__ for cls in type(exc).__mro__} & _NETWORK_ERROR_NAMES)

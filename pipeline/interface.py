@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import luigi
 import numpy as np
 
-from pipeline import storage
+from pipeline import planning, storage
 from pipeline.core.corpus import write_manifest_of
 from pipeline.config import prepare_run
 from pipeline.core.embedder import Embedder
@@ -127,7 +127,7 @@ class EmbeddingInterface:
         before = self.get_checkpoint()
         if before.missing and self.run.complete():
             storage.delete(OutputLayout.of(self.output).summary)  # it counts shards that are gone; rebuilt at the end
-        self.run.forget_requirements()  # one task object per parameters and process: list the shards afresh
+        planning.forget_plans()  # a new build: list the shards and new documents afresh
         with _failures_recorded() as failures:
             result = luigi.build([self.run], local_scheduler=True, detailed_summary=True, log_level="INFO")
         now = self.get_checkpoint()

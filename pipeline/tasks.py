@@ -12,26 +12,19 @@ import traceback
 
 import luigi
 
-from pipeline import config
-from pipeline.core.corpus import manifest_info, write_manifest
+from pipeline import config, planning, web_view
+from pipeline.core.corpus import manifest_info
 from pipeline.core.embedder import Embedder, EmbedderSettings, load_embedder
 from pipeline.errors import PipelineError
-from pipeline.core.manifest_growth import add_new_documents, documents_not_in_manifest
+from pipeline.core.manifest_growth import documents_not_in_manifest
 from pipeline.core.reader_pool import reader_processes
 from pipeline.core.sample import ensure_sample_corpus
 from pipeline.output.layout import OutputLayout
 from pipeline.core.shard_job import ShardJob, run_shard, shard_label
-from pipeline.core.shard_file import shard_metadata, settings_mismatch
-from pipeline.output.status import RunWatch
 from pipeline import storage
 from pipeline.output.summary import publish_summary, run_summary
 
 log = logging.getLogger("luigi-interface")
-
-# Settings two shards of one output must share, or their vectors cannot be mixed.
-SHARED_SETTINGS = ("model_id", "weights_sha256", "stand_in_for", "dimension", "prefix", "max_tokens", "chunk_max_tokens",
-                   "chunk_overlap_tokens")
-
 
 class StoredTarget(luigi.Target):
     """A Luigi target in any backend: ``exists()`` is one cheap call (a stat or a HEAD)."""
@@ -141,10 +134,7 @@ class CorpusManifest(RunParameters, luigi.Task):
         self.set_status_message(f"{count} documents in {-(-count // self.docs_per_shard)} shards")
 
     def write(self) -> int:
-        """List the corpus into the manifest; the number of documents. Atomic: with
-        several workers writing at once, the first complete manifest stands."""
-        storage.ensure_writable_dir(self.output_location)
-        return write_manifest(self.corpus_location(), self.pattern, self.docs_per_shard, self.manifest_path())
+        return planning.write_run_manifest(self)
 
 
 class EmbedShard(RunParameters, luigi.Task):
@@ -159,48 +149,24 @@ class EmbedShard(RunParameters, luigi.Task):
         return target(self.layout().shard(self.shard))
 
     def run(self):
-        self._report_run()
+        self._post_run_figures()
         try:
             total, embedder = self.total_shards(), self.embedder()
             job = ShardJob(self.corpus_location(), self.manifest_path(), self.output_location, total,
-                           readers=reader_processes(self.readers, embedder.frees_cpu), skip_duplicates=self.skip_duplicates)
-            stats = run_shard(job, self.shard, embedder, report=self._report)
+                           readers=reader_processes(self.readers, embedder.runs_off_cpu), skip_duplicates=self.skip_duplicates)
+            stats = run_shard(job, self.shard, embedder, report=lambda message, percent: web_view.show(self, message, percent))
         except Exception:  # the run's figures say so too; on_failure comes too late to post them
-            self._report_run(failed=True)
+            self._post_run_figures(failed=True)
             raise
-        self._report(
-            f"{shard_label(self.shard, total)}: {stats['embedded_documents']} documents embedded, "
-            f"{stats['rejected_documents']} rejected, {stats['chunks']:,} chunks, "
-            f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s",
-            100,
-        )
-        self._report_run()
+        web_view.show(self, f"{shard_label(self.shard, total)}: {stats['embedded_documents']} documents embedded, "
+                            f"{stats['rejected_documents']} rejected, {stats['chunks']:,} chunks, "
+                            f"{stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s", 100)
+        self._post_run_figures()
 
-    def _report(self, message: str, percent: int) -> None:
-        self.set_status_message(message)
-        self.set_progress_percentage(percent)
-
-    _watches: dict[str, RunWatch] = {}  # one per run in this worker process, so rates span its shards
-
-    def _report_run(self, failed: bool = False) -> None:
-        """Post the whole run's figures on EmbedAll, as each shard starts, ends or fails.
-
-        EmbedAll waits (PENDING) while its shards run, so it cannot report itself;
-        the scheduler accepts a status message for any task it knows. The scheduler is
-        the one this worker reports to (luigi hands tasks their reporter's methods).
-        A web view figure never fails a shard."""
-        scheduler = getattr(getattr(self.set_status_message, "__self__", None), "_scheduler", None)
-        if scheduler is None:
-            return
-        try:
-            wrapper = self.clone(EmbedAll).task_id
-            watch = self._watches.setdefault(wrapper, RunWatch(self.output_location, self.total_shards()))
-            (watch.failed.add if failed else watch.failed.discard)(self.shard)
-            message, percent = watch.figures()
-            scheduler.set_task_status_message(wrapper, message)
-            scheduler.set_task_progress_percentage(wrapper, percent)
-        except Exception as exc:
-            log.warning("could not post the run's progress to the scheduler: %s", exc)
+    def _post_run_figures(self, failed: bool = False) -> None:
+        """The whole run's figures on its EmbedAll, which waits while its shards run."""
+        web_view.post_run_figures(self, self.clone(EmbedAll).task_id, self.output_location, self.total_shards(), self.shard,
+                                  failed=failed)
 
 
 class EmbedAll(RunParameters, luigi.Task):
@@ -210,42 +176,24 @@ class EmbedAll(RunParameters, luigi.Task):
         """The manifest and every shard. Listing the shards here, when Luigi schedules,
         rather than yielding them from ``run``, is what lets several worker processes
         share one run on a central scheduler: luigid gives a task only to workers that
-        scheduled it, so each worker must schedule every shard. The manifest is written
-        here when missing, so that workers started at the same moment all see it.
+        scheduled it, so each worker must schedule every shard. The plan (``planning``)
+        writes the manifest when missing, so that workers started at the same moment
+        all see it, and is made once per build.
 
         Any problem (a missing corpus, an output made with other settings) leaves just
-        the manifest: its own task, or ``run``, then reports it as one clear line.
-
-        The list is kept: luigi asks again just before ``run``, and shards added to the
-        manifest meanwhile (another worker's ``--add-new-documents``) are not done yet;
-        ``run`` takes them on instead of the run failing on 'unfulfilled dependencies'."""
-        if getattr(self, "_required", None):
-            return self._required
+        the manifest: its own task, or ``run``, then reports it as one clear line."""
         manifest = self.clone(CorpusManifest)
         try:
-            if not manifest.complete():
-                manifest.write()
-            elif self.add_new_documents and not getattr(self, "_grown", False):
-                self.grow_manifest()
-                self._grown = True  # luigi asks for requirements more than once
-            total = self._check_output_matches_settings()
+            plan = planning.planned(self)
         except Exception:  # reported by the tasks that run, not as a scheduling traceback
             return manifest
-        self._required = [manifest, *self.shards(total)]
-        return self._required
+        return [manifest, *self.shards(plan.shards)]
 
     def grow_manifest(self) -> int:
-        """``--add-new-documents``: append the corpus's new documents to the manifest as
-        new shards, after checking it is this corpus's manifest; how many."""
-        self.check_manifest_matches()  # never append another corpus's files
-        added = add_new_documents(self.corpus_location(), self.pattern, self.manifest_path())
-        log.info("%d documents added to the corpus since the manifest was written: new shards", added)
-        return added
+        return planning.grow_manifest(self)
 
-    def forget_requirements(self) -> None:
-        """Luigi keeps one task object per parameters in a process: before another build
-        in the same process, list the shards (and look for new documents) afresh."""
-        self._required, self._grown = None, False
+    def check_manifest_matches(self) -> int:
+        return planning.check_manifest_matches(self)
 
     def shards(self, total: int) -> list[EmbedShard]:
         return [self.clone(EmbedShard, shard=i) for i in range(total)]
@@ -278,12 +226,11 @@ class EmbedAll(RunParameters, luigi.Task):
         return summary.get("parameters") == self.defining_parameters() and summary.get("shards") == self.total_shards()
 
     def run(self):
-        total = self._check_output_matches_settings()
+        total = planning.check_output_matches_settings(self)
         while True:
             shards = self.shards(total)
             done = sum(shard.complete() for shard in shards)
-            self.set_status_message(f"{done}/{total} shards done")
-            self.set_progress_percentage(int(100 * done / total))
+            web_view.show(self, f"{done}/{total} shards done", int(100 * done / total))
             yield shards  # already done when requires() listed them (one worker) or others ran them
             grown = self.total_shards()
             if grown == total:
@@ -293,13 +240,10 @@ class EmbedAll(RunParameters, luigi.Task):
         summary = run_summary(self.output_location, total, self.defining_parameters())
         summary["documents_not_in_manifest"] = self._documents_left_out()
         publish_summary(self.output_location, summary)
-        self.set_status_message(
-            f"{total}/{total} shards, {summary['documents']} documents ({summary['rejected_documents']} rejected), "
-            f"{summary['chunks']} chunks, {summary['tokens_per_second']:.0f} tokens/s"
-            + (f"; {summary['documents_not_in_manifest']} documents added to the corpus since the manifest are not in "
-               "this run (--add-new-documents)" if summary["documents_not_in_manifest"] else "")
-        )
-        self.set_progress_percentage(100)
+        web_view.show(self, f"{total}/{total} shards, {summary['documents']} documents ({summary['rejected_documents']} rejected), "
+                            f"{summary['chunks']} chunks, {summary['tokens_per_second']:.0f} tokens/s"
+                            + (f"; {summary['documents_not_in_manifest']} documents added to the corpus since the manifest "
+                               "are not in this run (--add-new-documents)" if summary["documents_not_in_manifest"] else ""), 100)
 
     def _documents_left_out(self) -> int:
         """Documents the corpus gained after the manifest was written: this run keeps the
@@ -311,42 +255,3 @@ class EmbedAll(RunParameters, luigi.Task):
             log.warning("%d document(s) in the corpus are not in the manifest (first: %s): added after it was written, "
                         "they are not in this run; rerun with --add-new-documents to embed them as new shards", count, first)
         return count
-
-    def check_manifest_matches(self) -> int:
-        """Refuse an output listed from another corpus, pattern or shard size (its
-        manifest says); the manifest's shard count. Loads no model (the Runpod launcher
-        asks too)."""
-        info = manifest_info(self.manifest_path())
-        wanted = {"corpus": self.corpus_location(), "pattern": self.pattern, "docs_per_shard": str(self.docs_per_shard)}
-        self._refuse(settings_mismatch(info, wanted, wanted))
-        return int(info["shards"])
-
-    def _check_output_matches_settings(self) -> int:
-        """Refuse to add to an output made from another corpus, shard size or model."""
-        total = self.check_manifest_matches()
-        first_shard = self.layout().first_shard()
-        if first_shard:
-            existing = shard_metadata(first_shard)
-            problems = settings_mismatch(existing, self.embedder().settings(), SHARED_SETTINGS)
-            skipped = self._skipped_duplicates(json.loads(existing["stats"]))
-            if skipped is not None and skipped != self.skip_duplicates:
-                problems.append(f"skip_duplicates: {skipped} in the output, {self.skip_duplicates} now")
-            self._refuse(problems)
-        return total
-
-    def _skipped_duplicates(self, stats: dict) -> bool | None:
-        """Whether the output's shards skip duplicates: their stats say, or for shards made
-        before they did, the summary's parameters; None when nothing says."""
-        if "skip_duplicates" in stats:
-            return stats["skip_duplicates"]
-        summary = self.output().path
-        if storage.exists(summary):
-            return json.loads(storage.read_text(summary)).get("parameters", {}).get("skip_duplicates", False)
-        return None
-
-    def _refuse(self, problems: list[str]) -> None:
-        if problems:
-            raise PipelineError(
-                f"output {self.output_location} was made with other settings ({'; '.join(problems)}); "
-                "use a new --output, or the settings it was made with"
-            )

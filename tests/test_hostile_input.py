@@ -18,6 +18,7 @@ from pipeline.core.chunking import MAX_TITLE_CHARS
 from pipeline.core.corpus import manifest_rows, write_manifest
 from pipeline.core.null_embedder import NullEmbedder
 from pipeline.errors import PipelineError
+from pipeline.planning import check_output_matches_settings
 from pipeline.output.layout import OutputLayout
 from pipeline.core.shard_job import ShardJob, run_shard
 
@@ -342,4 +343,4 @@ def test_skip_duplicates_is_a_run_parameter_recorded_in_the_summary(tmp_path, du
     assert task.complete() and not EmbedAll(**settings, skip_duplicates=False).complete()
     # A rerun with the option off would mix shards that skip duplicates with shards that do not.
     with pytest.raises(PipelineError, match="skip_duplicates: True in the output, False now"):
-        EmbedAll(**settings, skip_duplicates=False)._check_output_matches_settings()
+        check_output_matches_settings(EmbedAll(**settings, skip_duplicates=False))

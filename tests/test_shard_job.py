@@ -153,7 +153,7 @@ def overlapping(monkeypatch, overlap):
     """Run the CPU model as if it left the CPU free (a GPU): reading and writing overlap it."""
     from pipeline.core.embedder import Embedder
 
-    monkeypatch.setattr(Embedder, "frees_cpu", property(lambda self: overlap))
+    monkeypatch.setattr(Embedder, "runs_off_cpu", property(lambda self: overlap))
 
 
 @pytest.fixture

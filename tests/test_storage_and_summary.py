@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.storage import atomic_output, remove_stale_temps, temp_name_for
-from pipeline.output.summary import active_seconds
+from pipeline.output.footers import active_seconds
 
 
 def test_atomic_output_publishes_whole_files_and_leaves_nothing_on_error(tmp_path):

@@ -9,8 +9,9 @@ import pytest
 
 import pipeline.core.embedder
 from helpers import ROOT, luigi_env, shard_failing
-from pipeline import CorpusManifest, EmbedAll
+from pipeline import CorpusManifest, EmbedAll, web_view
 from pipeline.errors import PipelineError
+from pipeline.planning import check_output_matches_settings
 
 
 def build(task) -> bool:
@@ -50,14 +51,14 @@ def test_an_output_made_with_other_settings_is_refused(tmp_path, small_corpus):
     output = tmp_path / "out"
     assert build(embed_all(small_corpus, output))
     with pytest.raises(PipelineError, match="docs_per_shard"):
-        embed_all(small_corpus, output, docs_per_shard=5)._check_output_matches_settings()
+        check_output_matches_settings(embed_all(small_corpus, output, docs_per_shard=5))
     other = tmp_path / "other-corpus"
     other.mkdir()
     with pytest.raises(PipelineError, match="corpus"):
-        embed_all(other, output)._check_output_matches_settings()
+        check_output_matches_settings(embed_all(other, output))
     with pytest.raises(PipelineError, match="max_tokens"):
-        embed_all(small_corpus, output, max_tokens=128)._check_output_matches_settings()
-    assert embed_all(small_corpus, output)._check_output_matches_settings() == 3
+        check_output_matches_settings(embed_all(small_corpus, output, max_tokens=128))
+    assert check_output_matches_settings(embed_all(small_corpus, output)) == 3
 
 
 def test_a_finished_output_rerun_with_other_settings_fails_instead_of_doing_nothing(tmp_path, small_corpus):
@@ -126,3 +127,24 @@ def test_settings_come_from_luigi_cfg_then_env_then_command_line(tmp_path):
         "minilm",
         "cpu",
     ]
+
+
+class _Probe(luigi.Task):
+    """Posts through web_view while a real worker runs it."""
+
+    seen: list = []
+
+    def run(self):
+        web_view.show(self, "half way", 50)
+        self.seen.append(web_view.scheduler_of(self))
+
+    def complete(self):
+        return bool(self.seen)
+
+
+def test_a_running_task_reaches_its_workers_scheduler_the_one_private_way():
+    assert web_view.scheduler_of(_Probe()) is None  # outside a worker
+    assert build(_Probe())
+    scheduler = _Probe.seen[0]
+    assert scheduler.get_task_status_message(_Probe().task_id)["statusMessage"] == "half way"
+    assert scheduler.get_task_progress_percentage(_Probe().task_id)["progressPercentage"] == 50

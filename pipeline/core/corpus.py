@@ -34,7 +34,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("shard", pa.int32()),
     ]
 )
-_ROWS_PER_WRITE = 5_000
+ROWS_PER_WRITE = 5_000
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?\n)?(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.S)
 # Front matter longer than this is not read: every chunk of the document carries its
@@ -105,21 +105,10 @@ def write_manifest_of(listing: Iterable[storage.Listed], corpus: str, pattern: s
     with storage.atomic_output(dest, overwrite=False) as staged, pq.ParquetWriter(staged.path, schema) as writer:
         listing = iter(listing)
         while True:
-            batch = list(itertools.islice(listing, _ROWS_PER_WRITE))
+            batch = list(itertools.islice(listing, ROWS_PER_WRITE))
             if not batch:
                 break
-            writer.write_table(
-                pa.table(
-                    {
-                        "doc_id": [doc_id_for(d.relative) for d in batch],
-                        "path": [d.relative for d in batch],
-                        "bytes": [d.size for d in batch],
-                        "content_hash": [d.content_hash for d in batch],
-                        "shard": [(count + i) // docs_per_shard for i in range(len(batch))],
-                    },
-                    schema=schema,
-                )
-            )
+            writer.write_table(manifest_table(batch, count, docs_per_shard, schema))
             count += len(batch)
         writer.add_key_value_metadata(
             {
@@ -129,6 +118,19 @@ def write_manifest_of(listing: Iterable[storage.Listed], corpus: str, pattern: s
             }
         )
     return count
+
+
+def manifest_table(documents: list[storage.Listed], position: int, docs_per_shard: int, schema: pa.Schema,
+                   first_shard: int = 0) -> pa.Table:
+    """The manifest rows of listed documents, the first of them the ``position``-th
+    document counted from shard ``first_shard``."""
+    return pa.table({
+        "doc_id": [doc_id_for(d.relative) for d in documents],
+        "path": [d.relative for d in documents],
+        "bytes": [d.size for d in documents],
+        "content_hash": [d.content_hash for d in documents],
+        "shard": [first_shard + (position + i) // docs_per_shard for i in range(len(documents))],
+    }, schema=schema)
 
 
 def manifest_info(manifest: str) -> dict[str, str]:

@@ -140,9 +140,9 @@ class Embedder:
         return self.device.startswith("cuda")
 
     @property
-    def frees_cpu(self) -> bool:
-        """Whether the CPU is free while the model runs (a GPU), so reading and writing
-        can overlap it without slowing it."""
+    def runs_off_cpu(self) -> bool:
+        """Whether the model runs off the CPU (a GPU), leaving the CPU free: reading and
+        writing can then overlap it without slowing it."""
         return not self.device.startswith("cpu")
 
     def batches(self, token_counts: Sequence[int], frame_tokens: int | None = None) -> list[Batch]:

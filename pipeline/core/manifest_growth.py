@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.output.layout import OutputLayout
-from pipeline.core.corpus import _ROWS_PER_WRITE, doc_id_for, list_documents, manifest_file, manifest_info
+from pipeline.core.corpus import ROWS_PER_WRITE, list_documents, manifest_file, manifest_info, manifest_table
 
 
 def documents_not_in_manifest(corpus: str, pattern: str, manifest: str) -> Iterator[storage.Listed]:
@@ -25,7 +25,7 @@ def documents_not_in_manifest(corpus: str, pattern: str, manifest: str) -> Itera
     paths are held as one Arrow column (tens of bytes a document), the listing streamed."""
     known = pq.read_table(manifest_file(manifest), columns=["path"])["path"].combine_chunks()
     listing = list_documents(corpus, pattern)
-    while batch := list(itertools.islice(listing, _ROWS_PER_WRITE)):
+    while batch := list(itertools.islice(listing, ROWS_PER_WRITE)):
         listed = pc.is_in(pa.array([d.relative for d in batch], pa.string()), value_set=known).to_pylist()
         yield from (document for document, present in zip(batch, listed) if not present)
 
@@ -46,17 +46,11 @@ def add_new_documents(corpus: str, pattern: str, manifest: str) -> int:
     storage.delete(OutputLayout.of(manifest.rsplit("/", 1)[0]).summary)  # first: a kill after the growth leaves none
     added = 0
     with storage.atomic_output(manifest) as staged, pq.ParquetWriter(staged.path, old.schema_arrow) as writer:
-        for batch in old.iter_batches(_ROWS_PER_WRITE):
+        for batch in old.iter_batches(ROWS_PER_WRITE):
             writer.write_batch(batch)
         pending = itertools.chain([first], new)
-        while batch := list(itertools.islice(pending, _ROWS_PER_WRITE)):
-            writer.write_table(pa.table({
-                "doc_id": [doc_id_for(d.relative) for d in batch],
-                "path": [d.relative for d in batch],
-                "bytes": [d.size for d in batch],
-                "content_hash": [d.content_hash for d in batch],
-                "shard": [shards + (added + i) // per_shard for i in range(len(batch))],
-            }, schema=old.schema_arrow))
+        while batch := list(itertools.islice(pending, ROWS_PER_WRITE)):
+            writer.write_table(manifest_table(batch, added, per_shard, old.schema_arrow, first_shard=shards))
             added += len(batch)
         writer.add_key_value_metadata({
             "pipeline.documents": str(documents + added),

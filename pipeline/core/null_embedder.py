@@ -22,7 +22,7 @@ class NullEmbedder:
     def __init__(self, base: Embedder, overlap: bool = False):
         self.profile = base.profile
         self.device = "null"
-        self.frees_cpu = overlap  # off: the feed rate is measured in one thread, per CPU-second
+        self.runs_off_cpu = overlap  # off: the feed rate is measured in one thread, per CPU-second
         self.tokenizer = base.tokenizer
         self.chunker = base.chunker
         self.batch_tokens = base.batch_tokens

@@ -26,13 +26,13 @@ _pools: dict[tuple, ProcessPoolExecutor] = {}
 _reader: dict[str, Any] = {}  # in a reader process: its tokenizer and chunker settings
 
 
-def reader_processes(setting: int, frees_cpu: bool) -> int:
+def reader_processes(setting: int, runs_off_cpu: bool) -> int:
     """``--readers``: that many processes; -1 (auto): on a GPU every core but the one
     the model's thread and the Parquet writer use (up to 8), on a CPU none (they would
     take the model's cores)."""
     if setting >= 0:
         return setting
-    return min(max((os.cpu_count() or 1) - 1, 1), 8) if frees_cpu else 0
+    return min(max((os.cpu_count() or 1) - 1, 1), 8) if runs_off_cpu else 0
 
 
 def _start_reader(tokenizer_json: str, settings: ChunkerSettings) -> None:

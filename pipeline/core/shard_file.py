@@ -102,6 +102,10 @@ def shard_stats(path: str) -> dict[str, Any]:
     return json.loads(shard_metadata(path)["stats"])
 
 
+# Settings every shard of one output must share, or their vectors cannot be mixed.
+SHARED_SETTINGS = ("model_profile", "model_id", "weights_sha256", "stand_in_for", "dimension", "prefix", "max_tokens",
+                   "normalized", "chunk_max_tokens", "chunk_overlap_tokens")
+
 # Settings shards made before they were recorded lack: compared only where both have them.
 RECORDED_LATER = ("weights_sha256",)
 

@@ -35,10 +35,9 @@ log = logging.getLogger("luigi-interface")
 # leaves the CPU free (a GPU), a background thread reads ahead (``read_ahead``) and the
 # model takes all the pieces that are ready each time, up to GROUP_TOKENS, so it waits
 # only for the first piece, and a second thread writes Parquet; on a CPU all of it runs
-# in turn in one thread (overlapping it slowed the model: `make bench`, 0.86 against
-# 0.96 x the embedder alone on 2 cores). Each group is sorted by length before batching:
-# large groups carry little padding (../shared/corpus at 16,384-token batches: 94.7 % of
-# padded tokens are real in 1M-token groups, 91.6 % at 256k, 82.3 % at 64k).
+# in turn in one thread (overlapping it slowed the model there). Each group is sorted by
+# length before batching: large groups carry little padding. docs/performance.md has
+# the measurements behind both choices.
 PIECE_TOKENS = 1 << 16
 GROUP_TOKENS = 1 << 20
 
@@ -160,7 +159,7 @@ def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | 
             try:
                 # Reading and writing overlap the model only when it leaves the CPU free
                 # (a GPU): on a CPU they would slow its threads more than they save.
-                overlap = embedder.frees_cpu
+                overlap = embedder.runs_off_cpu
                 with ThreadPoolExecutor(1, thread_name_prefix="parquet") as background:
                     submit = background.submit if overlap else _now_done
                     written = _now_done(lambda: None)

@@ -119,11 +119,13 @@ class OutputLayout:
     def list_rejects(self) -> Listing:
         return self._list(self.rejects, REJECTS_SUFFIX)
 
-    def first_shard(self) -> str | None:
-        """Any one published shard (the first the listing meets), without listing them all."""
+    def first_shard(self) -> tuple[int, str] | None:
+        """Any one published shard, (number, path): the first the listing meets, without
+        listing them all."""
         for listed in storage.list_files(self.shards, f"*{SHARD_SUFFIX}", hashes=False):
-            if shard_number(listed.relative, SHARD_SUFFIX) is not None:
-                return f"{self.shards}/{listed.relative}"
+            number = shard_number(listed.relative, SHARD_SUFFIX)
+            if number is not None:
+                return number, f"{self.shards}/{listed.relative}"
         return None
 
     @staticmethod

@@ -17,7 +17,6 @@ import base64
 import datetime as dt
 import html
 import io
-import json
 import os
 import time
 from collections import Counter
@@ -39,11 +38,8 @@ from pipeline.core.corpus import manifest_info
 from pipeline.errors import PipelineError
 from pipeline.output.ledger import cost_report
 from pipeline.core.progress import format_duration
-from pipeline.core.shard_file import shard_metadata
-from pipeline.output.status import shard_events, shard_list  # the same lists as `status` shows
-from pipeline.output.summary import COUNTED, active_seconds
-
-COUNTS = tuple(key for key in COUNTED if key != "seconds")  # documents, embedded, rejected, chunks, tokens
+from pipeline.output.footers import COUNTS, active_seconds, read_footers, total
+from pipeline.output.status import shard_events, shard_list, unfinished_shards  # the same lists as `status` shows
 LEGEND_ENTRIES = 10  # more workers or pods than this: the first ones are named, the rest counted
 STYLE = {"text.parse_math": False, "font.size": 10}  # a "$" in a pod name or title is text, not maths
 
@@ -137,29 +133,20 @@ def gather(output: str | os.PathLike, history: Optional[Path | str] = None, now:
     history = Path(history) if history else None
     where = OutputLayout.of(output)
     manifest = require_manifest(where)
-    paths = where.list_shards().paths()
-    if not paths:
+    footers = read_footers(where)
+    if not footers:
         raise PipelineError(f"{output} has no shards yet ({layout.SHARDS}/{layout.SHARD_FILE_PATTERN}): nothing to report")
     now = time.time() if now is None else now
-    totals, reasons, lengths = Counter(), Counter(), Counter()
-    spans, settings, precisions = [], {}, set()
-    for path in paths:
-        footer = shard_metadata(path)
-        stats = json.loads(footer.pop("stats"))
-        settings = settings or footer
-        precisions.add(footer.get("precision", ""))
-        totals.update({key: stats[key] for key in COUNTS})
-        reasons.update(stats["rejected_by_reason"])
-        lengths.update(shard_chunk_lengths(path))
-        spans.append(ShardSpan(
-            shard=stats["shard"], worker=stats.get("worker", "unknown"), device=stats.get("device", "unknown"),
-            started=dt.datetime.fromisoformat(stats["started_at"]),
-            finished=dt.datetime.fromisoformat(stats["finished_at"]),
-            seconds=float(stats["seconds"]), tokens=stats["tokens"], chunks=stats["chunks"]))
+    totals, lengths = total(footers), Counter()
+    for footer in footers:
+        lengths.update(shard_chunk_lengths(footer.path))
         if on_shard:
-            on_shard(len(paths))
+            on_shard(len(footers))
+    spans = [ShardSpan(shard=f.number, worker=f.stats.get("worker", "unknown"), device=f.stats.get("device", "unknown"),
+                       started=f.span[0], finished=f.span[1], seconds=float(f.stats["seconds"]), tokens=f.stats["tokens"],
+                       chunks=f.stats["chunks"]) for f in footers]
     events = shard_events(history, output) if history and history.exists() else {}
-    done = {s.shard for s in spans}
+    running, failed = unfinished_shards(events, done={f.number for f in footers})
     cost = cost_report(output, now)
     pods = [PodSpan(pod_id=p["pod_id"], gpu_type=p.get("gpu_type") or "", price_per_hour=p["price_per_hour"],
                     started=_utc(p["started_at_epoch"]), ended=_utc(p["stopped_at_epoch"] or now),
@@ -167,11 +154,9 @@ def gather(output: str | os.PathLike, history: Optional[Path | str] = None, now:
     return RunReport(
         output=output, now=_utc(now), finished=storage.exists(where.summary),
         shards_total=int(manifest_info(manifest)["shards"]), shards=spans,
-        totals={key: totals[key] for key in COUNTS}, rejected_by_reason=dict(reasons.most_common()),
-        chunk_lengths=dict(sorted(lengths.items())), settings=settings, precisions=sorted(precisions),
-        pods=pods, dollars=cost["dollars"], history=str(history) if events else None,
-        running=sorted(s for s, (event, _) in events.items() if event == "RUNNING" and s not in done),
-        failed=sorted(s for s, (event, _) in events.items() if event == "FAILED" and s not in done),
+        totals={key: totals.counts[key] for key in COUNTS}, rejected_by_reason=dict(totals.rejected_by_reason.most_common()),
+        chunk_lengths=dict(sorted(lengths.items())), settings=totals.settings, precisions=totals.precisions,
+        pods=pods, dollars=cost["dollars"], history=str(history) if events else None, running=running, failed=failed,
     )
 
 

@@ -9,7 +9,6 @@ shard that is not done says whether it was last seen running or failing.
 
 from __future__ import annotations
 
-import datetime as dt
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ from pipeline.output.layout import OutputLayout, require_manifest
 from pipeline.core.corpus import manifest_info
 from pipeline.output.ledger import cost_report
 from pipeline.core.progress import format_duration
-from pipeline.core.shard_file import shard_stats
-from pipeline.output.summary import active_seconds
+from pipeline.output.footers import ShardFooter, read_footers, total
 
 
 def count_shards(output: str) -> int:
@@ -56,14 +54,15 @@ class RunWatch:
         self.failed: set[int] = set()  # shards that failed here and have not been made since
 
     def snapshot(self) -> RunFigures:
-        names = set(OutputLayout.of(self.output).list_shards().paths())
+        published = OutputLayout.of(self.output).list_shards().numbers
+        names = set(published.values())
         done, now = len(names), self.clock()
         if self.first is None:
             self.first, self.seen = (now, done), names
         made_by = []
-        for name in sorted(names - self.seen):
+        for number in sorted(n for n, name in published.items() if name not in self.seen):
             try:
-                stats = shard_stats(name)
+                stats = ShardFooter.read(number, published[number]).stats
             except Exception:  # a figure on a screen is no reason to fail
                 continue
             self.tokens += int(stats.get("tokens") or 0)
@@ -128,36 +127,43 @@ def run_status(output: str, history: Optional[Path] = None,
     command line asks Runpod; without it, ``pods_gone`` is None)."""
     where = OutputLayout.of(output)
     info = manifest_info(require_manifest(where))
-    total = int(info["shards"])
-    stats = [shard_stats(path) for path in where.list_shards().paths()]
-    done = {s["shard"] for s in stats}
+    total_shards = int(info["shards"])
+    footers = read_footers(where)
+    totals = total(footers)
     events = shard_events(history, output) if history and history.exists() else {}
-    intervals = [(dt.datetime.fromisoformat(s["started_at"]), dt.datetime.fromisoformat(s["finished_at"])) for s in stats]
-    wall = active_seconds(intervals)
-    shards_per_hour = len(stats) / wall * 3600 if wall > 0 else 0.0
-    remaining = total - len(done)
+    running, failed = unfinished_shards(events, done={footer.number for footer in footers})
+    shards_per_hour = totals.shards / totals.busy_seconds * 3600 if totals.busy_seconds > 0 else 0.0
+    remaining = total_shards - totals.shards
     cost = cost_report(output)
     return {
         "output": output,
-        "shards": total,
-        "done": len(done),
-        "running": sorted(s for s, (event, _) in events.items() if event == "RUNNING" and s not in done),
-        "failed": sorted(s for s, (event, _) in events.items() if event == "FAILED" and s not in done),
+        "shards": total_shards,
+        "done": totals.shards,
+        "running": running,
+        "failed": failed,
         "history": str(history) if events else None,
         "documents": int(info["documents"]) if "documents" in info else None,
-        "documents_done": sum(s["documents"] for s in stats),
-        "rejected_documents": sum(s["rejected_documents"] for s in stats),
-        "chunks": sum(s["chunks"] for s in stats),
-        "tokens": sum(s["tokens"] for s in stats),
-        "tokens_per_second": sum(s["tokens"] for s in stats) / wall if wall > 0 else 0.0,
+        "documents_done": totals.counts["documents"],
+        "rejected_documents": totals.counts["rejected_documents"],
+        "chunks": totals.counts["chunks"],
+        "tokens": totals.counts["tokens"],
+        "tokens_per_second": totals.per_second("tokens"),
         "shards_per_hour": shards_per_hour,
         "eta_seconds": remaining / shards_per_hour * 3600 if shards_per_hour and remaining else (0.0 if not remaining else None),
-        "workers": sorted({s.get("worker", "") for s in stats} - {""}),
+        "workers": totals.workers,
         "finished": storage.exists(where.summary),
         "dollars": cost["dollars"],
         "pods_running": cost["running"],
         "pods_gone": gone_pods(output) if cost["running"] and gone_pods else None,
     }
+
+
+def unfinished_shards(events: dict[int, tuple[str, str]], done: set[int]) -> tuple[list[int], list[int]]:
+    """(running, failed): the shards not published whose latest task event in the
+    scheduler's history says so."""
+    running = sorted(s for s, (event, _) in events.items() if event == "RUNNING" and s not in done)
+    failed = sorted(s for s, (event, _) in events.items() if event == "FAILED" and s not in done)
+    return running, failed
 
 
 def format_status(status: dict[str, Any]) -> str:

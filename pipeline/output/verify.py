@@ -24,15 +24,12 @@ from pipeline import storage
 from pipeline.core.corpus import manifest_file, manifest_info
 from pipeline.output import layout
 from pipeline.output.layout import OutputLayout, numbered_name
-from pipeline.core.shard_file import footer_settings, setting_differs, shard_schema
+from pipeline.core.shard_file import SHARED_SETTINGS, setting_differs, shard_schema
+from pipeline.output.footers import COUNTS, ShardFooter
 
-# Settings every shard of one output must share (tasks.SHARED_SETTINGS and what
-# else tells two models or chunkers apart).
-SAME_SETTINGS = ("model_profile", "model_id", "weights_sha256", "stand_in_for", "dimension", "prefix", "max_tokens",
-                 "normalized", "chunk_max_tokens", "chunk_overlap_tokens")
 NORM_TOLERANCE = 1e-3  # fp16 models give unit vectors to about 1e-4
 BATCH_ROWS = 8192
-SUMMARY_COUNTS = ("shards", "documents", "embedded_documents", "rejected_documents", "chunks", "tokens")
+SUMMARY_COUNTS = ("shards", *COUNTS)
 
 
 @dataclass
@@ -127,13 +124,15 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
     name = numbered_name(shard, layout.SHARD_SUFFIX)
     problems, reference = verdict.problems, verdict.settings
     try:
-        with storage.open_for_reading(OutputLayout.of(output).shard(shard)) as f:
+        path = OutputLayout.of(output).shard(shard)
+        with storage.open_for_reading(path) as f:
             parquet = pq.ParquetFile(f)
-            metadata = footer_settings(parquet.metadata.metadata)
+            footer = ShardFooter.parse(shard, path, parquet.metadata.metadata)
+            metadata = footer.settings
             if not reference:
                 reference.update(metadata, shard=numbered_name(shard, ""))
             differs = [f"{k} {metadata.get(k)!r} ({reference['shard']}: {reference.get(k)!r})"
-                       for k in SAME_SETTINGS if setting_differs(metadata, reference, k)]
+                       for k in SHARED_SETTINGS if setting_differs(metadata, reference, k)]
             if differs:
                 problems.append(f"{name}: made with other settings: {'; '.join(differs)}")
                 return
@@ -174,8 +173,8 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
     if foreign:
         problems.append(f"{name}: {len(foreign)} document(s) not in this shard's manifest rows, first: {foreign[0]}")
 
-    stats = json.loads(metadata["stats"]) if "stats" in metadata else None
-    if stats is None:
+    stats = footer.stats
+    if not stats:
         problems.append(f"{name}: no pipeline.stats in its footer")
     else:
         found = {"documents": len(listed), "embedded_documents": len(embedded), "rejected_documents": len(rejects),

@@ -97,7 +97,7 @@ def sample_corpus(corpus: str, pattern: str, model: str, sample_size: int = 200,
 def hourly_price(gpu_type: str, cloud_type: str = "COMMUNITY") -> tuple[float, str]:
     if os.environ.get("RUNPOD_API_KEY"):
         try:
-            from pipeline.runpod.orchestrator import import_runpod
+            from pipeline.runpod.sdk import import_runpod
 
             runpod = import_runpod()
             runpod.api_key = os.environ["RUNPOD_API_KEY"]

@@ -15,27 +15,23 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import signal
-import sys
-import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 import luigi
 
 from pipeline import config
+from pipeline.config import gpu_type_list
 
-from pipeline import storage
+from pipeline import storage, web_view
 from pipeline.errors import PipelineError
-from pipeline.runpod.launcher_limits import RunGuard, RunLimits
-from pipeline.runpod.orphans import LauncherLease, clear_the_way
-from pipeline.output.ledger import PodLedger, cost_report
-from pipeline.runpod.orchestrator import PodLimit, PodSettings, RunpodOrchestrator
-from pipeline.core.progress import LiveLine, format_duration
-from pipeline.output.status import RunWatch, count_shards
+from pipeline.runpod.launcher_limits import RunLimits
+from pipeline.output.ledger import PodLedger
+from pipeline.runpod.orchestrator import PodSettings, RunpodOrchestrator
 from pipeline.tasks import CorpusManifest, EmbedAll, RunParameters
 from pipeline.runpod.pod_env import PodWorkers, settings_env
+from pipeline.runpod.pod_run import PodRun, PodRunSettings
 from pipeline.runpod.watchdog import Limits
 
 log = logging.getLogger("luigi-interface")
@@ -73,14 +69,6 @@ def pod_credentials(environ: Mapping[str, str], schemes: set[str]) -> dict[str, 
                 raise PipelineError(f"the pod's Google key file {key_file} does not exist")
             env["GOOGLE_CREDENTIALS_JSON"] = Path(key_file).read_text()
     return env
-
-
-class PodEnded(PipelineError):
-    """The pod stopped before the work was done (a crash, a watchdog limit)."""
-
-
-class LauncherStopped(PipelineError):
-    """SIGINT or SIGTERM: the pods are ended, and the task fails with one line."""
 
 
 def is_loopback(url: str) -> bool:
@@ -155,10 +143,10 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         env.update(pod_credentials(os.environ, schemes))
         return env
 
-    def orchestrator(self, image: str) -> RunpodOrchestrator:
+    def orchestrator(self, image: str, sleep: Callable[[float], None]) -> RunpodOrchestrator:
         settings = PodSettings(
             image=image,
-            gpu_types=tuple(g.strip() for g in self.gpu_types.split(",") if g.strip()),
+            gpu_types=gpu_type_list(self.gpu_types),
             cloud_type=self.cloud_type,
             spot=self.spot,
             gpu_count=self.gpus_per_pod,
@@ -167,11 +155,13 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             provisioning_timeout=self.provisioning_seconds,
             capacity_timeout=self.capacity_seconds,
         )
-        return RunpodOrchestrator(settings, PodLedger(self.output_location), sleep=self._pause)
+        return RunpodOrchestrator(settings, PodLedger(self.output_location), sleep=sleep)
 
-    def limits(self) -> RunLimits:
-        return RunLimits(self.max_dollars, self.first_shard_seconds, self.idle_seconds,
-                         Limits.from_env(dict(os.environ)).max_seconds, self.poll_seconds)
+    def pod_run_settings(self) -> PodRunSettings:
+        limits = RunLimits(self.max_dollars, self.first_shard_seconds, self.idle_seconds,
+                           Limits.from_env(dict(os.environ)).max_seconds, self.poll_seconds)
+        return PodRunSettings(self.output_location, self.pods, self.spot, self.spot_relaunches, self.max_dollars,
+                              self.poll_seconds, self.provisioning_seconds, limits)
 
     def run(self):
         if self.pods < 1 or self.gpus_per_pod < 1:
@@ -188,65 +178,9 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             from pipeline.runpod.image import build_and_push
 
             image = build_and_push(os.environ.get("PIPELINE_REGISTRY", ""))
-        self._stopping = threading.Event()  # set by SIGINT/SIGTERM: every wait ends at once
-        self._orchestrator = self.orchestrator(image)
-        self._pods: list[str] = []  # every pod this run started
-        self._live: list[str] = []  # those it follows now
-        self._ended: int | None = None  # how many of them _end_pods has ended
-        self._end_reason = ""
-        self._guard = RunGuard(self.limits(), clock=self._orchestrator.clock)
-        self._lease = LauncherLease(self.output_location, self._orchestrator.run_id, self.poll_seconds)
-        self._line = LiveLine(log)
-        self._watch = RunWatch(self.output_location, self.total_shards())  # one for the run: rates and who made what
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            self._lease.renew(force=True)
-            clear_the_way(self._orchestrator, self.output_location)
-            self._follow_until_done()
-        except PodLimit as exc:
-            self._end_reason = self._end_reason or f"launcher: {exc.reason}"
-            raise PodLimit(f"{exc}; rerun to resume (finished shards are kept)") from None
-        finally:
-            failing = sys.exc_info()[1] is not None
-            try:
-                self._end_pods(self._end_reason or ("launcher finished" if self._work_done() else "launcher stopped"), again=True)
-                self._lease.release()
-            except Exception as exc:
-                if not failing:
-                    raise
-                # The run's own error is the one to show; this one is logged, and the
-                # failure handler tries to end the pods once more.
-                log.error("ending this run's pods: %s", exc)
-            finally:
-                self._line.close()
-                for number, handler in previous.items():
-                    signal.signal(number, handler)
-
-    def _follow_until_done(self) -> None:
-        """Launch the pods, follow them, replace spot pods taken back; returns when the
-        work is done and raises when it cannot be."""
-        live = self._live
-        for _ in range(self.pods):
-            live.append(self._launch())
-        replaced = 0
-        while True:
-            ended = self._follow(live)
-            if not ended:
-                return
-            live[:] = [pod_id for pod_id in live if pod_id not in ended]
-            for pod_id in ended:
-                taken_back = self.spot and not self._ended_by_its_watchdog(pod_id)
-                self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back" if taken_back else "ended before the run was done")
-                if taken_back and replaced < self.spot_relaunches:
-                    # A new pod resumes from the published shards.
-                    replaced += 1
-                    log.warning("pod %s, a spot pod, was taken back; a new one takes over (%d of %d)", pod_id, replaced, self.spot_relaunches)
-                    live.append(self._launch())
-                elif live:
-                    log.warning("pod %s ended before the run was done; %d other pod(s) go on with its shards", pod_id, len(live))
-            if not live:
-                done, total = count_shards(self.output_location), self.total_shards()
-                raise PodEnded(f"pod(s) {', '.join(ended)} ended before the work was done ({done}/{total} shards); rerun to resume")
+        # Every pod it starts has ended when it returns or raises.
+        PodRun(self.pod_run_settings(), lambda sleep: self.orchestrator(image, sleep), total_shards=self.total_shards,
+               work_done=self._work_done, show=lambda text, percent: web_view.show(self, text, percent)).run()
 
     def _warn_about_what_pods_cannot_reach(self) -> None:
         """A pod runs elsewhere: this machine's disk and loopback are not its own."""
@@ -263,169 +197,3 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         to do, so no pod is started for nothing."""
         self.clone(EmbedAll).grow_manifest()
         return self._work_done()
-
-    def _launch(self) -> str:
-        self._stop_if_signalled()
-        self._budget_the_next_pod()
-        pod_id = self._orchestrator.start_pod(limit=lambda: self._while_starting(None))
-        self._pods.append(pod_id)
-        self._stop_if_signalled()  # a create in flight when the signal came: the run's finally ends it
-        self._orchestrator.wait_until_running(pod_id, limit=lambda: self._while_starting(pod_id))
-        self._guard.pod_running(pod_id)
-        return pod_id
-
-    def _ended_by_its_watchdog(self, pod_id: str) -> bool:
-        """Whether the pod ended itself (its record says why): work done or a limit,
-        not a spot pod taken back."""
-        try:
-            return str(PodLedger(self.output_location).get(pod_id).get("end_reason") or "").startswith("watchdog:")
-        except FileNotFoundError:
-            return False
-
-    def _run_spend(self) -> tuple[float, float, float | None]:
-        """(dollars this run has spent, dollars per hour its running pods cost, when its
-        oldest running pod was created), from the ledger: each pod's own billed price."""
-        report = cost_report(self.output_location, self._orchestrator.clock())
-        run = next((r for r in report["runs"] if r["run_id"] == self._orchestrator.run_id), None)
-        return (run["dollars"], run["dollars_per_hour"], run["oldest_running_epoch"]) if run else (0.0, 0.0, None)
-
-    def _budget_the_next_pod(self) -> None:
-        """--max-dollars is for the whole run: a new pod gets its share of what is left."""
-        spent, _, _ = self._run_spend()
-        if spent >= self.max_dollars:
-            raise PodEnded(f"this run has spent ${spent:.2f} of its ${self.max_dollars:.2f}: no new pod; rerun with a larger --max-dollars to resume")
-        self._orchestrator.settings.env["PIPELINE_WATCHDOG_MAX_DOLLARS"] = f"{(self.max_dollars - spent) / self.pods:.4f}"
-
-    def _limit_reached(self, spend: tuple[float, float, float | None], shard_deadlines: bool = True) -> str | None:
-        """A limit's one-line reason (then the pods are ended), or None. Renews the lease;
-        after a signal, raises LauncherStopped (its pods are already ended)."""
-        self._stop_if_signalled()
-        self._lease.renew()
-        return self._guard.breach(*spend, shard_deadlines=shard_deadlines)
-
-    def _while_starting(self, pod_id: str | None) -> str | None:
-        """At each round of the search for a GPU (``pod_id`` None) and each poll of a pod
-        not running yet (provisioning is billed): the live line and the limits. The
-        shard deadlines hold while other pods of the run are running."""
-        spend = self._run_spend()
-        self._see(self._watch.snapshot())
-        doing = f"pod {pod_id} starting" if pod_id else "looking for a free GPU"
-        self._show(f"{doing}: ${spend[0]:.4f} of ${self.max_dollars:g} (${spend[1]:.3f}/h)"
-                   + (f"; ended if not running within {format_duration(self.provisioning_seconds)} of its creation" if pod_id else ""),
-                   0, ("starting", pod_id))
-        return self._limit_reached(spend, shard_deadlines=bool(self._live))
-
-    def _stop_if_signalled(self) -> None:
-        if self._stopping.is_set():
-            raise LauncherStopped(f"{self._end_reason}: ended this run's pod(s) ({', '.join(self._pods) or 'none had started'}); "
-                                  "finished shards are kept: rerun the same command to resume")
-
-    def _pause(self, seconds: float) -> None:
-        """Sleep, but wake at once on SIGINT/SIGTERM."""
-        self._stopping.wait(seconds)
-
-    def _show(self, text: str, percent: int, key: object) -> None:
-        """The live line: on the terminal (or the log) and in the web view."""
-        self.set_status_message(text)
-        self.set_progress_percentage(percent)
-        self._line.show(text, key)
-
-    def _follow(self, live: list[str]) -> list[str]:
-        """Report progress until the work is done (returns []) or pods end before it is
-        (returns them); past a limit the pods are ended and PodLimit raised."""
-        while not self._work_done():
-            statuses = {pod_id: self._orchestrator.get_pod_status(pod_id) for pod_id in live}
-            self._stop_if_signalled()  # a pod ended by the signal handler is no pod that ended early
-            ended = [pod_id for pod_id, status in statuses.items() if not self._running(status)]
-            if ended:
-                return [] if self._work_done() else ended
-            for status in statuses.values():
-                self._orchestrator.record_billed_price(status)
-            figures, spend = self._watch.snapshot(), self._run_spend()
-            self._see(figures)
-            pods = f"pod {live[0]}" if len(live) == 1 else f"{len(live)} pods"
-            text = (f"{pods}: {figures.done}/{figures.total} shards done, {figures.tokens_per_second:,.0f} tokens/s, "
-                    f"ETA {figures.eta}, ${spend[0]:.4f} of ${self.max_dollars:g} (${spend[1]:.3f}/h)")
-            waiting = self._guard.deadline_in()
-            if waiting:
-                text += f"; {waiting[0]} due within {format_duration(max(waiting[1], 0))}"
-            self._show(text, figures.percent, (figures.done, len(live)))
-            reason = self._limit_reached(spend)
-            if reason:
-                log.error("launcher: %s: ending pod(s) %s", reason, ", ".join(live))
-                self._end_reason = f"launcher: {reason}"
-                raise PodLimit(f"{reason}: ended pod(s) {', '.join(live)} ({figures.done}/{figures.total} shards done)", reason)
-            self._end_stalled(live)
-            self._pause(self.poll_seconds)
-        return []
-
-    def _see(self, figures) -> None:
-        self._guard.saw_shards(figures.done)
-        self._guard.saw_pod_shards(figures.made_by)
-
-    def _end_stalled(self, live: list[str]) -> None:
-        """Of several pods, end those past their own shard deadline while the others
-        work (a container that never started, or hangs); the others go on."""
-        stalled = self._guard.stalled(live)
-        if stalled and len(stalled) == len(live):
-            self._end_reason = f"launcher: {stalled[0][1]}"
-            raise PodLimit(f"{stalled[0][1]}, and so is every other pod of the run: ended them", stalled[0][1])
-        for pod_id, reason in stalled:
-            log.error("launcher: %s: ending it; %d other pod(s) go on", reason, len(live) - 1)
-            self._orchestrator.terminate_pod(pod_id, reason=f"launcher: {reason}")
-            live.remove(pod_id)
-
-    @staticmethod
-    def _running(status: dict | None) -> bool:
-        return status is not None and status.get("desiredStatus") in ("RUNNING", "CREATED")
-
-    def _end_pods(self, reason: str, again: bool = False) -> None:
-        """Terminate every pod of this run, then sweep by name; one failure never stops
-        the rest, and signals wait until it is done. Once all have ended, a later call
-        does nothing unless ``again`` (run's last word: a create in flight during a
-        signal may have made a pod since)."""
-        orchestrator = getattr(self, "_orchestrator", None)
-        if orchestrator is None or (not again and getattr(self, "_ended", None) == len(self._pods)):
-            return  # nothing started, or all ended already
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-        errors = []
-        try:
-            for pod_id in getattr(self, "_pods", []):
-                try:
-                    orchestrator.terminate_pod(pod_id, reason=reason)
-                except Exception as exc:
-                    errors.append(exc)
-            try:
-                orchestrator.sweep(reason=f"{reason} (found by the sweep)")
-            except Exception as exc:
-                errors.append(exc)
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-        if errors:
-            raise errors[0]
-        self._ended = len(self._pods)
-
-    def _on_signal(self, number, _frame):
-        """End the pods now, wherever the launcher is; it stops at its next look
-        (every wait wakes at once), with one line. Nothing is raised from here, so no
-        half-done call is cut short."""
-        self._end_reason = self._end_reason or f"launcher got {signal.Signals(number).name}"
-        self._stopping.set()
-        try:
-            self._end_pods(self._end_reason)
-        except Exception as exc:  # the run's finally tries again
-            log.error("ending this run's pods after %s: %s", signal.Signals(number).name, exc)
-
-    def on_success(self):
-        self._end_pods("done")
-
-    def on_failure(self, exception):
-        explanation = super().on_failure(exception)
-        try:
-            self._end_pods(f"failed: {exception}")
-        except Exception as exc:  # the task still fails with its explanation, not a crashed worker
-            log.error("ending this run's pods failed: %s", exc)
-            explanation += f"\nEnding this run's pods failed too ({exc}): check the Runpod console\n"
-        return explanation
-

@@ -3,15 +3,14 @@
 Built on the runpod SDK, which has no retries of its own: a 5xx or 429 without a
 GraphQL error comes back as a body the SDK then fails to read (``KeyError: 'data'``
 or a JSON decode error), and one with a GraphQL error ("internal error") as a
-``QueryError`` like any refused request. ``_StatusAwareRequests`` lets the SDK see the
-HTTP status, so every 5xx and 429 is retried with backoff, whatever its body says. A pod is written to
+``QueryError`` like any refused request. ``sdk.StatusAwareRequests`` lets the SDK see the
+HTTP status (``sdk.py``), so every 5xx and 429 is retried with backoff, whatever its body says. A pod is written to
 the ledger the moment its creation returns, and a creation that failed in transit is
 looked up by its unique name before it is tried again, so no pod is ever orphaned.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,13 +19,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from pipeline.config import DEFAULTS, gpu_type_list
 from pipeline.output.ledger import PodLedger, ledger_record
 from pipeline.runpod.pod_env import PodIdentity, encode_env
+from pipeline.runpod.sdk import describe, import_runpod, is_transient, let_the_sdk_see_http_status, spot_pod_mutation
 from pipeline.errors import PipelineError, backoff
 
 log = logging.getLogger("luigi-interface")
 
-DEFAULT_GPU_TYPES = ("NVIDIA GeForce RTX 4090", "NVIDIA RTX A6000", "NVIDIA L40S")
+DEFAULT_GPU_TYPES = gpu_type_list(DEFAULTS["gpu_types"])
 POD_NAME_PREFIX = "embedding-pipeline-"
 _NO_CAPACITY = re.compile(r"no longer any instances available|not enough free gpus|no available", re.I)
 
@@ -56,54 +57,6 @@ class PodLimit(PodError):
         self.reason = reason or message
 
 
-class ApiUnavailable(Exception):
-    """The API answered 5xx or 429: an outage or a rate limit, to be retried."""
-
-
-class _StatusAwareRequests:
-    """The ``requests`` module as the SDK's query runner sees it, except that an answer
-    of status 5xx or 429 raises ``ApiUnavailable`` before the SDK reads its body (a
-    GraphQL error body would otherwise become a ``QueryError``, and a retry is lost)."""
-
-    def __init__(self, requests_module):
-        self._requests = requests_module
-
-    def __getattr__(self, name):
-        return getattr(self._requests, name)
-
-    def post(self, *args, **kwargs):
-        response = self._requests.post(*args, **kwargs)
-        if response.status_code >= 500 or response.status_code == 429:
-            try:
-                detail = response.json()["errors"][0]["message"]
-            except Exception:
-                detail = response.text[:120].strip() or response.reason
-            raise ApiUnavailable(f"HTTP {response.status_code}: {detail}")
-        return response
-
-
-def import_runpod():
-    """The SDK, without the root logging handler it installs at import time (its upload
-    helper calls ``logging.basicConfig``), which printed every log line of ours twice."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    import runpod
-
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    return runpod
-
-
-def let_the_sdk_see_http_status() -> None:
-    """Wrap the SDK's HTTP calls once per process (idempotent)."""
-    from runpod.api import graphql
-
-    if not isinstance(graphql.requests, _StatusAwareRequests):
-        graphql.requests = _StatusAwareRequests(graphql.requests)
-
-
 @dataclass
 class PodSettings:
     image: str
@@ -120,26 +73,6 @@ class PodSettings:
     poll_interval: float = 10
     api_attempts: int = 6
     api_max_wait: float = 30
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """The SDK's ways of saying 'try again': a body without data (5xx, 429: the SDK
-    indexes ``response["data"]`` and raises KeyError('data')), a body that is not JSON (a
-    proxy's error page), a dropped connection or a timeout. Any other KeyError is a
-    change in the API's shape and is not retried."""
-    if isinstance(exc, KeyError):
-        return exc.args == ("data",)
-    if isinstance(exc, (ApiUnavailable, json.JSONDecodeError, ConnectionError, TimeoutError)):
-        return True
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & {"ConnectionError", "Timeout", "ChunkedEncodingError", "JSONDecodeError"}:
-        return True
-    return "QueryError" in names and bool(_TRANSIENT_MESSAGE.search(str(exc)))
-
-
-# A GraphQL error that says "try again" even on a 200 answer.
-_TRANSIENT_MESSAGE = re.compile(r"rate limit|too many requests|try again later|internal (server )?error|"
-                                r"temporarily unavailable|service unavailable|timed? ?out", re.I)
 
 
 class RunpodOrchestrator:
@@ -176,9 +109,9 @@ class RunpodOrchestrator:
 
     def _call(self, action: str, function: Callable, *args, **kwargs):
         def on_retry(exc: BaseException, attempt: int, wait: float) -> None:
-            log.warning("runpod: %s: %s; retry %d in %.1fs", action, _describe(exc), attempt, wait)
+            log.warning("runpod: %s: %s; retry %d in %.1fs", action, describe(exc), attempt, wait)
 
-        retryer = backoff(_is_transient, self.settings.api_attempts, self.settings.api_max_wait, on_retry, self.sleep)
+        retryer = backoff(is_transient, self.settings.api_attempts, self.settings.api_max_wait, on_retry, self.sleep)
         try:
             return retryer(function, *args, **kwargs)
         except PipelineError:
@@ -186,7 +119,7 @@ class RunpodOrchestrator:
         except Exception as exc:
             if type(exc).__name__ == "AuthenticationError":
                 raise PodError(f"runpod: {action}: the API key was refused ({exc})") from exc
-            raise PodError(f"runpod: {action}: {_describe(exc)}") from exc
+            raise PodError(f"runpod: {action}: {describe(exc)}") from exc
 
     def gpu_price(self, gpu_type: str) -> float:
         """The hourly price of the pod's GPUs of this type in this cloud, read at run
@@ -264,11 +197,11 @@ class RunpodOrchestrator:
                 if "QueryError" in type(exc).__name__ and _NO_CAPACITY.search(str(exc)):
                     log.info("runpod: no %s free: %s", gpu_type, exc)
                     return None
-                if not _is_transient(exc) or attempt == s.api_attempts:
+                if not is_transient(exc) or attempt == s.api_attempts:
                     if type(exc).__name__ == "AuthenticationError":
                         raise PodError(f"runpod: creating a pod: the API key was refused ({exc})") from exc
                     self._end_if_created(name)  # the server may have made it all the same
-                    raise PodError(f"runpod: creating a {gpu_type} pod: {_describe(exc)}") from exc
+                    raise PodError(f"runpod: creating a {gpu_type} pod: {describe(exc)}") from exc
                 # The pod may exist although the answer was lost: look before trying again.
                 self.sleep(min(s.api_max_wait, 2**attempt * s.api_max_wait / 32))
                 pod = self._find_by_name(name)
@@ -276,7 +209,7 @@ class RunpodOrchestrator:
                     log.warning("runpod: creating %s failed in transit but the pod exists; keeping it", name)
                     self._creating[name] = (gpu_type, price, began)  # made during the attempt whose answer was lost
                     break
-                log.warning("runpod: creating a %s pod: %s; retry %d", gpu_type, _describe(exc), attempt)
+                log.warning("runpod: creating a %s pod: %s; retry %d", gpu_type, describe(exc), attempt)
         try:
             # Unless a sweep (a signal during the create) has written it, and closed it, already.
             self._record_if_unrecorded(pod["id"], name)
@@ -435,31 +368,3 @@ class RunpodOrchestrator:
                 self.terminate_pod(pod["id"], reason=reason)
                 ended.append(pod["id"])
         return ended
-
-
-def spot_pod_mutation(name: str, image_name: str, gpu_type_id: str, cloud_type: str, gpu_count: int,
-                      container_disk_in_gb: int, docker_args: str, env: dict[str, str], support_public_ip: bool,
-                      start_ssh: bool, bid_per_gpu: float) -> str:
-    """Runpod's ``podRentInterruptable``: the SDK's on-demand create with a bid per GPU.
-    Strings are written as JSON strings, which GraphQL reads the same way."""
-    def text(value: str) -> str:
-        return json.dumps(value)
-
-    env_items = ", ".join(f"{{ key: {text(k)}, value: {text(v)} }}" for k, v in env.items())
-    fields = [
-        f"name: {text(name)}", f"imageName: {text(image_name)}", f"gpuTypeId: {text(gpu_type_id)}",
-        f"bidPerGpu: {bid_per_gpu:.4f}", f"cloudType: {cloud_type}", f"gpuCount: {gpu_count}",
-        f"containerDiskInGb: {container_disk_in_gb}", "volumeInGb: 0", f"dockerArgs: {text(docker_args)}",
-        f"supportPublicIp: {str(support_public_ip).lower()}", f"startSsh: {str(start_ssh).lower()}", f"env: [{env_items}]",
-    ]
-    return (f"mutation {{ podRentInterruptable(input: {{ {', '.join(fields)} }}) "
-            "{ id desiredStatus imageName env machineId machine { podHostId } } }")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KeyError) and exc.args == ("data",):
-        return "the API answered without data (a server error or rate limit)"
-    if isinstance(exc, KeyError):
-        return f"the API's answer lacks the field {exc.args[0]!r}: has the API changed? (runpod SDK out of date?)"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]

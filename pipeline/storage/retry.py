@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
-from pipeline.errors import PipelineError, backoff
+from pipeline.errors import PipelineError, backoff, is_network_error
 
 log = logging.getLogger("luigi-interface")
 
@@ -42,23 +42,7 @@ def is_transient(exc: BaseException) -> bool:
     status = status_of(exc)
     if status is not None:
         return status in _TRANSIENT_STATUS
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    transient_names = {
-        "ConnectionError",  # requests
-        "Timeout",
-        "ChunkedEncodingError",
-        "ProtocolError",  # urllib3
-        "IncompleteRead",
-        "EndpointConnectionError",  # botocore
-        "ConnectionClosedError",
-        "ReadTimeoutError",
-        "ConnectTimeoutError",
-        "ResponseStreamingError",
-        "DataCorruption",  # google-cloud-storage: a download that failed its checksum
-    }
-    return bool(names & transient_names)
+    return is_network_error(exc)
 
 
 def describe(exc: BaseException) -> str:

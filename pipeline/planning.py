@@ -1,0 +1,122 @@
+"""What a run will do, decided before Luigi schedules its shards: the manifest written
+when missing (or grown with ``--add-new-documents``), the output checked against the
+run's settings, and how many shards there are.
+
+These are plain functions of a run's parameters (an ``EmbedAll``, or anything with its
+methods), so they are tested without a scheduler and the Luigi tasks keep no state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline import storage
+from pipeline.core.corpus import manifest_info, write_manifest
+from pipeline.core.manifest_growth import add_new_documents
+from pipeline.core.shard_file import SHARED_SETTINGS, settings_mismatch
+from pipeline.errors import PipelineError
+from pipeline.output.footers import ShardFooter
+
+if TYPE_CHECKING:
+    from pipeline.tasks import RunParameters
+
+log = logging.getLogger("luigi-interface")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's shards, as the manifest held them when the run was planned."""
+
+    shards: int
+
+
+def plan_run(run: "RunParameters") -> RunPlan:
+    """Write the manifest if it is missing, else grow it when ``add_new_documents``;
+    then refuse an output made from another corpus or with other settings (PipelineError)."""
+    if not storage.exists(run.manifest_path()):
+        write_run_manifest(run)
+    elif run.add_new_documents:
+        grow_manifest(run)
+    return RunPlan(shards=check_output_matches_settings(run))
+
+
+# Luigi asks a task for its requirements when it schedules it and again just before it
+# runs it. The second answer must name the same shards (another worker's
+# --add-new-documents may have grown the manifest meanwhile: EmbedAll.run takes those
+# on), and must not list the corpus again; so each run is planned once per build.
+# Keyed by every parameter, as Luigi's own task cache is: ``--add-new-documents`` does not
+# change a task's id, but it changes the plan.
+_plans: dict[str, RunPlan] = {}
+
+
+def planned(run: "RunParameters") -> RunPlan:
+    """The run's plan, made on the first call of a build (``plan_run``)."""
+    key = repr(sorted(run.param_kwargs.items()))
+    if key not in _plans:
+        _plans[key] = plan_run(run)
+    return _plans[key]
+
+
+def forget_plans() -> None:
+    """Before another build in this process: plan afresh (list new shards and documents)."""
+    _plans.clear()
+
+
+def write_run_manifest(run: "RunParameters") -> int:
+    """List the corpus into the manifest; the number of documents. Atomic: with several
+    workers writing at once, the first complete manifest stands."""
+    storage.ensure_writable_dir(run.output_location)
+    return write_manifest(run.corpus_location(), run.pattern, run.docs_per_shard, run.manifest_path())
+
+
+def grow_manifest(run: "RunParameters") -> int:
+    """``--add-new-documents``: append the corpus's new documents to the manifest as new
+    shards, after checking it is this corpus's manifest; how many."""
+    check_manifest_matches(run)  # never append another corpus's files
+    added = add_new_documents(run.corpus_location(), run.pattern, run.manifest_path())
+    log.info("%d documents added to the corpus since the manifest was written: new shards", added)
+    return added
+
+
+def check_manifest_matches(run: "RunParameters") -> int:
+    """Refuse an output listed from another corpus, pattern or shard size (its manifest
+    says); the manifest's shard count. Loads no model (the Runpod launcher asks too)."""
+    info = manifest_info(run.manifest_path())
+    wanted = {"corpus": run.corpus_location(), "pattern": run.pattern, "docs_per_shard": str(run.docs_per_shard)}
+    _refuse(run, settings_mismatch(info, wanted, wanted))
+    return int(info["shards"])
+
+
+def check_output_matches_settings(run: "RunParameters") -> int:
+    """Refuse to add to an output made from another corpus, shard size or model (one of
+    its shards says); the manifest's shard count."""
+    total = check_manifest_matches(run)
+    first_shard = run.layout().first_shard()
+    if first_shard:
+        existing = ShardFooter.read(*first_shard)
+        problems = settings_mismatch(existing.settings, run.embedder().settings(), SHARED_SETTINGS)
+        skipped = _skipped_duplicates(run, existing.stats)
+        if skipped is not None and skipped != run.skip_duplicates:
+            problems.append(f"skip_duplicates: {skipped} in the output, {run.skip_duplicates} now")
+        _refuse(run, problems)
+    return total
+
+
+def _skipped_duplicates(run: "RunParameters", stats: dict) -> bool | None:
+    """Whether the output's shards skip duplicates: their stats say, or for shards made
+    before they did, the summary's parameters; None when nothing says."""
+    if "skip_duplicates" in stats:
+        return stats["skip_duplicates"]
+    summary = run.layout().summary
+    if storage.exists(summary):
+        return json.loads(storage.read_text(summary)).get("parameters", {}).get("skip_duplicates", False)
+    return None
+
+
+def _refuse(run: "RunParameters", problems: list[str]) -> None:
+    if problems:
+        raise PipelineError(f"output {run.output_location} was made with other settings ({'; '.join(problems)}); "
+                            "use a new --output, or the settings it was made with")
