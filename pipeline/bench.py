@@ -176,6 +176,20 @@ def bench_model_path(profile: str, model_path: str, work: str) -> str:
 
 def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precision: str = "auto",
               pattern: str = "*.md", rounds: int = 3, model_path: str = "") -> dict[str, Any]:
+    """Every measurement of ``make bench`` on one corpus, side by side in this process.
+
+    Args:
+        corpus: the documents measured (a folder or bucket prefix).
+        profile: the model profile (``minilm``, ``nomic``).
+        device: ``cpu``, ``cuda``, ``auto``...
+        batch_tokens: padded tokens per batch; 0 picks by device.
+        precision: as ``--precision``.
+        pattern: which files are documents.
+        rounds: timed passes of each measurement; the median counts.
+        model_path: a local model folder (a stand-in's) instead of the profile's.
+
+    Returns the figures ``format_table`` prints and ``--json`` writes.
+    """
     import torch
 
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
@@ -321,6 +335,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def bench(corpus: str, profile: str, device: str, batch_tokens: int, precision: str = "auto", json_path: str = "",
           rounds: int = 3, model_path: str = "") -> str:
+    """``run_bench``'s table, its figures also written to ``json_path`` when given;
+    the other arguments are ``run_bench``'s."""
     result = run_bench(corpus, profile, device, batch_tokens, precision, rounds=rounds, model_path=model_path)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

@@ -38,8 +38,17 @@ def scheduler_of(task: luigi.Task) -> Optional[Any]:
 
 def post_run_figures(shard_task: luigi.Task, run_task_id: str, output: str, total_shards: int, shard: int,
                      failed: bool = False) -> None:
-    """Post the run's figures on its run task as one of its shards starts, ends or fails
-    (``failed``: it is listed until a later try makes it). A figure never fails a shard."""
+    """Post the run's figures on its run task as one of its shards starts, ends or fails.
+    A figure never fails a shard.
+
+    Args:
+        shard_task: the running shard task, whose worker's scheduler is used.
+        run_task_id: the task the figures are posted on (its EmbedAll).
+        output: the run's output, whose shards are counted.
+        total_shards: the manifest's shard count.
+        shard: the shard's number.
+        failed: the shard failed: listed until a later try makes it.
+    """
     scheduler = scheduler_of(shard_task)
     if scheduler is None:
         return

@@ -198,13 +198,36 @@ def or_skip(make, what: str):
         pytest.skip(f"{what}, the real-container tests are skipped: {exc}")
 
 
-@pytest.fixture(scope="session")
-def engine(tmp_path_factory):
-    from docker_engine import DockerEngine
+_warm_up = None  # docker_engine.WarmUp, started once the session knows it runs a container test
 
-    engine = or_skip(lambda: DockerEngine(tmp_path_factory.mktemp("docker")), "no Docker engine")
-    yield engine
-    engine.stop()
+
+def warm_up():
+    global _warm_up
+    if _warm_up is None:
+        from docker_engine import WarmUp
+
+        _warm_up = WarmUp()
+    return _warm_up
+
+
+def pytest_collection_modifyitems(config, items):
+    """The container tests last, so the engine and base made beside the others are ready."""
+    items[:] = [i for i in items if not i.get_closest_marker("docker")] + [i for i in items if i.get_closest_marker("docker")]
+
+
+def pytest_collection_finish(session):
+    if any(item.get_closest_marker("docker") for item in session.items):
+        warm_up()
+
+
+def pytest_sessionfinish(session):
+    if _warm_up is not None:
+        _warm_up.stop()
+
+
+@pytest.fixture(scope="session")
+def engine():
+    return or_skip(warm_up().engine, "no Docker engine")
 
 
 @pytest.fixture(scope="session")
@@ -225,15 +248,14 @@ def planted_checkout(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def image(engine, registry, planted_checkout, tmp_path_factory):
+def image(engine, registry, planted_checkout):
     """What ``make image`` builds and pushes, on the stand-in base, with the offline
     model: from the planted checkout, with the launcher's secrets in the environment
     (which must reach no layer)."""
-    from docker_engine import build_base_image
     from pipeline.runpod.image import build_and_push
     from secret_canaries import launcher_secrets
 
-    base = or_skip(lambda: build_base_image(engine, tmp_path_factory.mktemp("base")), "no stand-in base image")
+    base = or_skip(warm_up().base, "no stand-in base image")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {**launcher_secrets(planted_checkout), "DOCKER_HOST": engine.url}.items():
             patch.setenv(name, value)

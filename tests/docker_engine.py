@@ -5,6 +5,8 @@
 - ``build_base_image``: no registry can be reached to pull the CUDA PyTorch base, so a
   stand-in is built locally: a Debian rootfs (debootstrap, from the machine's own apt
   mirror) with python3 and the CPU torch wheel, imported with ``docker import``.
+- ``WarmUp``: the engine and the stand-in base, made in a thread from the start of the
+  session while the other tests run, so the container tests (run last) find them ready.
 - ``LocalRegistry``: Debian's docker-registry on 127.0.0.1, so ``make image``'s push
   and a pod's pull are real.
 - ``DockerContainers``: the fake Runpod's pod runtime that runs each pod as a real
@@ -23,8 +25,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from pathlib import Path
 
@@ -173,6 +177,43 @@ def build_base_image(engine: DockerEngine, workdir: Path) -> str:
     engine.client.api.import_image_from_file(str(tarball), repository=repository, tag=tag)
     tarball.unlink()
     return BASE_TAG
+
+
+class WarmUp:
+    """``DockerEngine`` and ``build_base_image`` in a background thread. The base is
+    mostly downloads and disk (debootstrap from the apt mirror, a pip install, a tar and
+    an import), so it hardly competes with the tests running beside it for the cores;
+    made in turn, it added minutes to the suite. ``engine()`` and ``base()`` wait for it
+    and raise ``Unavailable`` as the foreground calls would."""
+
+    def __init__(self):
+        self.workdir = Path(tempfile.mkdtemp(prefix="pytest-docker-"))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="docker-warm-up")
+        self._engine = self._pool.submit(self._make_engine)
+        self._base = self._pool.submit(self._make_base)  # after the engine: one thread
+
+    def _make_engine(self) -> DockerEngine:
+        (self.workdir / "docker").mkdir()
+        return DockerEngine(self.workdir / "docker")
+
+    def _make_base(self) -> str:
+        engine = self._engine.result()
+        (self.workdir / "base").mkdir()
+        return build_base_image(engine, self.workdir / "base")
+
+    def engine(self) -> DockerEngine:
+        return self._engine.result()
+
+    def base(self) -> str:
+        return self._base.result()
+
+    def stop(self) -> None:
+        """Wait for the thread (a debootstrap is not cut short), stop the engine, and
+        remove what it made."""
+        self._pool.shutdown(wait=True)
+        if self._engine.exception() is None:
+            self._engine.result().stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class LocalRegistry:

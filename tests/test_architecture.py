@@ -79,3 +79,11 @@ def test_the_module_map_names_every_module_and_only_those():
 def test_modules_stay_short_enough_to_read():
     lengths = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in modules()}
     assert {name for name, lines in lengths.items() if lines > LONGEST} <= TOO_LONG_FOR_NOW, lengths
+
+
+def test_the_tests_mirror_the_package():
+    """A module's tests sit in the folder of the same name (tests/core/ for pipeline/core/);
+    tests of the top-level modules and of whole runs at the top of tests/."""
+    folders = {path.parent.name for path in (ROOT / "tests").glob("*/test_*.py")}
+    packages = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").exists()}
+    assert folders == packages, "test folders that are no package folder, or package folders without tests"

@@ -69,7 +69,16 @@ def read_pieces(corpus: str, rows: list[dict[str, Any]], embedder: Embedder, rej
                 counts: Counter, readers: int = 0) -> Iterator[ChunkColumns]:
     """Read and chunk the shard's documents (in ``readers`` processes, or in this
     thread) into pieces of about PIECE_TOKENS tokens, recording rejections as they
-    come (``make bench`` chunks its corpus with it too)."""
+    come (``make bench`` chunks its corpus with it too).
+
+    Args:
+        corpus: where the documents are.
+        rows: the shard's manifest rows.
+        embedder: whose tokenizer and chunker settings are used.
+        rejects: each rejected document's record is appended here.
+        counts: documents read, embedded and rejected are counted here.
+        readers: reader processes; 0: read in this thread.
+    """
     parts: list[ChunkColumns] = []
     tokens = 0
     for part in _documents_read(corpus, rows, embedder, readers):

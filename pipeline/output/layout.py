@@ -1,5 +1,5 @@
 """Where everything of one output lives: the one module that spells its file and folder
-names (tests/test_layout.py checks that no other module does).
+names (tests/output/test_layout.py checks that no other module does).
 
 An output folder, local or in a bucket, holds::
 

@@ -20,7 +20,19 @@ def now_iso(seconds: float) -> str:
 
 def ledger_record(pod_id: str, name: str, run_id: str, gpu_type: str, gpu_count: int, cloud_type: str,
                   price: float, image: str, started: float) -> dict[str, Any]:
-    """One pod's ledger entry (the launcher writes it; the watchdog if the launcher died)."""
+    """One pod's ledger entry (the launcher writes it; the watchdog if the launcher died).
+
+    Args:
+        pod_id: Runpod's id of the pod.
+        name: the pod's unique name (how a lost create is found again).
+        run_id: the launch that started it.
+        gpu_type: the GPU type it got.
+        gpu_count: its GPUs.
+        cloud_type: ``SECURE`` or ``COMMUNITY``.
+        price: dollars per hour, as billed.
+        image: the image it runs.
+        started: when it was created, epoch seconds.
+    """
     return {
         "pod_id": pod_id, "name": name, "run_id": run_id, "gpu_type": gpu_type, "gpu_count": gpu_count,
         "cloud_type": cloud_type, "price_per_hour": price, "image": image,

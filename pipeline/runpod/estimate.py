@@ -112,6 +112,18 @@ def hourly_price(gpu_type: str, cloud_type: str = "COMMUNITY") -> tuple[float, s
 
 def estimate(corpus: str, pattern: str, model: str, gpu_types: list[str], sample_size: int = 200,
              tokens_per_second: Optional[float] = None) -> str:
+    """What embedding a corpus would take and cost on each GPU type, before any pod starts.
+
+    Args:
+        corpus: the folder or bucket prefix to embed.
+        pattern: which files are documents.
+        model: the profile whose tokenizer counts the tokens.
+        gpu_types: the GPU types priced, in order of preference.
+        sample_size: documents read and chunked to learn tokens per byte.
+        tokens_per_second: a measured throughput, instead of the one expected per GPU.
+
+    Returns the report as lines of text.
+    """
     sample = sample_corpus(corpus, pattern, model, sample_size)
     total_tokens = sample.tokens_per_byte * sample.bytes
     lines = [

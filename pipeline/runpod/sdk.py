@@ -87,7 +87,13 @@ def spot_pod_mutation(name: str, image_name: str, gpu_type_id: str, cloud_type: 
                       container_disk_in_gb: int, docker_args: str, env: dict[str, str], support_public_ip: bool,
                       start_ssh: bool, bid_per_gpu: float) -> str:
     """Runpod's ``podRentInterruptable``: the SDK's on-demand create with a bid per GPU.
-    Strings are written as JSON strings, which GraphQL reads the same way."""
+    Strings are written as JSON strings, which GraphQL reads the same way.
+
+    Args:
+        name, image_name, gpu_type_id, cloud_type, gpu_count, container_disk_in_gb,
+        docker_args, env, support_public_ip, start_ssh: as the SDK's ``create_pod``.
+        bid_per_gpu: dollars per hour per GPU offered (the spot price found).
+    """
     def text(value: str) -> str:
         return json.dumps(value)
 

@@ -102,7 +102,16 @@ def supervise(
 ) -> tuple[int, str]:
     """Run the worker ``commands`` (each with its env) until all end, a limit is passed
     or a signal lands in ``stopping``; returns (exit code, reason). A worker that fails
-    leaves the others going: on a shared scheduler they take over its shards."""
+    leaves the others going: on a shared scheduler they take over its shards.
+
+    Args:
+        commands: each worker's command line and environment.
+        limits: idle time, runtime and dollars after which the pod ends itself.
+        output: the run's output (its shards show progress; its ledger the price).
+        env: the pod's environment (its identity, for the ledger).
+        stopping: the signal handler appends the signal's name here.
+        clock: seconds, for the limits.
+    """
     # Runtime and spend count from the pod's creation (provisioning is billed too).
     created = float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or time.time())
     started = clock() - max(time.time() - created, 0)

@@ -1,12 +1,13 @@
 """The one pass over an output's shard footers that status, the run summary and the
 report share: what it reads, what it skips, and that all three count the same."""
 
+import datetime as dt
 import json
 
 import pytest
 
 from helpers import finished_output
-from pipeline.output.footers import COUNTS, ShardFooter, read_footers, total
+from pipeline.output.footers import COUNTS, ShardFooter, active_seconds, read_footers, total
 from pipeline.output.layout import OutputLayout
 from pipeline.output.report import gather
 from pipeline.output.status import run_status
@@ -59,3 +60,11 @@ def test_a_footer_without_stats_parses_with_empty_stats_and_nothing_totals_to_ze
     assert footer.settings == {"model_id": "m"} and footer.stats == {}
     empty = total([])
     assert empty.shards == 0 and sum(empty.counts.values()) == 0 and empty.busy_seconds == 0 and empty.started is None
+
+
+def test_active_seconds_skip_pauses_and_do_not_double_count_parallel_shards():
+    t = lambda s: dt.datetime(2026, 1, 1) + dt.timedelta(seconds=s)  # noqa: E731
+    assert active_seconds([(t(0), t(10)), (t(5), t(12)), (t(100), t(110))]) == 22
+    assert active_seconds([(t(0), t(10))]) == 10
+    assert active_seconds([]) == 0
+

@@ -1,6 +1,5 @@
-"""Atomic publish, stale temp files, and the summary's time accounting."""
+"""Atomic publish and stale temp files."""
 
-import datetime as dt
 import os
 import subprocess
 import sys
@@ -8,7 +7,6 @@ import sys
 import pytest
 
 from pipeline.storage import atomic_output, remove_stale_temps, temp_name_for
-from pipeline.output.footers import active_seconds
 
 
 def test_atomic_output_publishes_whole_files_and_leaves_nothing_on_error(tmp_path):
@@ -54,11 +52,3 @@ def test_only_temps_of_dead_writers_are_removed(tmp_path):
     other.write_bytes(b"not ours")
     assert remove_stale_temps(dest) == 1
     assert live.exists() and not dead.exists() and other.exists()
-
-
-def test_active_seconds_skip_pauses_and_do_not_double_count_parallel_shards():
-    t = lambda s: dt.datetime(2026, 1, 1) + dt.timedelta(seconds=s)  # noqa: E731
-    assert active_seconds([(t(0), t(10)), (t(5), t(12)), (t(100), t(110))]) == 22
-    assert active_seconds([(t(0), t(10))]) == 10
-    assert active_seconds([]) == 0
-

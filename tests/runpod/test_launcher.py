@@ -44,8 +44,8 @@ def corpus(tmp_path):
 
 
 def task(corpus, output, **extra):
-    return RunpodEmbedAll(corpus=str(corpus), output=str(output), docs_per_shard=3, image="registry.local/embedding:test",
-                          poll_seconds=0.2, model="minilm", **extra)
+    return RunpodEmbedAll(**{"corpus": str(corpus), "output": str(output), "docs_per_shard": 3, "image": "registry.local/embedding:test",
+                             "poll_seconds": 0.2, "model": "minilm", **extra})
 
 
 def launcher_env(fake):
@@ -240,17 +240,15 @@ def test_a_pod_with_two_gpus_runs_a_worker_on_each_and_is_billed_for_both(fake, 
 
 
 def test_several_pods_without_a_scheduler_are_refused_before_any_pod_starts(fake, corpus, tmp_path):
-    launcher = subprocess.run(luigi_command(*launcher_args(corpus, tmp_path / "out"), "--pods", "2"),
-                              cwd=ROOT, env=launcher_env(fake), capture_output=True, text=True, timeout=120)
-    assert launcher.returncode == 30 and "ERROR: --pods 2 needs --pods-scheduler-url" in launcher.stderr, launcher.stderr[-2000:]
+    with pytest.raises(PipelineError, match=r"^--pods 2 needs --pods-scheduler-url"):
+        task(corpus, tmp_path / "out", pods=2).run()
     assert not fake.pods
 
 
 def test_without_an_image_it_builds_one_first_and_says_what_is_missing(fake, corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("PIPELINE_REGISTRY", raising=False)
-    launcher = subprocess.run(luigi_command(*[a for a in launcher_args(corpus, tmp_path / "out") if a not in ("--image", "registry.local/embedding:test")]),
-                              cwd=ROOT, env=launcher_env(fake), capture_output=True, text=True, timeout=120)
-    assert launcher.returncode == 30 and "ERROR: PIPELINE_REGISTRY is not set" in launcher.stderr
+    with pytest.raises(PipelineError, match=r"^PIPELINE_REGISTRY is not set"):
+        run_in_this_process(task(corpus, tmp_path / "out", image=""))
     assert fake.pods == {}
 
 

@@ -23,7 +23,7 @@ def test_secrets_and_local_state_stay_out_of_the_build_context():
 
 
 def test_the_dockerfile_runs_the_watchdog_and_proves_the_model_loads_offline():
-    """The full proof is tests/test_container_engine.py; this holds where no engine runs."""
+    """The full proof is tests/runpod/test_container_engine.py; this holds where no engine runs."""
     dockerfile = (ROOT / "containers" / "Dockerfile").read_text()
     assert dockerfile.rstrip().endswith('ENTRYPOINT ["python", "-m", "pipeline.runpod.watchdog"]')
     assert "ARG BASE_IMAGE=" in dockerfile
