@@ -43,14 +43,19 @@ worker: $(STAMP)
 	$(BIN)/luigi --module pipeline EmbedAll --scheduler-host $(SCHEDULER_HOST) --scheduler-port $(SCHEDULER_PORT) \
 		$(WORKER_FLAGS) $(EMBED_ARGS)
 
+# Tests run on two worker processes (pytest-xdist): many wait on servers, subprocesses
+# and clocks rather than a core. TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
+TEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 # The whole suite: what CI runs (.ci/run).
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(TEST_PARALLEL) $(PYTEST_ARGS)
 
 # The fast tier for daily work: everything but the tests that run the pipeline in
 # subprocesses or build images (markers slow and docker); a few minutes.
 check: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not docker" $(TEST_PARALLEL) $(PYTEST_ARGS)
 
 # Fault injection, longer than make test's quick form: workers killed (SIGKILL) 25 times
 # at random moments and mid-upload, rerun each time (tests/test_chaos.py).

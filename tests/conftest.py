@@ -4,6 +4,14 @@ from pathlib import Path
 
 import pytest
 
+# With -n, each xdist worker gets its share of the cores: torch (and every run a test
+# starts, which inherits this) would otherwise spin a thread per core in each worker,
+# and oversubscribed cores made the fast tier slower on two workers than on one.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(_share))
+
 from helpers import NO_METADATA_PROBES, ROOT, SHARED_CORPUS, write_corpus
 
 os.environ.update(NO_METADATA_PROBES)
@@ -210,13 +218,25 @@ def warm_up():
     return _warm_up
 
 
+def _on_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """The container tests last, so the engine and base made beside the others are ready."""
-    items[:] = [i for i in items if not i.get_closest_marker("docker")] + [i for i in items if i.get_closest_marker("docker")]
+    """The container tests last, so the engine and base made beside the others are ready.
+    With ``-n``, they are one xdist group: one worker starts one engine, and xdist sends
+    that group (the largest) first, so it runs beside the others from the start."""
+    containers = [item for item in items if item.get_closest_marker("docker")]
+    for item in containers:
+        item.add_marker(pytest.mark.xdist_group("docker"))
+    items[:] = [item for item in items if not item.get_closest_marker("docker")] + containers
 
 
 def pytest_collection_finish(session):
-    if any(item.get_closest_marker("docker") for item in session.items):
+    # An xdist worker cannot know whether it will be sent the container tests: there the
+    # engine starts with the first of them.
+    if not _on_xdist_worker(session.config) and any(item.get_closest_marker("docker") for item in session.items):
         warm_up()
 
 
