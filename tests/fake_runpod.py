@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -351,7 +352,10 @@ class LocalProcesses:
     def start(self, pod_id: str, env: dict) -> None:
         output = open(os.path.join(self.log_dir, f"{pod_id}.log"), "ab") if self.log_dir else subprocess.DEVNULL
         # A session of its own: killing the "container" kills everything in it, as on Runpod.
-        self.processes[pod_id] = subprocess.Popen(self.command, env={**self.base_env, **env}, cwd=self.cwd,
+        # A /tmp of its own too, as a container has: Luigi's one-run-per-command lock lives
+        # there, and two pods of tests running side by side run the same command.
+        own_tmp = tempfile.mkdtemp(prefix=f"{pod_id}-tmp-")
+        self.processes[pod_id] = subprocess.Popen(self.command, env={**self.base_env, **env, "TMPDIR": own_tmp}, cwd=self.cwd,
                                                   stdout=output, stderr=subprocess.STDOUT if self.log_dir else subprocess.DEVNULL,
                                                   start_new_session=True)
         if self.log_dir:

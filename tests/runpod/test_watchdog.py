@@ -31,7 +31,7 @@ def pod(monkeypatch, tmp_path):
         HOME=str(tmp_path), RUNPOD_API_BASE_URL=api.url, RUNPOD_POD_ID=pod_id, RUNPOD_API_KEY=api.api_key,
         PIPELINE_CORPUS=str(write_corpus(tmp_path / "corpus", documents=8, words=200)),
         PIPELINE_OUTPUT=str(tmp_path / "out"), PIPELINE_DOCS_PER_SHARD="2", PIPELINE_DEVICE="cpu",
-        PIPELINE_WATCHDOG_CHECK_SECONDS="0.2",
+        PIPELINE_WATCHDOG_CHECK_SECONDS="0.2", TMPDIR=str(tmp_path),  # a pod's own /tmp: Luigi's run lock is there
     )
     yield api, pod_id, env, tmp_path / "out"
     try:
