@@ -72,11 +72,13 @@ class RunFailed(PipelineError):
 class EmbeddingInterface:
     """One output and its settings (``corpus``, ``model``, ``docs_per_shard``, … as
     ``EmbedAll`` takes them; unset ones come from luigi.cfg / ``PIPELINE_*``).
-    ``add_new_documents=True``: each resume first appends the corpus's new documents."""
+    ``add_new_documents=True``: each resume first appends the corpus's new documents;
+    ``sync=True``: each resume first follows the corpus's changes (``--sync``)."""
 
     def __init__(self, output: str | os.PathLike, corpus: str | os.PathLike | None = None, **settings: Any):
         prepare_run(exit_codes=False)  # .env (credentials), the hub off, one-line errors in Luigi's log
         self.add_new_documents = bool(settings.pop("add_new_documents", False))
+        self.sync = bool(settings.pop("sync", False))
         if corpus is not None:
             settings["corpus"] = os.fspath(corpus)
         self.run = EmbedAll(output=os.fspath(output), **settings)
@@ -122,7 +124,9 @@ class EmbeddingInterface:
         if (checkpoint.output, checkpoint.parameters) != (self.output, self.run.defining_parameters()):
             raise PipelineError(f"this checkpoint is of another run ({checkpoint.output}, {checkpoint.parameters}), "
                                 f"not of {self.output} with {self.run.defining_parameters()}")
-        if self.add_new_documents and storage.exists(self.run.manifest_path()):
+        if self.sync and storage.exists(self.run.manifest_path()):
+            self.run.sync_manifest()
+        elif self.add_new_documents and storage.exists(self.run.manifest_path()):
             self.run.grow_manifest()
         before = self.get_checkpoint()
         if before.missing and self.run.complete():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pipeline import storage
 from pipeline.core.corpus import manifest_info, write_manifest
 from pipeline.core.manifest_growth import add_new_documents
+from pipeline.core.sync import SyncResult, sync_output
 from pipeline.core.shard_file import SHARED_SETTINGS, settings_mismatch
 from pipeline.errors import PipelineError
 from pipeline.output.footers import ShardFooter
@@ -34,10 +35,13 @@ class RunPlan:
 
 
 def plan_run(run: "RunParameters") -> RunPlan:
-    """Write the manifest if it is missing, else grow it when ``add_new_documents``;
+    """Write the manifest if it is missing, else sync it with the corpus when ``sync``
+    (or grow it when ``add_new_documents``);
     then refuse an output made from another corpus or with other settings (PipelineError)."""
     if not storage.exists(run.manifest_path()):
         write_run_manifest(run)
+    elif run.sync:
+        sync_manifest(run)
     elif run.add_new_documents:
         grow_manifest(run)
     return RunPlan(shards=check_output_matches_settings(run))
@@ -79,6 +83,20 @@ def grow_manifest(run: "RunParameters") -> int:
     added = add_new_documents(run.corpus_location(), run.pattern, run.manifest_path())
     log.info("%d documents added to the corpus since the manifest was written: new shards", added)
     return added
+
+
+def sync_manifest(run: "RunParameters") -> SyncResult:
+    """``--sync``: record what changed in the corpus since the manifest (new, changed,
+    moved and deleted documents) as a new generation; the new shards are then the run's
+    missing shards."""
+    check_output_matches_settings(run)  # never sync another corpus's output, or one made otherwise
+    if run.skip_duplicates:
+        raise PipelineError(f"output {run.output_location} skips duplicate documents, which --sync does not follow yet "
+                            "(a skipped copy would stay unembedded when its first is changed or deleted): "
+                            "embed the corpus into a new --output instead")
+    result = sync_output(run.corpus_location(), run.pattern, run.output_location)
+    log.info("%s: %s", run.output_location, result.describe())
+    return result
 
 
 def check_manifest_matches(run: "RunParameters") -> int:

@@ -86,6 +86,9 @@ class RunParameters:
         significant=False, description="processes reading and chunking; -1: auto (cores - 1 on a GPU, none on a CPU)")
     add_new_documents = luigi.BoolParameter(significant=False, description=(
         "append documents added to the corpus since the manifest was written, as new shards"))
+    sync = luigi.BoolParameter(significant=False, description=(
+        "follow the corpus: embed new and changed documents into new shards, re-key moved ones, mark deleted ones "
+        "(a new generation of the manifest and a change log; finished shards are never rewritten)"))
     skip_duplicates = config.BoolSetting(description="reject a document whose content_hash an earlier one has")
 
     def clone(self, cls=None, **kwargs):
@@ -192,6 +195,9 @@ class EmbedAll(RunParameters, luigi.Task):
     def grow_manifest(self) -> int:
         return planning.grow_manifest(self)
 
+    def sync_manifest(self):
+        return planning.sync_manifest(self)
+
     def check_manifest_matches(self) -> int:
         return planning.check_manifest_matches(self)
 
@@ -220,8 +226,8 @@ class EmbedAll(RunParameters, luigi.Task):
         settings is not 'done': it runs, and the settings check explains why it cannot go
         on, instead of exiting 0 having done nothing."""
         path = self.output().path
-        if self.add_new_documents or not storage.exists(path):
-            return False  # asked to look for new documents: requires() looks
+        if self.add_new_documents or self.sync or not storage.exists(path):
+            return False  # asked to look for changes in the corpus: requires() looks
         summary = json.loads(storage.read_text(path))
         return summary.get("parameters") == self.defining_parameters() and summary.get("shards") == self.total_shards()
 

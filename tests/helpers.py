@@ -6,6 +6,7 @@ import configparser
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,3 +211,23 @@ def kill_while_writing(process: subprocess.Popen, shards: Path, shard: str = "*"
         return temps
     process.send_signal(signal.SIGCONT)
     return []
+
+
+# Three rounds of edits to a write_corpus(documents=10) corpus, for the --sync tests: documents
+# added, changed, moved (and moved back), deleted, made unreadable and mended, shortened.
+EDITS = [
+    lambda c: [(c / "part-0" / "doc-000.md").write_text((c / "part-0" / "doc-000.md").read_text() + "\nA correction.\n"),
+               (c / "part-0" / "doc-003.md").rename(c / "part-2" / "doc-003-moved.md"),
+               (c / "part-0" / "doc-006.md").unlink(),
+               (c / "part-1" / "new-a.md").write_text("# New A\n\nA translation added later.\n"),
+               (c / "part-1" / "doc-004.md").write_bytes(b"\xff\xfe\x00\x00" * 50),  # unreadable now
+               (c / "part-2" / "doc-005.md").write_text((c / "part-2" / "doc-005.md").read_text() * 4)],  # longer
+    lambda c: [(c / "part-1" / "doc-004.md").write_text("# Mended\n\nReadable again.\n"),
+               (c / "part-2" / "doc-003-moved.md").rename(c / "part-0" / "doc-003.md"),  # moved back
+               (c / "part-1" / "new-a.md").write_text("# New A\n\nA translation, corrected.\n"),
+               (c / "part-2" / "doc-005.md").write_text("# Shorter\n\nMuch shorter now.\n"),  # fewer chunks
+               (c / "part-1" / "new-b.md").write_text((c / "part-2" / "doc-008.md").read_text())],  # a copy
+    lambda c: [(c / "part-2" / "doc-008.md").unlink(),
+               shutil.move(c / "part-1" / "doc-007.md", c / "part-1" / "doc-007-renamed.md"),
+               (c / "part-0" / "doc-009.md").write_text((c / "part-0" / "doc-009.md").read_text() * 2)],
+]

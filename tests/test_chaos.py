@@ -9,16 +9,18 @@ printed when a test fails.
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, assert_same_output, bucket_rows, luigi_command, luigi_env, run_luigi, write_corpus
+from helpers import EDITS, ROOT, assert_same_output, bucket_rows, luigi_command, luigi_env, run_luigi, write_corpus
 from pipeline.core.shard_file import shard_stats
 from pipeline.output.verify import verify_output
 from storage_servers import FaultProxy
@@ -156,3 +158,67 @@ def test_sigkill_in_the_middle_of_uploads_then_rerun_ends_whole_and_equal(refere
     assert final.returncode == 0, f"CHAOS_SEED={SEED}: {final.stderr[-3000:]}"
     assert verify_output(f"{bucket.url}/out").ok
     assert_same_output(expected, bucket_rows(bucket, "out", tmp_path))
+
+
+def sync_moment(output: Path) -> str:
+    """Where a frozen ``--sync`` stands, from what it left."""
+    published = (output / "changes" / "generation-000001.parquet").exists()
+    generation = pq.read_metadata(output / "manifest.parquet").metadata.get(b"pipeline.generation")
+    if not published:
+        return "listing and comparing (no change log yet)"
+    return "change log published, manifest not yet" if generation is None else "synced, embedding the changes"
+
+
+def test_sigkill_during_a_sync_then_rerun_ends_as_an_uninterrupted_sync(tmp_path):
+    """``--sync`` killed at random moments, half of them the moment its change log is
+    visible (between the log and the manifest, the commit point's window), then rerun:
+    the output verifies and equals an uninterrupted sync's, manifest and change log too."""
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=120)
+    base = tmp_path / "base"
+    result = run_luigi(*embed_args(corpus, base))
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted, output = tmp_path / "uninterrupted", tmp_path / "out"
+    for copy in (uninterrupted, output):
+        shutil.copytree(base, copy)
+    EDITS[0](corpus)
+    clock = time.monotonic()
+    result = run_luigi(*embed_args(corpus, uninterrupted), "--sync")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seconds = time.monotonic() - clock
+
+    rng, hits = random.Random(SEED), Counter()
+    for _ in range(KILLS):
+        process = subprocess.Popen(luigi_command(*embed_args(corpus, output), "--sync"), cwd=ROOT, env=luigi_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if rng.random() < 0.5:
+                while process.poll() is None and not any((output / "changes").glob("*")):
+                    time.sleep(0.002)
+            else:
+                wait_for_moment(process, output / "shards", rng, seconds)
+            if process.poll() is not None:
+                hits["finished before the kill"] += 1
+                break
+            process.send_signal(signal.SIGSTOP)
+            hits[sync_moment(output)] += 1
+            process.send_signal(signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    print(f"CHAOS_SEED={SEED}: {dict(hits)}")
+    final = run_luigi(*embed_args(corpus, output), "--sync")
+    assert final.returncode == 0, f"CHAOS_SEED={SEED}: {final.stderr[-3000:]}"
+    verdict = verify_output(str(output))
+    assert verdict.ok, (SEED, verdict.problems)
+    names = sorted(path.name for path in (uninterrupted / "shards").glob("shard-*.parquet"))
+    assert names == sorted(path.name for path in (output / "shards").glob("shard-*.parquet"))
+    for name in names:  # stored rows, shard by shard: a changed document's rows are in two shards
+        a, b = (pq.read_table(folder / "shards" / name) for folder in (uninterrupted, output))
+        assert a.select(["doc_id", "chunk_id", "text", "metadata"]).equals(b.select(["doc_id", "chunk_id", "text", "metadata"]))
+        assert np.allclose(np.stack(a["embedding_vector"].to_numpy(zero_copy_only=False)),
+                           np.stack(b["embedding_vector"].to_numpy(zero_copy_only=False)), atol=1e-5), name
+    for name in ("manifest.parquet", "changes/generation-000001.parquet"):
+        tables = [pq.read_table(folder / name) for folder in (uninterrupted, output)]
+        assert tables[0].drop_columns(["time"] if "time" in tables[0].column_names else []).equals(
+            tables[1].drop_columns(["time"] if "time" in tables[1].column_names else [])), name

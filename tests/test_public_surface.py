@@ -20,7 +20,7 @@ PUBLIC_NAMES = {
     "EmbeddingBatch", "embedding_stats", "list_embedding_files", "read_shard", "stream_embeddings",
 }
 RUN_PARAMETERS = {"corpus", "output", "pattern", "docs_per_shard", "model", "model_path", "max_tokens", "batch_tokens",
-                  "device", "precision", "readers", "add_new_documents", "skip_duplicates"}
+                  "device", "precision", "readers", "add_new_documents", "sync", "skip_duplicates"}
 LAUNCHER_PARAMETERS = RUN_PARAMETERS | {
     "image", "gpu_types", "cloud_type", "spot", "spot_relaunches", "max_dollars", "pods", "pods_scheduler_url",
     "gpus_per_pod", "poll_seconds", "first_shard_seconds", "idle_seconds", "provisioning_seconds", "capacity_seconds"}

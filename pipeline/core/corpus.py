@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline import storage
+from pipeline.core.generations import rows_to_embed
 from pipeline.errors import PipelineError
 
 MANIFEST_SCHEMA = pa.schema(
@@ -149,7 +150,7 @@ def manifest_file(manifest: str) -> str:
     if not storage.is_remote(manifest):
         return str(storage.local_path(manifest))
     info = manifest_info(manifest)
-    return _downloaded(manifest, f"{info.get('documents')}@{info.get('extended_at', '')}")
+    return _downloaded(manifest, f"{info.get('documents')}@{info.get('generation', 0)}@{info.get('extended_at', '')}")
 
 
 @lru_cache(maxsize=4)
@@ -161,8 +162,8 @@ def _downloaded(manifest: str, version: str) -> str:
 
 
 def manifest_rows(manifest: str, shard: int) -> list[dict[str, Any]]:
-    """The manifest rows of one shard, in manifest order."""
-    return pq.read_table(manifest_file(manifest), filters=[("shard", "=", shard)]).to_pylist()
+    """The manifest rows one shard embeds, in manifest order (``generations.rows_to_embed``)."""
+    return rows_to_embed(pq.read_table(manifest_file(manifest), filters=[("shard", "=", shard)]))
 
 
 def duplicates_in_shard(manifest: str, shard: int) -> dict[str, str]:

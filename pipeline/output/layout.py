@@ -6,6 +6,7 @@ An output folder, local or in a bucket, holds::
     manifest.parquet                 the corpus listing that fixes each shard's documents
     shards/shard-NNNNNN.parquet      the vectors, one file per shard: the checkpoint
     rejects/shard-NNNNNN.jsonl       the documents a shard rejected, and why
+    changes/generation-NNNNNN.parquet  what each sync changed (``--sync``), its change log
     _SUCCESS.json                    the run summary, written last: the run is done
     _runs/pods/<pod id>.json         the pod ledger: what each Runpod pod cost
     _runs/launchers/<run id>.json    the leases of the launchers running pods for it
@@ -23,6 +24,7 @@ MANIFEST = "manifest.parquet"
 SUMMARY = "_SUCCESS.json"
 SHARDS = "shards"
 REJECTS = "rejects"
+CHANGES = "changes"
 SHARD_SUFFIX = ".parquet"
 REJECTS_SUFFIX = ".jsonl"
 SHARD_FILE_PATTERN = "shard-NNNNNN.parquet"  # how messages name a shard file
@@ -94,6 +96,24 @@ class OutputLayout:
     @property
     def launchers(self) -> str:
         return f"{self.root}/_runs/launchers"
+
+    @property
+    def changes(self) -> str:
+        return f"{self.root}/{CHANGES}"
+
+    def change_log(self, generation: int) -> str:
+        """The change log of the sync that made manifest generation ``generation``."""
+        return f"{self.changes}/generation-{generation:06d}{SHARD_SUFFIX}"
+
+    @classmethod
+    def holding(cls, shard_path: str) -> tuple["OutputLayout", int]:
+        """The output a shard file belongs to, and its number."""
+        folder, _, name = shard_path.rpartition("/")
+        root, _, shards = folder.rpartition("/")
+        number = shard_number(name, SHARD_SUFFIX)
+        if shards != SHARDS or number is None:
+            raise ValueError(f"{shard_path} is not a shard of an output ({SHARDS}/{SHARD_FILE_PATTERN})")
+        return cls.of(root), number
 
     def shard(self, number: int) -> str:
         return f"{self.shards}/{numbered_name(number, SHARD_SUFFIX)}"

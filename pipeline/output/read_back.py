@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from pipeline import storage
 from pipeline.output.layout import OutputLayout
+from pipeline.core.corpus import manifest_file, manifest_info
+from pipeline.core.generations import ShardView, shard_view
 from pipeline.core.shard_file import footer_settings, refuse_stand_in, shard_metadata
 
 if TYPE_CHECKING:  # pyarrow and numpy load only when something is read: `import pipeline` stays light
@@ -46,18 +48,65 @@ def list_embedding_files(output: str) -> list[str]:
     return OutputLayout.of(output).list_shards().paths()
 
 
-def read_shard(path: str) -> "pa.Table":
+def read_shard(path: str, history: bool = False) -> "pa.Table":
     """One whole shard as a table, with its settings in ``schema.metadata`` (a shard
-    holds ``docs_per_shard`` documents, so it fits in memory where the output may not)."""
+    holds ``docs_per_shard`` documents, so it fits in memory where the output may not).
+
+    Its current rows, re-keyed (see ``pipeline.core.generations``), once the output has
+    been synced; ``history=True`` gives every row as it was stored."""
     import pyarrow.parquet as pq
 
     with storage.open_for_reading(path) as f:
         table = pq.read_table(f)
     refuse_stand_in(footer_settings(table.schema.metadata), path)
-    return table
+    try:
+        output, shard = OutputLayout.holding(path)
+    except ValueError:  # a shard file on its own, outside an output: as stored
+        return table
+    view = None if history else current_view(output, shard)
+    return table if view is None else current_rows(table, view)
 
 
-def _batch(record_batch: "pa.RecordBatch") -> EmbeddingBatch:
+def synced(output: "OutputLayout") -> bool:
+    """Whether a sync ever changed the output (else every stored row is current)."""
+    return storage.exists(output.manifest) and manifest_info(output.manifest).get("generation", "0") != "0"
+
+
+def current_view(output: "OutputLayout", shard: int, is_synced: bool | None = None) -> ShardView | None:
+    """The shard's current view, or None where every stored row is current."""
+    if not (synced(output) if is_synced is None else is_synced):
+        return None
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(manifest_file(output.manifest), filters=[("shard", "=", shard)],
+                         columns=["doc_id", "path", "shard", "superseded_in", "embedded_doc_id"])
+    return shard_view(rows)
+
+
+def current_rows(rows: "pa.Table | pa.RecordBatch", view: ShardView) -> "pa.Table | pa.RecordBatch":
+    """The rows of ``view``'s shard that are current, under their current doc id and path."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kept = rows.filter(pc.is_in(rows.column("doc_id"), value_set=pa.array(list(view.current), pa.string())))
+    if not view.rekeys() or kept.num_rows == 0:
+        return kept
+    now = [view.current[stored] for stored in kept.column("doc_id").to_pylist()]
+    metadata = kept.column("metadata")
+    if isinstance(metadata, pa.ChunkedArray):
+        metadata = metadata.combine_chunks()
+    fields = {name: metadata.field(name) for name in (f.name for f in metadata.type)}
+    fields["path"] = pa.array([path for _, path in now], pa.string())
+    metadata = pa.StructArray.from_arrays(list(fields.values()), fields=list(metadata.type))
+    doc_ids = pa.array([doc_id for doc_id, _ in now], pa.string())
+    columns = {name: kept.column(name) for name in kept.schema.names}
+    columns.update(doc_id=doc_ids, metadata=metadata)
+    make = pa.Table.from_arrays if isinstance(kept, pa.Table) else pa.RecordBatch.from_arrays
+    return make(list(columns.values()), schema=kept.schema)
+
+
+def embedding_batch(record_batch: "pa.RecordBatch") -> EmbeddingBatch:
+    """One record batch of a shard (``COLUMNS``) as Python and numpy values."""
     import numpy as np
     import pyarrow as pa
 
@@ -74,37 +123,59 @@ def _batch(record_batch: "pa.RecordBatch") -> EmbeddingBatch:
     )
 
 
-def stream_embeddings(output: str, batch_size: int = 1000) -> Iterator[EmbeddingBatch]:
-    """Every row of an output, in shard order then row order, in batches of at most
-    ``batch_size`` rows. Memory holds what pyarrow decodes at a time (about one row
+def stream_embeddings(output: str, batch_size: int = 1000, history: bool = False) -> Iterator[EmbeddingBatch]:
+    """Every current row of an output (``read_shard``; ``history=True``: every stored
+    row), in shard order then row order, in batches of at most ``batch_size`` rows. Memory holds what pyarrow decodes at a time (about one row
     group of one shard), whatever the size of the output; a batch never spans two shards."""
     import pyarrow.parquet as pq
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    for path in list_embedding_files(output):
+    where = OutputLayout.of(output)
+    is_synced = not history and synced(where)
+    for shard, path in sorted(where.list_shards().numbers.items()):
+        view = current_view(where, shard, is_synced)
         with storage.open_for_reading(path) as f:
             parquet = pq.ParquetFile(f)
             refuse_stand_in(footer_settings(parquet.metadata.metadata), path)
             for record_batch in parquet.iter_batches(batch_size=batch_size, columns=COLUMNS):
+                if view is not None:
+                    record_batch = current_rows(record_batch, view)
                 if record_batch.num_rows:
-                    yield _batch(record_batch)
+                    yield embedding_batch(record_batch)
 
 
 def embedding_stats(output: str) -> dict[str, Any]:
     """How many vectors an output holds and what they are, from shard footers only
-    (``pipeline.stats`` and the settings), so it costs one small read per shard:
+    (``pipeline.stats`` and the settings), so it costs one small read per shard (of a
+    synced output, the doc id column too: it counts the current rows):
     ``count`` rows, ``dimension``, ``model`` (model id), ``model_profile``, ``prefix``,
     ``shards`` (published shard files) and ``documents`` (embedded documents)."""
     stats: dict[str, Any] = {"count": 0, "dimension": None, "model": None, "model_profile": None, "prefix": None,
                              "shards": 0, "documents": 0}
-    for path in list_embedding_files(output):
+    where = OutputLayout.of(output)
+    is_synced = synced(where)
+    for shard, path in sorted(where.list_shards().numbers.items()):
         footer = shard_metadata(path)
         if stats["model"] is None:
             stats.update(dimension=int(footer["dimension"]), model=footer.get("model_id"),
                          model_profile=footer.get("model_profile"), prefix=footer.get("prefix"))
-        counts = json.loads(footer["stats"])
-        stats["count"] += int(counts["chunks"])
-        stats["documents"] += int(counts["embedded_documents"])
         stats["shards"] += 1
+        view = current_view(where, shard, is_synced)
+        if view is None:
+            counts = json.loads(footer["stats"])
+            stats["count"] += int(counts["chunks"])
+            stats["documents"] += int(counts["embedded_documents"])
+        else:  # a synced output: its current rows, from the doc id column
+            doc_ids = _doc_ids(path)
+            kept = [doc_id for doc_id in doc_ids if view.keeps(doc_id)]
+            stats["count"] += len(kept)
+            stats["documents"] += len(set(kept))
     return stats
+
+
+def _doc_ids(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with storage.open_for_reading(path) as f:
+        return pq.read_table(f, columns=["doc_id"])["doc_id"].to_pylist()

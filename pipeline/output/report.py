@@ -35,6 +35,7 @@ from pipeline import storage
 from pipeline.output import layout
 from pipeline.output.layout import OutputLayout, require_manifest
 from pipeline.core.corpus import manifest_info
+from pipeline.core.sync import describe_sync, last_sync
 from pipeline.errors import PipelineError
 from pipeline.output.ledger import cost_report
 from pipeline.core.progress import format_duration
@@ -94,6 +95,7 @@ class RunReport:
     history: Optional[str]  # the task history read, if any
     running: list[int]  # shards last seen running (task history)
     failed: list[int]  # shards whose last run failed (task history)
+    sync: Optional[dict] = None  # what the last --sync changed (core.sync.last_sync); None if never synced
 
     @property
     def wall_seconds(self) -> float:
@@ -157,6 +159,7 @@ def gather(output: str | os.PathLike, history: Optional[Path | str] = None, now:
         totals={key: totals.counts[key] for key in COUNTS}, rejected_by_reason=dict(totals.rejected_by_reason.most_common()),
         chunk_lengths=dict(sorted(lengths.items())), settings=totals.settings, precisions=totals.precisions,
         pods=pods, dollars=cost["dollars"], history=str(history) if events else None, running=running, failed=failed,
+        sync=last_sync(output),
     )
 
 
@@ -198,6 +201,7 @@ def totals_rows(report: RunReport) -> list[tuple[str, str]]:
         ("dollars", dollars),
         ("first start", _when(min(span.started for span in report.shards))),
         ("last finish", _when(max(span.finished for span in report.shards))),
+        *([("sync", describe_sync(report.sync))] if report.sync else []),
     ]
     if report.history:
         rows += [("running", shard_list(report.running)), ("failed", shard_list(report.failed))]

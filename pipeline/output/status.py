@@ -19,6 +19,7 @@ from pipeline import storage
 from pipeline.output import layout
 from pipeline.output.layout import OutputLayout, require_manifest
 from pipeline.core.corpus import manifest_info
+from pipeline.core.sync import describe_sync, last_sync
 from pipeline.output.ledger import cost_report
 from pipeline.core.progress import format_duration
 from pipeline.output.footers import ShardFooter, read_footers, total
@@ -155,6 +156,7 @@ def run_status(output: str, history: Optional[Path] = None,
         "dollars": cost["dollars"],
         "pods_running": cost["running"],
         "pods_gone": gone_pods(output) if cost["running"] and gone_pods else None,
+        "sync": last_sync(output),
     }
 
 
@@ -179,6 +181,8 @@ def format_status(status: dict[str, Any]) -> str:
         f"while shards were being made, by {len(s['workers'])} worker process(es); ETA {eta}",
         f"cost: ${s['dollars']:.4f} on Runpod" + (f"; {s['pods_running']} pod(s) still running" if s["pods_running"] else ""),
     ]
+    if s.get("sync"):
+        lines.append(f"sync: {describe_sync(s['sync'])}")
     if s["pods_gone"]:
         lines.append(f"  of which {', '.join(s['pods_gone'])} the Runpod API no longer shows: "
                      f"`python -m pipeline pods sweep {s['output']}` closes their records")

@@ -39,6 +39,8 @@ class Verdict:
     problems: list[str] = field(default_factory=list)
     totals: Counter = field(default_factory=Counter)
     settings: dict[str, str] = field(default_factory=dict)
+    generation: int = 0  # of the manifest: how many syncs it has been through
+    current_documents: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -53,13 +55,16 @@ def manifest_shards(manifest_file: str, docs_per_shard: int, problems: list[str]
     """(shard, its manifest rows) in order, read in batches. Shards are numbered 0, 1, 2, …
     with at most ``docs_per_shard`` rows each (a manifest that gained documents has a
     short shard before the new ones); anything else is a problem."""
-    rows = (row for batch in pq.ParquetFile(manifest_file).iter_batches(BATCH_ROWS, columns=["doc_id", "path", "shard"])
-            for row in batch.to_pylist())
+    parquet = pq.ParquetFile(manifest_file)
+    columns = [name for name in ("doc_id", "path", "shard", "superseded_in", "embedded_doc_id")
+               if name in parquet.schema_arrow.names]
+    rows = (row for batch in parquet.iter_batches(BATCH_ROWS, columns=columns) for row in batch.to_pylist())
     expected = 0
     for shard, group in itertools.groupby(rows, key=lambda row: row["shard"]):
         group = list(group)
-        if shard != expected or len(group) > docs_per_shard:
-            problems.append(f"manifest: shard {shard} has {len(group)} rows where shard {expected} "
+        own = sum(1 for row in group if not row.get("embedded_doc_id"))
+        if shard != expected or own > docs_per_shard:
+            problems.append(f"manifest: shard {shard} has {own} rows where shard {expected} "
                             f"of at most {docs_per_shard} documents was due")
         expected = shard + 1
         yield shard, group
@@ -160,7 +165,7 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
             problems.append(f"{name}: document {doc_id} has chunk ids {sorted(ids)[:8]}…, not 0..{len(ids) - 1}")
 
     rejects = _read_rejects(output, shard, name, problems) if has_rejects else []
-    listed = {row["doc_id"]: row["path"] for row in manifest_rows}
+    listed = {row["doc_id"]: row["path"] for row in manifest_rows if not row.get("embedded_doc_id")}
     embedded, rejected = set(count.chunks), Counter(r["doc_id"] for r in rejects)
     twice = sorted(d for d, n in rejected.items() if n > 1) + sorted(embedded & set(rejected))
     missing = [d for d in listed if d not in embedded and d not in rejected]
@@ -172,6 +177,10 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
         problems.append(f"{name}: {len(missing)} document(s) neither embedded nor rejected, first: {listed[missing[0]]}")
     if foreign:
         problems.append(f"{name}: {len(foreign)} document(s) not in this shard's manifest rows, first: {foreign[0]}")
+    rekeyed = [row for row in manifest_rows if row.get("embedded_doc_id") and row.get("superseded_in") is None]
+    lost = [row["path"] for row in rekeyed if row["embedded_doc_id"] not in embedded | set(rejected)]
+    if lost:
+        problems.append(f"{name}: {len(lost)} moved document(s) whose stored rows are not in it, first: {lost[0]}")
 
     stats = footer.stats
     if not stats:
@@ -240,8 +249,42 @@ def verify_output(output: str, on_shard: Optional[Callable[[int], None]] = None)
     if len(seen) != total or int(info.get("documents", -1)) != verdict.totals["documents"]:
         verdict.problems.append(f"{layout.MANIFEST}: says {total} shards and {info.get('documents')} documents, "
                                 f"holds {len(seen)} shards and {verdict.totals['documents']} documents")
+    verdict.generation = int(info.get("generation", 0))
+    verdict.current_documents = int(info["current_documents"]) if "current_documents" in info else None
+    check_change_logs(where, manifest_file(manifest), verdict.generation, verdict.problems)
     _check_summary(output, verdict)
     return verdict
+
+
+def check_change_logs(where: OutputLayout, manifest: str, generation: int, problems: list[str]) -> None:
+    """Each sync's change log (generations 1..``generation``) says exactly which manifest
+    rows it added and superseded, and no sync's change log waits to be applied."""
+    from pipeline.core.generations import with_generations
+    from pipeline.core.sync import read_change_log
+
+    table = with_generations(pq.read_table(manifest, columns=None))
+    current_paths = table.filter(pc.is_null(table["superseded_in"]))["path"]
+    if len(pc.unique(current_paths)) != len(current_paths):
+        problems.append(f"{layout.MANIFEST}: a path is current in more than one row")
+    for number in range(1, generation + 1):
+        path = where.change_log(number)
+        if not storage.exists(path):
+            problems.append(f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}: missing (manifest generation {generation})")
+            continue
+        changes = read_change_log(path)
+        made = table.filter(pc.equal(table["generation"], number))
+        ended = table.filter(pc.equal(table["superseded_in"], number))
+        arriving = changes.filter(pc.is_valid(changes["new_shard"]))
+        leaving = changes.filter(pc.is_valid(changes["old_path"]))
+        if (sorted(zip(made["path"].to_pylist(), made["shard"].to_pylist()))
+                != sorted(zip(arriving["path"].to_pylist(), arriving["new_shard"].to_pylist()))
+                or sorted(ended["path"].to_pylist()) != sorted(leaving["old_path"].to_pylist())):
+            problems.append(f"change log of generation {number}: does not match the manifest's rows of that "
+                            f"generation ({arriving.num_rows} arriving, {leaving.num_rows} leaving in the log; "
+                            f"{made.num_rows} made, {ended.num_rows} superseded in the manifest)")
+    if storage.exists(where.change_log(generation + 1)):
+        problems.append(f"change log of generation {generation + 1}: published but not applied to the manifest "
+                        "(a sync was interrupted): rerun with --sync")
 
 
 def format_verdict(output: str, verdict: Verdict) -> str:
@@ -249,5 +292,7 @@ def format_verdict(output: str, verdict: Verdict) -> str:
     if verdict.ok:
         return (f"{output}: ok: {t['shards']} shards, {t['documents']:,} documents ({t['embedded_documents']:,} embedded, "
                 f"{t['rejected_documents']:,} rejected with a reason), {t['chunks']:,} chunks, {t['tokens']:,} tokens, "
-                f"{verdict.settings.get('model_id')} ({verdict.settings.get('dimension')} dimensions)")
+                f"{verdict.settings.get('model_id')} ({verdict.settings.get('dimension')} dimensions)"
+                + (f"; generation {verdict.generation}: {verdict.current_documents:,} current documents, the rest "
+                   "superseded by syncs" if verdict.generation else ""))
     return "\n".join(verdict.problems + [f"{output}: {len(verdict.problems)} problem(s)"])

@@ -120,7 +120,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
     def _work_done(self) -> bool:
         """The pods' work is done: their EmbedAll's summary is written (``complete()``
         is never true with ``--add-new-documents``, which asks the launcher to look)."""
-        return self.clone(EmbedAll, add_new_documents=False).complete()
+        return self.clone(EmbedAll, add_new_documents=False, sync=False).complete()
 
     def pod_env(self) -> dict[str, str]:
         """The pod's environment (``pod_env.py``): the run's settings as its workers read
@@ -169,7 +169,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         if self.pods > 1 and not self.pods_scheduler_url:
             raise PipelineError(f"--pods {self.pods} needs --pods-scheduler-url: a luigid all the pods can reach, "
                                 "which hands each shard to one of them (docs/runbook.md, 'Several pods')")
-        if self.add_new_documents and self._grow_manifest():
+        if (self.add_new_documents or self.sync) and self._follow_corpus():
             return
         self._warn_about_what_pods_cannot_reach()
         image = self.image
@@ -191,9 +191,14 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             log.warning("--pods-scheduler-url %s is this machine's loopback, which a Runpod pod cannot reach: "
                         "give a luigid address the pods can reach", self.pods_scheduler_url)
 
-    def _grow_manifest(self) -> bool:
-        """``--add-new-documents``: the launcher appends the corpus's new documents as
-        new shards (the pods then run them as missing shards). True when there is nothing
-        to do, so no pod is started for nothing."""
-        self.clone(EmbedAll).grow_manifest()
+    def _follow_corpus(self) -> bool:
+        """``--sync`` (or ``--add-new-documents``): the launcher records the corpus's
+        changes in the manifest, here, before any pod starts (the pods then run the new
+        shards as missing shards, without listing the corpus again). True when there is
+        nothing to do, so no pod is started for nothing."""
+        run = self.clone(EmbedAll)
+        if self.sync:
+            run.sync_manifest()
+        else:
+            run.grow_manifest()
         return self._work_done()

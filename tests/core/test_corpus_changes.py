@@ -47,7 +47,8 @@ def test_new_documents_are_found_in_one_pass_and_appended_as_new_shards(tmp_path
 
     assert add_new_documents(str(corpus), "*.md", manifest) == 3
     after = pq.read_table(manifest)
-    assert after.slice(0, before.num_rows).equals(before), "the rows already there moved"
+    assert after.slice(0, before.num_rows).select(before.column_names).equals(before), "the rows already there moved"
+    assert after.slice(before.num_rows)["generation"].to_pylist() == [1, 1, 1]
     assert after.slice(before.num_rows).select(["path", "shard"]).to_pylist() == [
         {"path": "a-first.md", "shard": 3}, {"path": "z-last.md", "shard": 3}, {"path": "zz-after.md", "shard": 4}]
     meta = pq.read_metadata(manifest).metadata

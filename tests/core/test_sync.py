@@ -1,0 +1,285 @@
+"""``--sync``: an output follows a corpus that changes (pipeline/core/sync.py,
+pipeline/core/generations.py). A corpus is embedded, then edited three times (documents
+added, changed, moved and deleted, one replaced by unreadable bytes) and synced; after
+each sync the output verifies, its current view equals a fresh full run over the edited
+corpus, only the changed documents were embedded, and no shard file was rewritten."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from helpers import EDITS, write_corpus
+from pipeline.core.corpus import write_manifest
+from pipeline.core.generations import CHANGE_LOG_SCHEMA
+from pipeline.core.shard_job import ShardJob, run_shard
+from pipeline.core.sync import describe_sync, read_change_log, read_manifest, sync_output
+from pipeline.output.layout import OutputLayout
+from pipeline.output.status import format_status, run_status
+from pipeline.output.read_back import embedding_stats, read_shard, stream_embeddings
+from pipeline.output.summary import run_summary
+from pipeline.output.verify import format_verdict, verify_output
+
+PER_SHARD = 4
+
+
+def embed_missing_shards(corpus, output, embedder) -> list[int]:
+    """Run every shard without a file (as EmbedAll would); the shards it ran."""
+    where = OutputLayout.of(output)
+    total = int(pq.read_metadata(where.manifest).metadata[b"pipeline.shards"])
+    ran = [shard for shard in range(total) if not (output / "shards" / f"shard-{shard:06d}.parquet").exists()]
+    for shard in ran:
+        run_shard(ShardJob(str(corpus), where.manifest, str(output), total), shard, embedder)
+    (output / "_SUCCESS.json").write_text(json.dumps(run_summary(str(output), total, {})))
+    return ran
+
+
+def full_run(corpus, output, embedder):
+    write_manifest(str(corpus), "*.md", PER_SHARD, str(output / "manifest.parquet"))
+    embed_missing_shards(corpus, output, embedder)
+
+
+def current_view(output) -> dict:
+    """{(doc_id, chunk_id): (path, text, vector)} of what a reader gets."""
+    rows = {}
+    for batch in stream_embeddings(str(output)):
+        for i, doc_id in enumerate(batch.doc_ids):
+            key = (doc_id, int(batch.chunk_ids[i]))
+            assert key not in rows, f"{key} read twice"
+            rows[key] = (batch.metadata[i]["path"], batch.texts[i], batch.vectors[i])
+    return rows
+
+
+def assert_same_view(synced, fresh):
+    got, expected = current_view(synced), current_view(fresh)
+    assert got.keys() == expected.keys()
+    for key, (path, text, vector) in expected.items():
+        assert got[key][:2] == (path, text), key
+        assert np.allclose(got[key][2], vector, atol=1e-5), key
+
+
+def shard_files(output) -> dict:
+    return {path.name: path.stat().st_mtime_ns for path in (output / "shards").glob("*.parquet")}
+
+
+EXPECTED = [
+    {"changed": 3, "moved": 1, "deleted": 1, "added": 1},
+    {"changed": 3, "moved": 1, "added": 1},
+    {"deleted": 1, "moved": 1, "changed": 1},
+]
+
+
+def test_three_syncs_each_equal_a_fresh_run_and_embed_only_what_changed(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=120)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    for generation, (edit, expected) in enumerate(zip(EDITS, EXPECTED), start=1):
+        before = shard_files(output)
+        edit(corpus)
+        result = sync_output(str(corpus), "*.md", str(output))
+        assert (result.generation, dict(result.counts)) == (generation, expected)
+        assert not (output / "_SUCCESS.json").exists(), "a synced output with shards to make looked finished"
+        ran = embed_missing_shards(corpus, output, embedder)
+
+        assert {name: shard_files(output)[name] for name in before} == before, "a finished shard was rewritten"
+        embedded = sum(json.loads(pq.read_metadata(output / "shards" / f"shard-{n:06d}.parquet").metadata[b"pipeline.stats"])
+                       ["documents"] for n in ran)
+        assert embedded == expected.get("added", 0) + expected.get("changed", 0), "more was embedded than changed"
+
+        verdict = verify_output(str(output))
+        assert verdict.ok, format_verdict(str(output), verdict)
+        fresh = tmp_path / f"fresh-{generation}"
+        full_run(corpus, fresh, embedder)
+        assert_same_view(output, fresh)
+        assert embedding_stats(str(output))["count"] == embedding_stats(str(fresh))["count"]
+
+    assert sync_output(str(corpus), "*.md", str(output)).changed_anything is False
+
+
+def test_the_change_log_says_what_each_document_became(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=60)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    EDITS[0](corpus)
+    sync_output(str(corpus), "*.md", str(output))
+    log = read_change_log(str(OutputLayout.of(output).change_log(1)))
+    assert log.schema.equals(CHANGE_LOG_SCHEMA)
+    rows = {row["path"]: row for row in log.to_pylist()}
+    assert rows["part-0/doc-000.md"]["action"] == "changed" and rows["part-0/doc-000.md"]["old_shard"] == 0
+    assert rows["part-0/doc-000.md"]["new_shard"] == 3 == rows["part-1/new-a.md"]["new_shard"]
+    moved = rows["part-2/doc-003-moved.md"]
+    assert (moved["action"], moved["old_path"], moved["new_shard"]) == ("moved", "part-0/doc-003.md", moved["old_shard"])
+    assert moved["embedded_doc_id"] != moved["doc_id"]
+    assert rows["part-0/doc-006.md"]["action"] == "deleted" and rows["part-0/doc-006.md"]["new_shard"] is None
+    assert len({row["time"] for row in rows.values()}) == 1
+
+
+def test_a_moved_document_is_read_under_its_new_id_and_path_and_history_keeps_the_old(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "corpus", documents=6, words=60)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    (corpus / "part-0" / "doc-003.md").rename(corpus / "part-0" / "renamed.md")
+    assert dict(sync_output(str(corpus), "*.md", str(output)).counts) == {"moved": 1}
+    assert embed_missing_shards(corpus, output, embedder) == [], "a move embedded something"
+    shard = str(output / "shards" / "shard-000000.parquet")
+    now, stored = read_shard(shard), read_shard(shard, history=True)
+    assert now.num_rows == stored.num_rows
+    paths_now = {m["path"] for m in now["metadata"].to_pylist()}
+    assert "part-0/renamed.md" in paths_now and "part-0/doc-003.md" not in paths_now
+    assert "part-0/doc-003.md" in {m["path"] for m in stored["metadata"].to_pylist()}
+    assert np.array_equal(np.stack(now["embedding_vector"].to_numpy(zero_copy_only=False)),
+                          np.stack(stored["embedding_vector"].to_numpy(zero_copy_only=False)))
+
+
+def test_an_output_made_before_syncs_reads_verifies_and_syncs(tmp_path, embedder):
+    """A manifest without the generation columns: every row current; the first sync adds them."""
+    corpus = write_corpus(tmp_path / "corpus", documents=6, words=60)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    assert "generation" not in pq.read_schema(output / "manifest.parquet").names
+    assert verify_output(str(output)).ok and len(current_view(output)) > 0
+    (corpus / "part-1" / "doc-001.md").unlink()
+    assert dict(sync_output(str(corpus), "*.md", str(output)).counts) == {"deleted": 1}
+    embed_missing_shards(corpus, output, embedder)
+    assert verify_output(str(output)).ok
+    assert not any(doc_path == "part-1/doc-001.md" for doc_path, _, _ in current_view(output).values())
+
+
+def test_verify_finds_a_change_log_that_does_not_match_or_was_never_applied(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "corpus", documents=6, words=60)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    (corpus / "part-1" / "doc-001.md").unlink()
+    sync_output(str(corpus), "*.md", str(output))
+    embed_missing_shards(corpus, output, embedder)
+    where = OutputLayout.of(output)
+    log = pq.read_table(where.change_log(1))
+    pq.write_table(log.slice(0, 0), where.change_log(1))
+    assert any("change log of generation 1: does not match" in p for p in verify_output(str(output)).problems)
+    pq.write_table(log, where.change_log(1))
+    pq.write_table(log, where.change_log(2))
+    assert any("generation 2: published but not applied" in p for p in verify_output(str(output)).problems)
+
+
+def test_a_sync_cut_short_after_its_change_log_is_finished_by_the_next(tmp_path, embedder):
+    """The change log is the commit point: a sync killed after publishing it (the manifest
+    not yet) leaves the log alone in the output; the rerun applies it, then finds nothing
+    more, and the output equals one synced without a break."""
+    corpus = write_corpus(tmp_path / "corpus", documents=8, words=60)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(output, uninterrupted)
+    EDITS[0](corpus)
+    sync_output(str(corpus), "*.md", str(uninterrupted))
+    changes = output / "changes"
+    changes.mkdir()
+    shutil.copy(OutputLayout.of(uninterrupted).change_log(1), changes)  # what the killed sync left
+    (output / "_SUCCESS.json").unlink()
+    assert any("not applied" in problem for problem in verify_output(str(output)).problems)
+
+    result = sync_output(str(corpus), "*.md", str(output))
+    assert (result.generation, sum(result.counts.values())) == (1, 6)
+    for finished in (output, uninterrupted):
+        embed_missing_shards(corpus, finished, embedder)
+        assert verify_output(str(finished)).ok
+    assert_same_view(output, uninterrupted)
+    assert read_manifest(str(output / "manifest.parquet")).equals(read_manifest(str(uninterrupted / "manifest.parquet")))
+    assert read_change_log(OutputLayout.of(output).change_log(1)).equals(
+        read_change_log(OutputLayout.of(uninterrupted).change_log(1)))
+
+
+def test_shards_of_a_generation_not_yet_made_then_synced_again(tmp_path, embedder):
+    """A sync, then more edits before its shards were made (a kill, or a user in a hurry):
+    the second sync supersedes rows no shard has embedded yet, and a move out of a shard
+    not yet made is a delete and an add (nothing is stored to re-key)."""
+    corpus = write_corpus(tmp_path / "corpus", documents=8, words=60)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    EDITS[0](corpus)
+    sync_output(str(corpus), "*.md", str(output))
+    (corpus / "part-1" / "new-a.md").rename(corpus / "part-1" / "new-a-moved.md")
+    (corpus / "part-0" / "doc-000.md").write_text("# Again\n\nChanged a second time.\n")
+    result = sync_output(str(corpus), "*.md", str(output))
+    assert dict(result.counts) == {"added": 1, "deleted": 1, "changed": 1}
+    embed_missing_shards(corpus, output, embedder)
+    verdict = verify_output(str(output))
+    assert verdict.ok, format_verdict(str(output), verdict)
+    fresh = tmp_path / "fresh"
+    full_run(corpus, fresh, embedder)
+    assert_same_view(output, fresh)
+
+
+def test_embed_all_with_sync_follows_the_corpus_and_says_so(tmp_path, caplog):
+    """``luigi --module pipeline EmbedAll --sync``: the plan syncs the manifest, the new
+    shards run as missing shards, the summary is written again; without --sync a finished
+    run stays finished."""
+    import logging
+
+    import luigi
+
+    from pipeline import EmbedAll
+
+    corpus = write_corpus(tmp_path / "corpus", documents=8, words=60)
+    settings = dict(corpus=str(corpus), output=str(tmp_path / "out"), docs_per_shard=PER_SHARD, device="cpu",
+                    batch_tokens=16384, precision="float32")
+    assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    EDITS[0](corpus)
+    assert EmbedAll(**settings).complete(), "without --sync a finished run is done"
+    assert not EmbedAll(**settings, sync=True).complete()
+    with caplog.at_level(logging.INFO, logger="luigi-interface"):
+        assert luigi.build([EmbedAll(**settings, sync=True)], local_scheduler=True, log_level="WARNING")
+    assert any("synced to generation 1: 1 added, 3 changed, 1 moved, 1 deleted" in r.getMessage() for r in caplog.records)
+    summary = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
+    assert summary["shards"] == 3
+    verdict = verify_output(str(tmp_path / "out"))
+    assert verdict.ok and "generation 1: 8 current documents" in format_verdict(str(tmp_path / "out"), verdict)
+    status = run_status(str(tmp_path / "out"))
+    assert {k: status["sync"][k] for k in ("generation", "added", "changed", "moved", "deleted", "current_documents")} == {
+        "generation": 1, "added": 1, "changed": 3, "moved": 1, "deleted": 1, "current_documents": 8}
+    assert "sync: generation 1 (last sync " in format_status(status)
+    from pipeline.output.report import gather, totals_rows
+
+    assert ("sync", describe_sync(status["sync"])) in totals_rows(gather(str(tmp_path / "out")))
+    fresh = tmp_path / "fresh"
+    assert luigi.build([EmbedAll(**{**settings, "output": str(fresh)})], local_scheduler=True, log_level="WARNING")
+    assert_same_view(tmp_path / "out", fresh)
+
+
+def test_a_collection_kept_by_applying_each_change_log_equals_a_fresh_import(tmp_path, embedder):
+    """docs/weaviate.md on a mapping level: a dict of uuid -> object stands for the
+    collection; after each sync, deletes and upserts make it what importing the edited
+    corpus afresh gives (a shorter document's extra chunks and moved ids gone)."""
+    from pipeline.output.weaviate_import import weaviate_changes, weaviate_objects
+
+    def imported(output):
+        return {obj["uuid"]: obj for batch in stream_embeddings(str(output)) for obj in weaviate_objects(batch)}
+
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=120)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    collection = imported(output)
+    for generation, edit in enumerate(EDITS, start=1):
+        edit(corpus)
+        sync_output(str(corpus), "*.md", str(output))
+        embed_missing_shards(corpus, output, embedder)
+        changes = weaviate_changes(str(output), generation)
+        for obj in changes.upsert:
+            collection[obj["uuid"]] = obj
+        assert changes.delete, "every round deletes or shortens something"
+        if generation == 2:
+            from pipeline.core.corpus import doc_id_for
+            from pipeline.output.weaviate_import import object_uuid
+
+            shortened = doc_id_for("part-2/doc-005.md")
+            assert object_uuid(shortened, 1) in changes.delete and object_uuid(shortened, 0) not in changes.delete
+        for uuid in changes.delete:
+            del collection[uuid]  # a KeyError: a delete of an object never imported
+        fresh = tmp_path / f"fresh-{generation}"
+        full_run(corpus, fresh, embedder)
+        expected = imported(fresh)
+        assert collection.keys() == expected.keys()
+        for uuid, obj in expected.items():
+            assert collection[uuid]["properties"] == obj["properties"]
+            assert np.allclose(collection[uuid]["vector"], obj["vector"], atol=1e-5)
