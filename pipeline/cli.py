@@ -2,6 +2,7 @@
 
     python -m pipeline status OUTPUT [--json]  shards done, failed, running; throughput, ETA, dollars
     python -m pipeline verify OUTPUT [--json]  prove the output is whole (exit 1 naming each problem)
+    python -m pipeline compact OUTPUT NEW_OUTPUT  a synced output's current rows only, verified before and after
     python -m pipeline search OUTPUT "query" [-k 5] [--json]  the chunks nearest a query (exact cosine)
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
     python -m pipeline pods sweep OUTPUT       end every billed pod of an output; close records of pods gone
@@ -109,6 +110,17 @@ def verify(output: str, as_json: bool) -> int:
     return 0 if verdict.ok else 1
 
 
+def compact(output: str, destination: str) -> int:
+    """0 when the compacted output verifies; it is verified before and after."""
+    from pipeline.output.compact import compact_output
+    from pipeline.output.verify import format_verdict
+
+    with shard_progress("compacting") as tick:
+        verdict = compact_output(output.rstrip("/") or output, destination, on_shard=tick)
+    print(format_verdict(destination, verdict))
+    return 0 if verdict.ok else 1
+
+
 def search(output: str, query: str, k: int, as_json: bool) -> int:
     """The k chunks nearest the query, best first; 0 even when the output holds none."""
     from pipeline.output.search import format_results
@@ -152,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     verify_parser = commands.add_parser("verify", help="prove an output is whole: every document embedded or rejected, every vector sound")
     verify_parser.add_argument("output", help="the output folder or bucket prefix")
     verify_parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    compact_parser = commands.add_parser("compact", help="a new output of a synced one's current rows only")
+    compact_parser.add_argument("output", help="the output folder or bucket prefix (verified first, left as it is)")
+    compact_parser.add_argument("new_output", help="where to write the compacted output (verified after)")
     search_parser = commands.add_parser("search", help="the chunks nearest a query, by the output's own model")
     search_parser.add_argument("output", help="the output folder or bucket prefix")
     search_parser.add_argument("query", help="the text to look for")
@@ -211,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(figures, indent=2) if args.json else format_status(figures))
         elif args.command == "verify":
             return verify(args.output, args.json)
+        elif args.command == "compact":
+            return compact(args.output, args.new_output)
         elif args.command == "search":
             if args.k < 1:
                 parser.error("-k must be at least 1")

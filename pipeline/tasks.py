@@ -232,6 +232,7 @@ class EmbedAll(RunParameters, luigi.Task):
         return summary.get("parameters") == self.defining_parameters() and summary.get("shards") == self.total_shards()
 
     def run(self):
+        planning.planned(self)  # a plan that failed in requires() fails here, as one line
         total = planning.check_output_matches_settings(self)
         while True:
             shards = self.shards(total)

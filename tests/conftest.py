@@ -151,6 +151,20 @@ class Bucket:
         else:
             self.client.put_object(Bucket=self.name, Key=key, Body=data)
 
+    def delete(self, key: str) -> None:
+        if self.kind == "gcs":
+            self.client.bucket(self.name).blob(key).delete()
+        else:
+            self.client.delete_object(Bucket=self.name, Key=key)
+
+    def mirror_folder(self, folder, prefix: str) -> None:
+        """Make ``prefix`` hold what ``folder`` holds now: files written, the rest deleted."""
+        wanted = {f"{prefix}/{path.relative_to(folder).as_posix()}" for path in folder.rglob("*") if path.is_file()}
+        for key in self.keys(prefix + "/"):
+            if key not in wanted:
+                self.delete(key)
+        self.upload_folder(folder, prefix)
+
     def get(self, key: str) -> bytes:
         if self.kind == "gcs":
             return self.client.bucket(self.name).blob(key).download_as_bytes()

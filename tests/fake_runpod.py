@@ -345,17 +345,24 @@ class LocalProcesses:
     real, without an image. ``command`` and ``base_env`` may be changed per test; with
     ``log_dir`` each pod's output is kept there (``logs``)."""
 
-    def __init__(self, command: list, base_env: Optional[dict] = None, cwd: Optional[str] = None, log_dir: Optional[str] = None):
+    def __init__(self, command: list, base_env: Optional[dict] = None, cwd: Optional[str] = None, log_dir: Optional[str] = None,
+                 tmp_root: Optional[str] = None):
         self.command, self.base_env, self.cwd, self.log_dir = command, dict(base_env or {}), cwd, log_dir
+        self.tmp_root = tmp_root or tempfile.mkdtemp(prefix="fake-pods-")
         self.processes: dict[str, subprocess.Popen] = {}
+
+    def tmp_of(self, pod_id: str) -> str:
+        """The pod's own TMPDIR (``tmp_root/<pod id>``)."""
+        return os.path.join(self.tmp_root, pod_id)
 
     def start(self, pod_id: str, env: dict) -> None:
         output = open(os.path.join(self.log_dir, f"{pod_id}.log"), "ab") if self.log_dir else subprocess.DEVNULL
         # A session of its own: killing the "container" kills everything in it, as on Runpod.
         # A /tmp of its own too, as a container has: Luigi's one-run-per-command lock lives
         # there, and two pods of tests running side by side run the same command.
-        own_tmp = tempfile.mkdtemp(prefix=f"{pod_id}-tmp-")
-        self.processes[pod_id] = subprocess.Popen(self.command, env={**self.base_env, **env, "TMPDIR": own_tmp}, cwd=self.cwd,
+        os.makedirs(self.tmp_of(pod_id), exist_ok=True)
+        self.processes[pod_id] = subprocess.Popen(self.command, env={**self.base_env, **env, "TMPDIR": self.tmp_of(pod_id)},
+                                                  cwd=self.cwd,
                                                   stdout=output, stderr=subprocess.STDOUT if self.log_dir else subprocess.DEVNULL,
                                                   start_new_session=True)
         if self.log_dir:

@@ -9,9 +9,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, api, kill_while_writing, luigi_command, luigi_env, read_output_rows, running_luigid, write_corpus
+from helpers import EDITS, ROOT, api, kill_while_writing, luigi_command, luigi_env, read_output_rows, running_luigid, write_corpus
 from pipeline.core.shard_file import shard_stats
 from pipeline.output.status import run_status
+from pipeline.output.verify import verify_output
 from pipeline.runpod.watchdog import SHARED_RUN_FLAGS
 
 pytestmark = pytest.mark.slow
@@ -115,3 +116,37 @@ def test_a_failing_shard_is_reported_failed_and_the_others_are_done(tmp_path):
                            cwd=ROOT, env=luigi_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert "3/4 shards done" in shown.stdout and "failed: 1 (1)" in shown.stdout and "ETA" in shown.stdout
+
+
+def test_two_workers_syncing_at_once_make_one_generation_and_embed_each_change_once(tmp_path):
+    """Two workers started together with --sync on one luigid: both plan a sync, one
+    change log stands (the other worker applies it), and each new shard runs once."""
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=120)
+    output = tmp_path / "out"
+    args = ["EmbedAll", "--corpus", str(corpus), "--output", str(output), "--docs-per-shard", "2", "--device", "cpu"]
+    first = subprocess.run(luigi_command(*args, "--local-scheduler"), cwd=ROOT, env=luigi_env(HOME=str(tmp_path)),
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {path.name for path in (output / "shards").glob("shard-*.parquet")}
+    EDITS[0](corpus)  # 1 added, 3 changed, 1 moved, 1 deleted: 4 documents to embed, 2 shards
+    logs = [tmp_path / f"sync-{n}.log" for n in range(2)]
+    with running_luigid(tmp_path / "luigid") as port:
+        workers = [subprocess.Popen(luigi_command(*args, "--sync", "--scheduler-host", "127.0.0.1", "--scheduler-port",
+                                                  str(port), "--worker-id", f"sync-{n}", *WORKER_FLAGS),
+                                    cwd=ROOT, env=luigi_env(HOME=str(tmp_path)), stdout=subprocess.DEVNULL,
+                                    stderr=logs[n].open("w")) for n in range(2)]
+        try:
+            for n, process in enumerate(workers):
+                assert process.wait(timeout=600) == 0, logs[n].read_text()[-3000:]
+        finally:
+            for process in workers:
+                if process.poll() is None:
+                    process.kill()
+    assert sorted(path.name for path in (output / "changes").iterdir()) == ["generation-000001.parquet"]
+    assert pq.read_metadata(output / "manifest.parquet").metadata[b"pipeline.generation"] == b"1"
+    new = sorted({path.name for path in (output / "shards").glob("shard-*.parquet")} - before)
+    assert len(new) == 2 and sum(shard_stats(str(output / "shards" / name))["documents"] for name in new) == 4
+    runs = [line for log in logs for line in log.read_text().splitlines() if "running   EmbedShard(" in line]
+    assert sorted(line.rsplit("shard=", 1)[1].rstrip(")") for line in runs) == [
+        str(int(name[len("shard-"):-len(".parquet")])) for name in new], runs
+    assert verify_output(str(output)).ok

@@ -131,11 +131,11 @@ class Scenario:
         self.pod_logs, self.pod_tmp, self.home = tmp_path / "pod-logs", tmp_path / "pod-tmp", tmp_path / "home"
         for folder in (self.pod_logs, self.pod_tmp, self.home):
             folder.mkdir()
-        pod_env = luigi_env(HOME=str(self.home), TMPDIR=str(self.pod_tmp), PIPELINE_WATCHDOG_CHECK_SECONDS="0.2")
+        pod_env = luigi_env(HOME=str(self.home), PIPELINE_WATCHDOG_CHECK_SECONDS="0.2")
         pod_env.pop("RUNPOD_API_KEY", None)
         self.fake = FakeRunpod(api_key=LAUNCHER_RUNPOD_KEY, pod_key_prefix=POD_RUNPOD_KEY_PREFIX, provisioning_seconds=0.1,
                                pod_runtime=LocalProcesses([sys.executable, "-m", "pipeline.runpod.watchdog"], pod_env, str(ROOT),
-                                                          str(self.pod_logs)))
+                                                          str(self.pod_logs), tmp_root=str(self.pod_tmp)))
         self.project = write_project(tmp_path / "project")
         self.status_messages: set[str] = set()
         self.errors: dict[str, str] = {}
@@ -196,7 +196,8 @@ class Scenario:
         leaks.scan_folder("HOME", self.home)
         leaks.scan_folder("the launcher's folder", self.project,
                           allowed=(self.project / ".env", self.project / "keys" / "launcher.json", self.project / "keys" / "pod.json"))
-        leaks.scan_folder("the pods' TMPDIR", self.pod_tmp, allowed=(self.pod_tmp / "gcp-credentials.json",))
+        leaks.scan_folder("the pods' TMPDIR", self.pod_tmp,
+                          allowed=tuple(self.pod_tmp / pod_id / "gcp-credentials.json" for pod_id in self.fake.pods))
         self.scan_api_requests(leaks)
 
     def scan_api_requests(self, leaks: Leaks) -> None:
@@ -223,8 +224,9 @@ class Scenario:
             for secret in (LAUNCHER_RUNPOD_KEY, *LAUNCHER_AWS, REGISTRY_LOGIN[1], "SECRETCANARY0LAUNCHER", "SECRETCANARY-launcher"):
                 assert secret not in everything, f"the launcher's {secret[:20]}… was sent to pod {pod.id}"
         # Inside the pod the Google key is a file of the pod's user alone.
-        key_file = self.pod_tmp / "gcp-credentials.json"
-        assert key_file.read_text() == POD_GOOGLE_KEY and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        for pod_id in self.fake.pods:
+            key_file = self.pod_tmp / pod_id / "gcp-credentials.json"
+            assert key_file.read_text() == POD_GOOGLE_KEY and stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
     def stop(self) -> None:
         try:

@@ -24,6 +24,7 @@ import yaml
 
 from pipeline import storage
 from pipeline.core.generations import rows_to_embed
+from pipeline.core.shard_file import footer_settings
 from pipeline.errors import PipelineError
 
 MANIFEST_SCHEMA = pa.schema(
@@ -139,8 +140,7 @@ def manifest_info(manifest: str) -> dict[str, str]:
     read afresh each time (its footer only: a few ranged reads in a bucket), because
     ``--add-new-documents`` may have grown it since this process last looked."""
     with storage.open_for_reading(manifest) as file:
-        raw = pq.ParquetFile(file).metadata.metadata or {}
-    return {k.decode()[len("pipeline.") :]: v.decode() for k, v in raw.items() if k.startswith(b"pipeline.")}
+        return footer_settings(pq.ParquetFile(file).metadata.metadata)
 
 
 def manifest_file(manifest: str) -> str:

@@ -29,6 +29,7 @@ from pipeline import storage
 from pipeline.core.corpus import ROWS_PER_WRITE, doc_id_for, list_documents, manifest_file, manifest_info
 from pipeline.core.generations import (ACTIONS, CHANGE_LOG_SCHEMA, apply_change_log, current_row_count, is_current,
                                        own_row_count, stored_ids, with_generations)
+from pipeline.core.shard_file import footer_settings
 from pipeline.output.layout import OutputLayout
 
 log = logging.getLogger("luigi-interface")
@@ -59,8 +60,10 @@ def actions_counted(counts: dict) -> str:
 
 
 def read_manifest(manifest: str) -> pa.Table:
-    """The whole manifest with its generation columns."""
-    return with_generations(pq.read_table(manifest_file(manifest)))
+    """The whole manifest with its generation columns, and the file's metadata (counts
+    included, which are written as the file closes) as the table's."""
+    parquet = pq.ParquetFile(manifest_file(manifest))
+    return with_generations(parquet.read().replace_schema_metadata(parquet.metadata.metadata))
 
 
 def listing_table(corpus: str, pattern: str) -> pa.Table:
@@ -153,9 +156,9 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
     where = OutputLayout.of(output)
     result = SyncResult(generation=int(manifest_info(where.manifest).get("generation", 0)))
     while True:
-        info = manifest_info(where.manifest)
-        generation = int(info.get("generation", 0)) + 1
         manifest = read_manifest(where.manifest)
+        info = footer_settings(manifest.schema.metadata)  # the table's own: another worker may publish the next one meanwhile
+        generation = int(info.get("generation", 0)) + 1
         if storage.exists(where.change_log(generation)):  # a sync killed before its manifest, or another worker's
             changes = read_change_log(where.change_log(generation))
             log.info("generation %d: applying the change log published before", generation)

@@ -14,7 +14,7 @@ from helpers import EDITS, write_corpus
 from pipeline.core.corpus import write_manifest
 from pipeline.core.generations import CHANGE_LOG_SCHEMA
 from pipeline.core.shard_job import ShardJob, run_shard
-from pipeline.core.sync import describe_sync, read_change_log, read_manifest, sync_output
+from pipeline.core.sync import describe_sync, last_sync, read_change_log, read_manifest, sync_output
 from pipeline.output.layout import OutputLayout
 from pipeline.output.status import format_status, run_status
 from pipeline.output.read_back import embedding_stats, read_shard, stream_embeddings
@@ -283,3 +283,52 @@ def test_a_collection_kept_by_applying_each_change_log_equals_a_fresh_import(tmp
         for uuid, obj in expected.items():
             assert collection[uuid]["properties"] == obj["properties"]
             assert np.allclose(collection[uuid]["vector"], obj["vector"], atol=1e-5)
+
+
+def test_a_sync_of_a_bucket_output_follows_a_bucket_corpus(bucket, tmp_path, embedder):
+    """gs:// and s3:// on the servers on loopback: the corpus edited in its bucket (an S3
+    corpus's hashes are ETags, which follow the bytes as MD5s do), synced, verified and
+    equal to a fresh run over the edited corpus."""
+    import luigi
+
+    from pipeline import EmbedAll
+
+    local = write_corpus(tmp_path / "corpus", documents=10, words=60)
+    bucket.upload_folder(local, "corpus")
+    settings = dict(corpus=f"{bucket.url}/corpus", output=f"{bucket.url}/out", docs_per_shard=PER_SHARD, device="cpu",
+                    batch_tokens=16384, precision="float32")
+    assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    EDITS[0](local)
+    bucket.mirror_folder(local, "corpus")
+    assert luigi.build([EmbedAll(**settings, sync=True)], local_scheduler=True, log_level="WARNING")
+    assert last_sync(f"{bucket.url}/out")["moved"] == 1
+    verdict = verify_output(f"{bucket.url}/out")
+    assert verdict.ok, format_verdict(f"{bucket.url}/out", verdict)
+    fresh = tmp_path / "fresh"
+    full_run(local, fresh, embedder)
+    assert_same_view(f"{bucket.url}/out", fresh)
+
+
+def test_compact_writes_the_current_view_as_a_new_output_that_verifies(tmp_path, embedder, capsys):
+    """``python -m pipeline compact``: three syncs' history dropped, the current view kept
+    row for row (moved documents stored under their new ids), the source untouched."""
+    from pipeline.cli import main
+
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=120)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    for edit in EDITS:
+        edit(corpus)
+        sync_output(str(corpus), "*.md", str(output))
+        embed_missing_shards(corpus, output, embedder)
+    before = shard_files(output)
+    compacted = tmp_path / "compacted"
+    assert main(["compact", str(output), str(compacted)]) == 0
+    assert "ok:" in capsys.readouterr().out
+    assert shard_files(output) == before
+    assert_same_view(compacted, output)
+    stored = {(row["doc_id"], row["chunk_id"]) for path in (compacted / "shards").glob("*.parquet")
+              for row in pq.read_table(path, columns=["doc_id", "chunk_id"]).to_pylist()}
+    assert stored == set(current_view(output)), "the compacted shards hold superseded or old-id rows"
+    assert "generation" not in pq.read_schema(compacted / "manifest.parquet").names
+    assert main(["compact", str(output), str(compacted)]) == 2, "compacted twice into one finished output"

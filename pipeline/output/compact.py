@@ -1,0 +1,100 @@
+"""``python -m pipeline compact OUTPUT NEW_OUTPUT``: a synced output without its history.
+
+Syncs never rewrite a shard, so superseded rows stay on disk. Compacting writes a new
+output that holds only the current view: each shard with a current row, in order and
+numbered again from 0, with its current rows under their current doc id and path (moved
+documents need no re-keying there), its current rejections, footer stats counted afresh,
+a manifest of generation 0 and a summary. ``OUTPUT`` is verified first and left as it is;
+the new output is verified after. Every file is published in one step and the summary
+last, so a compaction cut short leaves an output that ``verify`` calls unfinished, and a
+rerun writes it again whole.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.core.corpus import manifest_file, manifest_info
+from pipeline.core.generations import GENERATION_FIELDS, is_current, shard_view, with_generations
+from pipeline.core.shard_file import footer_settings, shard_metadata
+from pipeline.errors import PipelineError
+from pipeline.output.layout import OutputLayout
+from pipeline.output.read_back import current_rows, read_shard
+from pipeline.output.summary import run_summary
+from pipeline.output.verify import Verdict, verify_output
+
+
+def compact_output(output: str, destination: str, on_shard: Optional[Callable[[int], None]] = None) -> Verdict:
+    """Write ``destination`` from ``output``'s current view; the destination's verdict."""
+    source, target = OutputLayout.of(output), OutputLayout.of(destination)
+    if source.root == target.root:
+        raise PipelineError("compact writes a new output: give another folder or prefix than the output itself")
+    if storage.exists(target.summary):
+        raise PipelineError(f"{target.root} is already a finished output: compact into a new folder or prefix")
+    before = verify_output(source.root)
+    if not before.ok:
+        raise PipelineError(f"{source.root} does not verify ({len(before.problems)} problem(s), first: "
+                            f"{before.problems[0]}): compact only a whole output")
+    storage.ensure_writable_dir(target.root)
+    parquet = pq.ParquetFile(manifest_file(source.manifest))
+    manifest = with_generations(parquet.read())
+    current = manifest.filter(is_current(manifest))
+    kept = sorted(set(current["shard"].to_pylist()))
+    renumber = {old: new for new, old in enumerate(kept)}
+    for old in kept:
+        _copy_shard(source, target, old, renumber[old], manifest.filter(pc.equal(manifest["shard"], old)))
+        if on_shard:
+            on_shard(len(kept))
+    info = footer_settings(parquet.metadata.metadata)
+    rows = current.drop_columns([field.name for field in GENERATION_FIELDS]).set_column(
+        current.schema.get_field_index("shard"), "shard",
+        pa.array([renumber[s] for s in current["shard"].to_pylist()], pa.int32()))
+    metadata = {f"pipeline.{key}": info[key] for key in ("corpus", "pattern", "docs_per_shard", "created_at") if key in info}
+    metadata.update({"pipeline.documents": str(rows.num_rows), "pipeline.shards": str(len(kept)),
+                     "pipeline.compacted_from": source.root, "pipeline.compacted_generation": info.get("generation", "0")})
+    with storage.atomic_output(target.manifest) as staged:
+        pq.write_table(rows.replace_schema_metadata(metadata), staged.path)
+    parameters = _parameters(source)
+    with storage.atomic_output(target.summary) as staged:
+        staged.path.write_text(json.dumps(run_summary(target.root, len(kept), parameters), indent=2))
+    return verify_output(target.root)
+
+
+def _copy_shard(source: OutputLayout, target: OutputLayout, old: int, new: int, rows: pa.Table) -> None:
+    """Shard ``old``'s current rows and rejections as shard ``new``, stats counted again."""
+    view = shard_view(rows)
+    table = current_rows(read_shard(source.shard(old), history=True), view)
+    rejects = []
+    if storage.exists(source.rejects_of(old)):
+        for line in storage.read_text(source.rejects_of(old)).splitlines():
+            record = json.loads(line)
+            if view.keeps(record["doc_id"]):
+                record["doc_id"], record["path"] = view.current[record["doc_id"]]
+                rejects.append(record)
+    embedded = set(table["doc_id"].to_pylist())
+    settings = shard_metadata(source.shard(old))  # its stats are in the file's footer, not the schema's
+    stats = json.loads(settings.pop("stats"))
+    tokens = pc.sum(pc.struct_field(table["metadata"], "token_count")).as_py() or 0
+    reasons: dict[str, int] = {}
+    for record in rejects:
+        reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
+    stats.update(shard=new, documents=len(view.current), embedded_documents=len(embedded),
+                 rejected_documents=len(rejects), rejected_by_reason=reasons, chunks=table.num_rows, tokens=tokens)
+    if rejects:
+        with storage.atomic_output(target.rejects_of(new)) as staged:
+            staged.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
+    metadata = {**{f"pipeline.{k}": v for k, v in settings.items()}, "pipeline.stats": json.dumps(stats, sort_keys=True)}
+    with storage.atomic_output(target.shard(new)) as staged:
+        pq.write_table(table.replace_schema_metadata(metadata), staged.path, compression="snappy")
+
+
+def _parameters(source: OutputLayout) -> dict:
+    if storage.exists(source.summary):
+        return json.loads(storage.read_text(source.summary)).get("parameters", {})
+    return {"corpus": manifest_info(source.manifest).get("corpus")}
