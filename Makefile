@@ -43,9 +43,10 @@ worker: $(STAMP)
 	$(BIN)/luigi --module pipeline EmbedAll --scheduler-host $(SCHEDULER_HOST) --scheduler-port $(SCHEDULER_PORT) \
 		$(WORKER_FLAGS) $(EMBED_ARGS)
 
-# Tests run on two worker processes (pytest-xdist): many wait on servers, subprocesses
-# and clocks rather than a core. TEST_WORKERS=0 runs them in this one process.
-TEST_WORKERS ?= 2
+# Tests run on three worker processes (pytest-xdist): many wait on servers, subprocesses
+# and clocks rather than a core, and the container tests (one group, sent first) mostly
+# wait on the image build, so three keep two cores busy. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 TEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 # The whole suite: what CI runs (.ci/run).

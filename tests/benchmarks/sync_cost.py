@@ -41,7 +41,8 @@ def tokens_in(output: Path, shards: set[str] | None = None) -> int:
 def timed_build(**settings) -> float:
     forget_plans()
     clock = time.perf_counter()
-    assert luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING")
+    result = luigi.build([EmbedAll(**settings)], local_scheduler=True, log_level="WARNING", detailed_summary=True)
+    assert result.scheduling_succeeded, result.summary_text
     return time.perf_counter() - clock
 
 
@@ -58,7 +59,9 @@ def main() -> None:
         if shared:
             corpus.mkdir()
             for path in shared[: args.documents]:
-                (corpus / path.name).write_bytes(path.read_bytes())
+                copy = corpus / path.relative_to(SHARED_CORPUS)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                copy.write_bytes(path.read_bytes())
         else:
             write_corpus(corpus, documents=args.documents, words=300)
         source = "the shared corpus" if shared else "a generated corpus"
@@ -84,7 +87,7 @@ def main() -> None:
         print(f"  full run:                        {full_seconds:7.1f} s  {full_tokens:>10,} tokens embedded")
         print(f"  sync, {changed} documents changed ({changed / len(documents):.1%}): {sync_seconds:7.1f} s "
               f"({sync_seconds / full_seconds:.1%})  {sync_tokens:>10,} tokens embedded ({sync_tokens / full_tokens:.1%})")
-        print(f"  sync, nothing changed:           {idle_seconds:7.1f} s ({idle_seconds / full_seconds:.1%})  "
+        print(f"  sync, nothing changed:           {idle_seconds:7.2f} s ({idle_seconds / full_seconds:.1%})  "
               f"{0:>10,} tokens embedded (one listing)")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
