@@ -14,8 +14,9 @@ import luigi
 import pytest
 
 from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
-from helpers import ROOT, api, luigi_command, luigi_env, running_luigid, wait_for, write_corpus
+from helpers import EDITS, ROOT, api, luigi_command, luigi_env, running_luigid, wait_for, write_corpus
 from pipeline import RunpodEmbedAll
+from pipeline.core.sync import last_sync
 from pipeline.errors import PipelineError
 from pipeline.output.ledger import PodLedger, cost_report
 from pipeline.runpod.orchestrator import PodLimit
@@ -81,6 +82,23 @@ def test_new_documents_are_added_by_the_launcher_and_embedded_on_a_pod(fake, cor
     assert len(fake.pods) == 2
     summary = json.loads((output / "_SUCCESS.json").read_text())
     assert (summary["documents"], summary["shards"]) == (14, 5)
+    assert all((output / "shards" / name).read_bytes() == data for name, data in finished.items())
+    assert verify_output(str(output)).ok
+
+
+def test_a_sync_is_recorded_by_the_launcher_and_embedded_on_a_pod(fake, corpus, tmp_path):
+    """``RunpodEmbedAll --sync``: the launcher syncs the manifest before any pod starts,
+    starts none when nothing changed, and the pod embeds the new shards only."""
+    output = tmp_path / "out"
+    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    assert luigi.build([task(corpus, output, sync=True)], local_scheduler=True, log_level="WARNING")
+    assert len(fake.pods) == 1, "a pod was started with nothing changed"
+    EDITS[0](corpus)
+    finished = {p.name: p.read_bytes() for p in (output / "shards").glob("*.parquet")}
+    assert luigi.build([task(corpus, output, sync=True)], local_scheduler=True, log_level="WARNING")
+    assert len(fake.pods) == 2
+    assert {k: v for k, v in last_sync(str(output)).items() if k in ("added", "changed", "moved", "deleted")} == {
+        "added": 1, "changed": 3, "moved": 1, "deleted": 1}
     assert all((output / "shards" / name).read_bytes() == data for name, data in finished.items())
     assert verify_output(str(output)).ok
 
