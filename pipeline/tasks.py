@@ -246,6 +246,9 @@ class EmbedAll(RunParameters, luigi.Task):
             total = grown
         summary = run_summary(self.output_location, total, self.defining_parameters())
         summary["documents_not_in_manifest"] = self._documents_left_out()
+        info = manifest_info(self.manifest_path())
+        if "generation" in info:  # a synced output: its totals count every generation's rows
+            summary.update(generation=int(info["generation"]), current_documents=int(info["current_documents"]))
         publish_summary(self.output_location, summary)
         web_view.show(self, f"{total}/{total} shards, {summary['documents']} documents ({summary['rejected_documents']} rejected), "
                             f"{summary['chunks']} chunks, {summary['tokens_per_second']:.0f} tokens/s"

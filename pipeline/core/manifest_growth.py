@@ -23,7 +23,10 @@ from pipeline.core.sync import sync_output
 def documents_not_in_manifest(corpus: str, pattern: str, manifest: str) -> Iterator[storage.Listed]:
     """Documents listed now that the manifest lacks, in listing order. The manifest's
     paths are held as one Arrow column (tens of bytes a document), the listing streamed."""
-    known = pq.read_table(manifest_file(manifest), columns=["path"])["path"].combine_chunks()
+    table = pq.read_table(manifest_file(manifest))
+    if "superseded_in" in table.column_names:  # a synced manifest: a deleted path is not known any more
+        table = table.filter(pc.is_null(table["superseded_in"]))
+    known = table["path"].combine_chunks()
     listing = list_documents(corpus, pattern)
     while batch := list(itertools.islice(listing, ROWS_PER_WRITE)):
         listed = pc.is_in(pa.array([d.relative for d in batch], pa.string()), value_set=known).to_pylist()

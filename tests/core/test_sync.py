@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from helpers import EDITS, write_corpus
-from pipeline.core.corpus import write_manifest
+from pipeline.core.corpus import doc_id_for, write_manifest
 from pipeline.core.generations import CHANGE_LOG_SCHEMA
 from pipeline.core.shard_job import ShardJob, run_shard
 from pipeline.core.sync import describe_sync, last_sync, read_change_log, read_manifest, sync_output
@@ -130,6 +130,11 @@ def test_a_moved_document_is_read_under_its_new_id_and_path_and_history_keeps_th
     assert "part-0/doc-003.md" in {m["path"] for m in stored["metadata"].to_pylist()}
     assert np.array_equal(np.stack(now["embedding_vector"].to_numpy(zero_copy_only=False)),
                           np.stack(stored["embedding_vector"].to_numpy(zero_copy_only=False)))
+    from pipeline.output.search import search
+
+    moved_text = next(row["text"] for row in now.to_pylist() if row["metadata"]["path"] == "part-0/renamed.md")
+    [best] = search(str(output), moved_text, k=1, embedder=embedder)
+    assert (best["path"], best["doc_id"]) == ("part-0/renamed.md", doc_id_for("part-0/renamed.md"))
 
 
 def test_an_output_made_before_syncs_reads_verifies_and_syncs(tmp_path, embedder):
@@ -232,7 +237,7 @@ def test_embed_all_with_sync_follows_the_corpus_and_says_so(tmp_path, caplog):
         assert luigi.build([EmbedAll(**settings, sync=True)], local_scheduler=True, log_level="WARNING")
     assert any("synced to generation 1: 1 added, 3 changed, 1 moved, 1 deleted" in r.getMessage() for r in caplog.records)
     summary = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
-    assert summary["shards"] == 3
+    assert (summary["shards"], summary["generation"], summary["current_documents"]) == (3, 1, 8)
     verdict = verify_output(str(tmp_path / "out"))
     assert verdict.ok and "generation 1: 8 current documents" in format_verdict(str(tmp_path / "out"), verdict)
     status = run_status(str(tmp_path / "out"))
@@ -269,7 +274,6 @@ def test_a_collection_kept_by_applying_each_change_log_equals_a_fresh_import(tmp
             collection[obj["uuid"]] = obj
         assert changes.delete, "every round deletes or shortens something"
         if generation == 2:
-            from pipeline.core.corpus import doc_id_for
             from pipeline.output.weaviate_import import object_uuid
 
             shortened = doc_id_for("part-2/doc-005.md")
