@@ -23,7 +23,8 @@ from pipeline.core.sync import sync_output
 def documents_not_in_manifest(corpus: str, pattern: str, manifest: str) -> Iterator[storage.Listed]:
     """Documents listed now that the manifest lacks, in listing order. The manifest's
     paths are held as one Arrow column (tens of bytes a document), the listing streamed."""
-    table = pq.read_table(manifest_file(manifest))
+    parquet = pq.ParquetFile(manifest_file(manifest))
+    table = parquet.read(columns=[name for name in ("path", "superseded_in") if name in parquet.schema_arrow.names])
     if "superseded_in" in table.column_names:  # a synced manifest: a deleted path is not known any more
         table = table.filter(pc.is_null(table["superseded_in"]))
     known = table["path"].combine_chunks()

@@ -207,7 +207,7 @@ def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | 
                 **embedder.runtime(),
             }
             writer.close(stats)
-            _publish_rejects(output, shard, rejects)
+            publish_rejects(output, shard, rejects)
     finally:
         progress.close()
     if not staged.published:
@@ -215,8 +215,9 @@ def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | 
     return stats
 
 
-def _publish_rejects(output: str, shard: int, rejects: list[dict[str, Any]]) -> None:
-    """Rejects go out before the shard, so a published shard always has its rejects."""
+def publish_rejects(output: str, shard: int, rejects: list[dict[str, Any]]) -> None:
+    """Rejects go out before the shard, so a published shard always has its rejects
+    (``pipeline.output.compact`` writes a compacted shard's the same way)."""
     path = OutputLayout.of(output).rejects_of(shard)
     if not rejects:
         storage.delete(path)  # a rerun may have fixed what an earlier one rejected

@@ -154,7 +154,7 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
     """Bring the output's manifest in step with the corpus: publish each generation's change
     log, then the manifest it makes. Returns what changed; the caller embeds the new shards."""
     where = OutputLayout.of(output)
-    result = SyncResult(generation=int(manifest_info(where.manifest).get("generation", 0)))
+    result = SyncResult(generation=0)
     while True:
         manifest = read_manifest(where.manifest)
         info = footer_settings(manifest.schema.metadata)  # the table's own: another worker may publish the next one meanwhile
@@ -166,6 +166,7 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
             changes = diff(manifest, listing_table(corpus, pattern), int(info["shards"]), int(info["docs_per_shard"]),
                            generation, set(where.list_shards().numbers), only_added)
             if changes.num_rows == 0:
+                result.generation = generation - 1
                 return result
             storage.delete(where.summary)  # first: a kill after this leaves no summary that looks finished
             changes = _publish_change_log(where.change_log(generation), changes)

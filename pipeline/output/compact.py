@@ -13,6 +13,7 @@ rerun writes it again whole.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Callable, Optional
 
 import pyarrow as pa
@@ -20,9 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.core.corpus import manifest_file, manifest_info
-from pipeline.core.generations import GENERATION_FIELDS, is_current, shard_view, with_generations
+from pipeline.core.corpus import manifest_info
+from pipeline.core.generations import GENERATION_FIELDS, is_current, shard_view
 from pipeline.core.shard_file import footer_settings, shard_metadata
+from pipeline.core.shard_job import publish_rejects
+from pipeline.core.sync import read_manifest
 from pipeline.errors import PipelineError
 from pipeline.output.layout import OutputLayout
 from pipeline.output.read_back import current_rows, read_shard
@@ -42,8 +45,7 @@ def compact_output(output: str, destination: str, on_shard: Optional[Callable[[i
         raise PipelineError(f"{source.root} does not verify ({len(before.problems)} problem(s), first: "
                             f"{before.problems[0]}): compact only a whole output")
     storage.ensure_writable_dir(target.root)
-    parquet = pq.ParquetFile(manifest_file(source.manifest))
-    manifest = with_generations(parquet.read())
+    manifest = read_manifest(source.manifest)
     current = manifest.filter(is_current(manifest))
     kept = sorted(set(current["shard"].to_pylist()))
     renumber = {old: new for new, old in enumerate(kept)}
@@ -51,7 +53,7 @@ def compact_output(output: str, destination: str, on_shard: Optional[Callable[[i
         _copy_shard(source, target, old, renumber[old], manifest.filter(pc.equal(manifest["shard"], old)))
         if on_shard:
             on_shard(len(kept))
-    info = footer_settings(parquet.metadata.metadata)
+    info = footer_settings(manifest.schema.metadata)
     rows = current.drop_columns([field.name for field in GENERATION_FIELDS]).set_column(
         current.schema.get_field_index("shard"), "shard",
         pa.array([renumber[s] for s in current["shard"].to_pylist()], pa.int32()))
@@ -81,14 +83,10 @@ def _copy_shard(source: OutputLayout, target: OutputLayout, old: int, new: int, 
     settings = shard_metadata(source.shard(old))  # its stats are in the file's footer, not the schema's
     stats = json.loads(settings.pop("stats"))
     tokens = pc.sum(pc.struct_field(table["metadata"], "token_count")).as_py() or 0
-    reasons: dict[str, int] = {}
-    for record in rejects:
-        reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
     stats.update(shard=new, documents=len(view.current), embedded_documents=len(embedded),
-                 rejected_documents=len(rejects), rejected_by_reason=reasons, chunks=table.num_rows, tokens=tokens)
-    if rejects:
-        with storage.atomic_output(target.rejects_of(new)) as staged:
-            staged.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
+                 rejected_documents=len(rejects), rejected_by_reason=dict(Counter(r["reason"] for r in rejects)),
+                 chunks=table.num_rows, tokens=tokens)
+    publish_rejects(target.root, new, rejects)
     metadata = {**{f"pipeline.{k}": v for k, v in settings.items()}, "pipeline.stats": json.dumps(stats, sort_keys=True)}
     with storage.atomic_output(target.shard(new)) as staged:
         pq.write_table(table.replace_schema_metadata(metadata), staged.path, compression="snappy")

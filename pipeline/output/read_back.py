@@ -167,15 +167,16 @@ def embedding_stats(output: str) -> dict[str, Any]:
             stats["count"] += int(counts["chunks"])
             stats["documents"] += int(counts["embedded_documents"])
         else:  # a synced output: its current rows, from the doc id column
-            doc_ids = _doc_ids(path)
+            doc_ids = stored_columns(path, ["doc_id"])["doc_id"].to_pylist()
             kept = [doc_id for doc_id in doc_ids if view.keeps(doc_id)]
             stats["count"] += len(kept)
             stats["documents"] += len(set(kept))
     return stats
 
 
-def _doc_ids(path: str) -> list[str]:
+def stored_columns(path: str, columns: list[str]) -> "pa.Table":
+    """Some columns of a shard as stored (history included), without the others' pages."""
     import pyarrow.parquet as pq
 
     with storage.open_for_reading(path) as f:
-        return pq.read_table(f, columns=["doc_id"])["doc_id"].to_pylist()
+        return pq.read_table(f, columns=columns)

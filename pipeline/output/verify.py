@@ -251,18 +251,24 @@ def verify_output(output: str, on_shard: Optional[Callable[[int], None]] = None)
                                 f"holds {len(seen)} shards and {verdict.totals['documents']} documents")
     verdict.generation = int(info.get("generation", 0))
     verdict.current_documents = int(info["current_documents"]) if "current_documents" in info else None
-    check_change_logs(where, manifest_file(manifest), verdict.generation, verdict.problems)
+    check_change_logs(where, verdict.generation, verdict.problems)
     _check_summary(output, verdict)
     return verdict
 
 
-def check_change_logs(where: OutputLayout, manifest: str, generation: int, problems: list[str]) -> None:
+def check_change_logs(where: OutputLayout, generation: int, problems: list[str]) -> None:
     """Each sync's change log (generations 1..``generation``) says exactly which manifest
-    rows it added and superseded, and no sync's change log waits to be applied."""
-    from pipeline.core.generations import with_generations
-    from pipeline.core.sync import read_change_log
+    rows it added and superseded, and no sync's change log waits to be applied. The
+    manifest is read whole only for a synced output: an output never synced has no
+    generations to check, and verify's memory stays flat there."""
+    from pipeline.core.sync import read_change_log, read_manifest
 
-    table = with_generations(pq.read_table(manifest, columns=None))
+    if storage.exists(where.change_log(generation + 1)):
+        problems.append(f"change log of generation {generation + 1}: published but not applied to the manifest "
+                        "(a sync was interrupted): rerun with --sync")
+    if generation == 0:
+        return
+    table = read_manifest(where.manifest)
     current_paths = table.filter(pc.is_null(table["superseded_in"]))["path"]
     if len(pc.unique(current_paths)) != len(current_paths):
         problems.append(f"{layout.MANIFEST}: a path is current in more than one row")
@@ -282,9 +288,6 @@ def check_change_logs(where: OutputLayout, manifest: str, generation: int, probl
             problems.append(f"change log of generation {number}: does not match the manifest's rows of that "
                             f"generation ({arriving.num_rows} arriving, {leaving.num_rows} leaving in the log; "
                             f"{made.num_rows} made, {ended.num_rows} superseded in the manifest)")
-    if storage.exists(where.change_log(generation + 1)):
-        problems.append(f"change log of generation {generation + 1}: published but not applied to the manifest "
-                        "(a sync was interrupted): rerun with --sync")
 
 
 def format_verdict(output: str, verdict: Verdict) -> str:

@@ -90,7 +90,7 @@ def weaviate_changes(output: str, generation: int) -> WeaviateChanges:
 
     from pipeline.core.sync import read_manifest
     from pipeline.output.layout import OutputLayout
-    from pipeline.output.read_back import COLUMNS, embedding_batch, read_shard
+    from pipeline.output.read_back import COLUMNS, embedding_batch, read_shard, stored_columns
 
     where = OutputLayout.of(output)
     manifest = read_manifest(where.manifest)
@@ -104,7 +104,7 @@ def weaviate_changes(output: str, generation: int) -> WeaviateChanges:
                for doc_id, chunk in zip(table["doc_id"].to_pylist(), table["chunk_id"].to_pylist())}
     old_ids = []
     for shard in sorted({row["shard"] for row in ended}):
-        stored = read_shard(where.shard(shard), history=True).select(["doc_id", "chunk_id"]).to_pylist()
+        stored = stored_columns(where.shard(shard), ["doc_id", "chunk_id"]).to_pylist()
         chunks: dict[str, list[int]] = {}
         for row in stored:
             chunks.setdefault(row["doc_id"], []).append(row["chunk_id"])
