@@ -6,12 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from fake_runpod import FakeRunpod
-from helpers import ROOT, luigi_env, write_corpus
+from helpers import ROOT, luigi_env, wait_for, write_corpus
 from pipeline.runpod.orchestrator import PodLedger, PodSettings, RunpodOrchestrator
 from pipeline.core.shard_file import shard_stats
 from pipeline.runpod.watchdog import worker_commands
@@ -100,7 +99,10 @@ def test_dollar_budget_stops_the_work_and_ends_the_pod(pod):
 def test_sigterm_stops_the_work_and_ends_the_pod(pod):
     api, pod_id, env, output = pod
     process = watchdog(env)
-    time.sleep(2)
+    # Once its worker has written the manifest the watchdog has its handlers (it sets them
+    # before starting the work); a fixed two seconds was too short on a loaded machine,
+    # where SIGTERM then met Python's default handler (exit -15).
+    wait_for(lambda: (output / "manifest.parquet").exists() or process.poll() is not None)
     process.send_signal(signal.SIGTERM)
     code, log = finish(process)
     assert code == 1 and "signal SIGTERM" in log
