@@ -8,12 +8,14 @@ import datetime as dt
 import hashlib
 import itertools
 import json
+import multiprocessing.util
 import os
 import re
+import shutil
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -153,12 +155,45 @@ def manifest_file(manifest: str) -> str:
     return _downloaded(manifest, f"{info.get('documents')}@{info.get('generation', 0)}@{info.get('extended_at', '')}")
 
 
-@lru_cache(maxsize=4)
+_copies: dict[str, tuple[str, int, Path]] = {}  # manifest -> (version, pid that made it, folder)
+_copies_lock = threading.Lock()
+
+
 def _downloaded(manifest: str, version: str) -> str:
-    folder = Path(tempfile.mkdtemp(prefix="manifest-"))
-    copy = folder / "manifest-copy.parquet"
-    copy.write_bytes(storage.read_bytes(manifest))
-    return str(copy)
+    """This version's local copy, made once per process (a forked worker reads its
+    parent's). A process deletes the copies it made: an older version's when a newer
+    one comes, the rest when it ends, so a long-lived worker following a growing
+    manifest, or a task process per shard, never fills the disk with copies."""
+    with _copies_lock:
+        known = _copies.get(manifest)
+        if known and known[0] == version:
+            return str(known[2] / "manifest-copy.parquet")
+        _remove_own_copies_at_exit()
+        folder = Path(tempfile.mkdtemp(prefix="manifest-"))
+        (folder / "manifest-copy.parquet").write_bytes(storage.read_bytes(manifest))
+        if known and known[1] == os.getpid():
+            shutil.rmtree(known[2], ignore_errors=True)  # an open reader keeps reading its unlinked file
+        _copies[manifest] = (version, os.getpid(), folder)
+        return str(folder / "manifest-copy.parquet")
+
+
+_cleanup_registered_in: int | None = None  # the pid whose exit removes its copies
+
+
+def _remove_own_copies_at_exit() -> None:
+    """Once per process: a finalizer, which multiprocessing runs when this process
+    ends, also in a task process Luigi forks (which skips atexit handlers, and starts
+    with its parent's finalizers cleared)."""
+    global _cleanup_registered_in
+    if _cleanup_registered_in != os.getpid():
+        multiprocessing.util.Finalize(None, _remove_own_copies, exitpriority=0)
+        _cleanup_registered_in = os.getpid()
+
+
+def _remove_own_copies() -> None:
+    for _version, pid, folder in list(_copies.values()):
+        if pid == os.getpid():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def manifest_rows(manifest: str, shard: int) -> list[dict[str, Any]]:

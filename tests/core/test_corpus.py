@@ -2,6 +2,7 @@
 
 import codecs
 import hashlib
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -142,3 +143,56 @@ def test_document_changed_since_the_manifest_is_rejected(tmp_path, small_corpus)
     (small_corpus / row["path"]).unlink()
     with pytest.raises(Rejected, match="missing"):
         read_document(str(small_corpus), row)
+
+
+def test_a_bucket_manifests_local_copy_follows_its_version_and_goes_with_the_process(tmp_path, small_corpus, gcs_bucket):
+    """One download per process and version; an older version's copy is deleted when a
+    newer one comes, and the last when the process ends, so a long-lived worker on a
+    growing bucket output never fills its disk with copies."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT, luigi_env
+    from pipeline.core.corpus import manifest_file
+    from pipeline.core.manifest_growth import add_new_documents
+
+    local = tmp_path / "out" / "manifest.parquet"
+    write_manifest(str(small_corpus), "*.md", 5, str(local))
+    gcs_bucket.upload_folder(tmp_path / "out", "out")
+    manifest = f"{gcs_bucket.url}/out/manifest.parquet"
+    first = manifest_file(manifest)
+    assert manifest_file(manifest) == first and pq.read_table(first).num_rows == 12
+
+    (small_corpus / "zz-new.md").write_text("# New\n\nA document added after the manifest.\n")
+    assert add_new_documents(str(small_corpus), "*.md", manifest) == 1
+    second = manifest_file(manifest)
+    assert second != first and pq.read_table(second).num_rows == 13
+    assert not os.path.exists(first), "the older version's copy was left behind"
+
+    child = subprocess.run([sys.executable, "-c", COPIES_IN_PROCESSES, manifest], cwd=ROOT, env=luigi_env(**gcs_bucket.env),
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    forked, own = child.stdout.split()[-2:]
+    assert forked.endswith("manifest-copy.parquet") and own.endswith("manifest-copy.parquet") and len({forked, own, second}) == 3
+    assert not os.path.exists(os.path.dirname(forked)), "a forked task process's copy outlived it"
+    assert not os.path.exists(os.path.dirname(own)), "the copy outlived its process"
+
+
+# A forked task process (as Luigi runs each task with --workers > 1) makes a copy of its
+# own, which must go when it ends; then the process itself makes one.
+COPIES_IN_PROCESSES = """
+import multiprocessing, os, sys
+from pipeline.core.corpus import manifest_file
+
+def task(queue):
+    queue.put(manifest_file(sys.argv[1]))
+
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=task, args=(queue,))
+process.start()
+forked = queue.get(timeout=60)
+process.join(60)
+assert process.exitcode == 0, process.exitcode
+print(forked, manifest_file(sys.argv[1]))
+"""
