@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -345,10 +344,10 @@ class LocalProcesses:
     real, without an image. ``command`` and ``base_env`` may be changed per test; with
     ``log_dir`` each pod's output is kept there (``logs``)."""
 
-    def __init__(self, command: list, base_env: Optional[dict] = None, cwd: Optional[str] = None, log_dir: Optional[str] = None,
-                 tmp_root: Optional[str] = None):
+    def __init__(self, command: list, base_env: Optional[dict] = None, cwd: Optional[str] = None, log_dir: Optional[str] = None, *,
+                 tmp_root: str):
         self.command, self.base_env, self.cwd, self.log_dir = command, dict(base_env or {}), cwd, log_dir
-        self.tmp_root = tmp_root or tempfile.mkdtemp(prefix="fake-pods-")
+        self.tmp_root = tmp_root  # under the test's tmp_path, so pytest removes it
         self.processes: dict[str, subprocess.Popen] = {}
 
     def tmp_of(self, pod_id: str) -> str:

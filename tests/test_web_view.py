@@ -23,8 +23,13 @@ from helpers import ROOT, luigi_command, luigi_env, running_luigid, write_corpus
 pytestmark = pytest.mark.slow
 
 SHARDS = 3
-DOCS_PER_SHARD = 50
-WORDS = 1200  # several seconds a shard on two CPU cores, so the browser finds one running (300 took 1-2 s: flaky)
+DOCS_PER_SHARD = 20
+WORDS = 150  # one chunk a document
+# Small batches, each followed by a pause (tests/slow_shards): a shard runs for about ten
+# seconds, so the browser finds one running, while the cores stay nearly idle (the model
+# embedding 150 documents of 1,200 words for the same effect cost two minutes of CPU).
+BATCH_TOKENS = 512
+BATCH_PAUSE_SECONDS = 0.3
 FAILING = 1  # this shard's rejects file cannot be written: a folder is in its place
 
 DURATION = r"\d+h\d\dm|\d+m\d\ds"  # pipeline.core.progress.format_duration
@@ -120,12 +125,14 @@ def test_the_web_view_shows_running_shards_the_runs_progress_and_a_failed_shards
     with running_luigid(tmp_path / "luigid") as port, log.open("w") as log_file:
         worker = subprocess.Popen(
             luigi_command("EmbedAll", "--corpus", str(corpus), "--output", str(output),
-                          "--docs-per-shard", str(DOCS_PER_SHARD), "--device", "cpu",
+                          "--docs-per-shard", str(DOCS_PER_SHARD), "--device", "cpu", "--batch-tokens", str(BATCH_TOKENS),
                           "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)),
-            cwd=ROOT, env=luigi_env(HOME=str(tmp_path)), stdout=subprocess.DEVNULL, stderr=log_file)
+            cwd=ROOT, env=luigi_env(HOME=str(tmp_path), PYTHONPATH=str(ROOT / "tests" / "slow_shards"),
+                                    TEST_BATCH_PAUSE_SECONDS=str(BATCH_PAUSE_SECONDS)),
+            stdout=subprocess.DEVNULL, stderr=log_file)
         try:
             started = time.monotonic()
-            deadline = started + 300  # about a minute on two idle cores; the rest is for busy machines
+            deadline = started + 300  # under a minute on two idle cores; the rest is for busy machines
 
             def still_worth_waiting(what: str) -> None:
                 assert worker.poll() is None, f"the worker ended (exit {worker.returncode}) before {what}"

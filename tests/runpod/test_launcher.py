@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     pod_env = luigi_env(HOME=str(tmp_path), PIPELINE_WATCHDOG_CHECK_SECONDS="0.2")
-    api = FakeRunpod(provisioning_seconds=0.1, pod_runtime=LocalProcesses([sys.executable, "-m", "pipeline.runpod.watchdog"], pod_env, str(ROOT)))
+    api = FakeRunpod(provisioning_seconds=0.1, pod_runtime=LocalProcesses([sys.executable, "-m", "pipeline.runpod.watchdog"], pod_env, str(ROOT),
+                                                                           tmp_root=str(tmp_path / "pods-tmp")))
     for key, value in {"RUNPOD_API_BASE_URL": api.url, "RUNPOD_API_KEY": api.api_key, "HOME": str(tmp_path)}.items():
         monkeypatch.setenv(key, value)
     yield api
