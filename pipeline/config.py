@@ -36,6 +36,12 @@ DEFAULTS = {
     "batch_tokens": "0",  # 0: 16384 on a GPU, 4096 on a CPU
     "device": "auto",
     "precision": "auto",
+    # How vectors are stored (docs/schema.md, "Smaller vectors"): float32 or float16; cut
+    # to fewer dimensions (0: all; only for a model trained for it); extra compact
+    # columns (binary, int8, or both comma-separated; empty: none).
+    "vector_dtype": "float32",
+    "dimensions": "0",
+    "compact_columns": "",
     # Processes that read and chunk for a GPU; -1: auto (cores - 1 on a GPU, none on a CPU).
     "readers": "-1",
     # Reject (reason "duplicate") a document whose content_hash an earlier one has.

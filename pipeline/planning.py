@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING
 
 from pipeline import storage
 from pipeline.core.corpus import manifest_info, write_manifest
+from pipeline.core.matryoshka import check_dimensions
+from pipeline.core.profiles import profile
 from pipeline.core.manifest_growth import add_new_documents
 from pipeline.core.sync import SyncResult, sync_output
 from pipeline.core.shard_file import SHARED_SETTINGS, settings_mismatch
+from pipeline.core.shard_job import shard_settings
 from pipeline.errors import PipelineError
 from pipeline.output.footers import ShardFooter
 
@@ -38,6 +41,7 @@ def plan_run(run: "RunParameters") -> RunPlan:
     """Write the manifest if it is missing, else sync it with the corpus when ``sync``
     (or grow it when ``add_new_documents``);
     then refuse an output made from another corpus or with other settings (PipelineError)."""
+    check_vector_settings(run)
     if not storage.exists(run.manifest_path()):
         write_run_manifest(run)
     elif run.sync:
@@ -99,6 +103,14 @@ def sync_manifest(run: "RunParameters") -> SyncResult:
     return result
 
 
+def check_vector_settings(run: "RunParameters") -> None:
+    """Refuse an unknown vector dtype or compact column, or dimensions the model is not
+    trained for, before anything is listed or embedded (loads no model)."""
+    model_profile = profile(run.model)
+    dimension = check_dimensions(model_profile, run.dimensions) or model_profile.dimension
+    run.vector_format().check(dimension)
+
+
 def check_manifest_matches(run: "RunParameters") -> int:
     """Refuse an output listed from another corpus, pattern or shard size (its manifest
     says); the manifest's shard count. Loads no model (the Runpod launcher asks too)."""
@@ -115,7 +127,7 @@ def check_output_matches_settings(run: "RunParameters") -> int:
     first_shard = run.layout().first_shard()
     if first_shard:
         existing = ShardFooter.read(*first_shard)
-        problems = settings_mismatch(existing.settings, run.embedder().settings(), SHARED_SETTINGS)
+        problems = settings_mismatch(existing.settings, shard_settings(run.embedder(), run.vector_format()), SHARED_SETTINGS)
         skipped = _skipped_duplicates(run, existing.stats)
         if skipped is not None and skipped != run.skip_duplicates:
             problems.append(f"skip_duplicates: {skipped} in the output, {run.skip_duplicates} now")

@@ -21,6 +21,7 @@ from pipeline.core.reader_pool import reader_processes
 from pipeline.core.sample import ensure_sample_corpus
 from pipeline.output.layout import OutputLayout
 from pipeline.core.shard_job import ShardJob, run_shard, shard_label
+from pipeline.core.vector_format import VectorFormat
 from pipeline import storage
 from pipeline.output.summary import publish_summary, run_summary
 
@@ -82,6 +83,9 @@ class RunParameters:
     device = config.TextSetting(description="auto, cpu, cuda, cuda:1, …")
     precision = config.TextSetting(
         description="auto (fp16 on CUDA, bf16 on a CPU with bf16 instructions), float32, float16, bfloat16")
+    vector_dtype = config.TextSetting(description="how vectors are stored: float32, or float16 (half the bytes)")
+    dimensions = config.IntSetting(description="0: all; fewer for a model trained for Matryoshka truncation (nomic: 64-768)")
+    compact_columns = config.TextSetting(description="extra columns beside the vectors: binary, int8, or binary,int8")
     readers = config.IntSetting(
         significant=False, description="processes reading and chunking; -1: auto (cores - 1 on a GPU, none on a CPU)")
     add_new_documents = luigi.BoolParameter(significant=False, description=(
@@ -112,7 +116,10 @@ class RunParameters:
 
     def embedder(self) -> Embedder:
         return load_embedder(EmbedderSettings(self.model, self.model_path, self.device, self.max_tokens, self.batch_tokens,
-                                              self.precision))
+                                              self.precision, self.dimensions))
+
+    def vector_format(self) -> VectorFormat:
+        return VectorFormat.parse(self.vector_dtype, self.compact_columns)
 
     def total_shards(self) -> int:
         return int(manifest_info(self.manifest_path())["shards"])
@@ -156,7 +163,8 @@ class EmbedShard(RunParameters, luigi.Task):
         try:
             total, embedder = self.total_shards(), self.embedder()
             job = ShardJob(self.corpus_location(), self.manifest_path(), self.output_location, total,
-                           readers=reader_processes(self.readers, embedder.runs_off_cpu), skip_duplicates=self.skip_duplicates)
+                           readers=reader_processes(self.readers, embedder.runs_off_cpu), skip_duplicates=self.skip_duplicates,
+                           vector_format=self.vector_format())
             stats = run_shard(job, self.shard, embedder, report=lambda message, percent: web_view.show(self, message, percent))
         except Exception:  # the run's figures say so too; on_failure comes too late to post them
             self._post_run_figures(failed=True)

@@ -20,11 +20,12 @@ PUBLIC_NAMES = {
     "EmbeddingBatch", "embedding_stats", "list_embedding_files", "read_shard", "stream_embeddings",
 }
 RUN_PARAMETERS = {"corpus", "output", "pattern", "docs_per_shard", "model", "model_path", "max_tokens", "batch_tokens",
-                  "device", "precision", "readers", "add_new_documents", "sync", "skip_duplicates"}
+                  "device", "precision", "readers", "add_new_documents", "sync", "skip_duplicates", "vector_dtype",
+                  "dimensions", "compact_columns"}
 LAUNCHER_PARAMETERS = RUN_PARAMETERS | {
     "image", "gpu_types", "cloud_type", "spot", "spot_relaunches", "max_dollars", "pods", "pods_scheduler_url",
     "gpus_per_pod", "poll_seconds", "first_shard_seconds", "idle_seconds", "provisioning_seconds", "capacity_seconds"}
-COMMANDS = {"status", "verify", "compact", "search", "cost", "pods", "report", "image", "model", "estimate", "bench"}
+COMMANDS = {"status", "verify", "compact", "evaluate", "search", "cost", "pods", "report", "image", "model", "estimate", "bench"}
 MAKE_TARGETS = {"setup", "embed", "worker", "test", "check", "chaos", "verify", "report", "bench", "image",
                 "cost-estimate", "luigid", "luigid-stop", "clean"}
 MOVED_MODULES = {"pipeline.search": "pipeline.output.search", "pipeline.reader": "pipeline.output.read_back",

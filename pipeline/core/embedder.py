@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.core.batching import Batch, ShapePolicy, plan_batches
 from pipeline.core.chunking import chunk_budget, plain_tokenizer
+from pipeline.core.matryoshka import check_dimensions, matryoshka
 from pipeline.core.profiles import ModelProfile, offline_model_hub, profile
 from pipeline.errors import PipelineError
 from pipeline.core.stand_in import stand_in_for
@@ -77,11 +78,12 @@ class Embedder:
     """A sentence-transformers model with the settings that give its vectors meaning."""
 
     def __init__(self, model_profile: ModelProfile, model_path: str, device: str, max_tokens: int, batch_tokens: int,
-                 precision: str = "auto"):
+                 precision: str = "auto", dimensions: int = 0):
         offline_model_hub()  # before the libraries load: they read it once
         from sentence_transformers import SentenceTransformer
 
         self.profile = model_profile
+        self.truncate_to = check_dimensions(model_profile, dimensions)
         self.device = _pick_device(device)
         path = model_path or model_profile.locate()
         self.weights_sha256 = weights_fingerprint(path)
@@ -133,7 +135,8 @@ class Embedder:
 
     @property
     def dimension(self) -> int:
-        return self.profile.dimension
+        """Of the vectors it gives: the model's, or ``--dimensions``'s."""
+        return self.truncate_to or self.profile.dimension
 
     @property
     def on_cuda(self) -> bool:
@@ -284,9 +287,11 @@ class Embedder:
                 try:
                     features = self._to_device(self._features([token_ids[i] for i in batch.indices], frame, batch.shape))
                     with torch.inference_mode(), self._autocast():
-                        embedded = self.model(features)["sentence_embedding"][: len(batch.indices)]
+                        embedded = self.model(features)["sentence_embedding"][: len(batch.indices)].float()
+                        if self.truncate_to:
+                            embedded = matryoshka(embedded, self.truncate_to)
                         where = self._to_device({"rows": torch.tensor(batch.indices)})["rows"]
-                        vectors.index_copy_(0, where, torch.nn.functional.normalize(embedded.float(), dim=1))
+                        vectors.index_copy_(0, where, torch.nn.functional.normalize(embedded, dim=1))
                 except Exception as error:
                     if not is_out_of_memory(error):
                         raise
@@ -360,6 +365,7 @@ class Embedder:
             "model_profile": self.profile.name,
             "model_id": self.profile.model_id,
             "dimension": str(self.dimension),
+            **({"matryoshka_from": str(self.profile.dimension)} if self.truncate_to else {}),
             "prefix": self.profile.prefix,
             "max_tokens": str(self.max_tokens),
             "normalized": "true",
@@ -404,13 +410,14 @@ class EmbedderSettings:
     max_tokens: int = 0  # 0: the profile's
     batch_tokens: int = 0  # padded tokens per batch; 0: by device
     precision: str = "auto"
+    dimensions: int = 0  # 0: the model's; fewer for a model trained for Matryoshka truncation
 
 
 @lru_cache(maxsize=2)
 def load_embedder(settings: EmbedderSettings) -> Embedder:
     """One model per worker process and settings, however many shards it runs."""
     return Embedder(profile(settings.model), settings.model_path, settings.device, settings.max_tokens,
-                    settings.batch_tokens, settings.precision)
+                    settings.batch_tokens, settings.precision, settings.dimensions)
 
 
 def fetch_model(profile_name: str) -> str:

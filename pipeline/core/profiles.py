@@ -54,6 +54,9 @@ class ModelProfile:
     fp16_on_cuda: bool
     locate: Callable[[], str]
     query_prefix: str = ""  # put before a search query (pipeline.output.search); never stored in shards
+    # (fewest, most) dimensions a model trained for Matryoshka truncation keeps (--dimensions);
+    # None: not trained for it, so its vectors are never cut.
+    matryoshka_dimensions: Optional[tuple[int, int]] = None
 
 
 PROFILES = {
@@ -67,6 +70,7 @@ PROFILES = {
         fp16_on_cuda=True,
         locate=_huggingface_cache("nomic-ai/nomic-embed-text-v1.5"),
         query_prefix="search_query: ",
+        matryoshka_dimensions=(64, 768),  # its model card: layer norm, keep the first N, normalise
     ),
     "minilm": ModelProfile(
         name="minilm",

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.core.vector_format import VectorFormat
 
 PIPELINE_VERSION = "0.1.0"
 META_PREFIX = "pipeline."
@@ -51,7 +52,10 @@ CHUNK_SCHEMA = pa.schema(
 
 
 def shard_schema(dimension: int, settings: dict[str, str]) -> pa.Schema:
-    schema = CHUNK_SCHEMA.insert(2, pa.field("embedding_vector", pa.list_(pa.float32(), dimension), nullable=False))
+    """The columns of a shard whose settings (the vector format among them) are these."""
+    schema = CHUNK_SCHEMA
+    for offset, field in enumerate(VectorFormat.of(settings).fields(dimension)):
+        schema = schema.insert(2 + offset, field)
     meta = {META_PREFIX + k: v for k, v in settings.items()}
     meta[META_PREFIX + "version"] = PIPELINE_VERSION
     return schema.with_metadata(meta)
@@ -62,9 +66,9 @@ def rows_table(schema: pa.Schema, rows: list[dict[str, Any]] | pa.Table, vectors
     chunk_id, text, metadata) and their vectors."""
     chunks = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
     dimension = schema.field("embedding_vector").type.list_size
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
+    vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, dimension)
     columns = chunks.columns
-    columns.insert(2, pa.chunked_array([pa.FixedSizeListArray.from_arrays(flat, dimension)]))
+    columns[2:2] = [pa.chunked_array([array]) for array in VectorFormat.of(footer_settings(schema.metadata)).arrays(vectors)]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -103,8 +107,11 @@ def shard_stats(path: str) -> dict[str, Any]:
 
 
 # Settings every shard of one output must share, or their vectors cannot be mixed.
-SHARED_SETTINGS = ("model_profile", "model_id", "weights_sha256", "stand_in_for", "dimension", "prefix", "max_tokens",
-                   "normalized", "chunk_max_tokens", "chunk_overlap_tokens")
+SHARED_SETTINGS = ("model_profile", "model_id", "weights_sha256", "stand_in_for", "dimension", "matryoshka_from", "prefix",
+                   "max_tokens", "normalized", "chunk_max_tokens", "chunk_overlap_tokens", "vector_dtype", "compact_columns")
+
+# What a shard made before a setting was recorded had: it is compared as this.
+UNRECORDED_MEANS = {"vector_dtype": "float32", "compact_columns": ""}
 
 # Settings shards made before they were recorded lack: compared only where both have them.
 RECORDED_LATER = ("weights_sha256",)
@@ -113,7 +120,7 @@ RECORDED_LATER = ("weights_sha256",)
 def setting_differs(first: dict[str, str], second: dict[str, str], key: str) -> bool:
     if key in RECORDED_LATER and (key not in first or key not in second):
         return False
-    return first.get(key) != second.get(key)
+    return first.get(key, UNRECORDED_MEANS.get(key)) != second.get(key, UNRECORDED_MEANS.get(key))
 
 
 def settings_mismatch(existing: dict[str, str], wanted: dict[str, str], keys: Iterable[str]) -> list[str]:

@@ -27,6 +27,7 @@ from pipeline.core.progress import Progress, Reporter
 from pipeline.core.read_ahead import read_ahead
 from pipeline.core.reader_pool import read_in_processes
 from pipeline.core.shard_file import ShardWriter, shard_schema
+from pipeline.core.vector_format import VectorFormat
 from pipeline import storage
 
 log = logging.getLogger("luigi-interface")
@@ -143,6 +144,13 @@ class ShardJob:
     total_shards: int  # for messages: "shard 3 of 40"
     readers: int = 0  # processes that read and chunk (0: this process does)
     skip_duplicates: bool = False  # reject (reason ``duplicate``, unread) a document whose content_hash an earlier one has
+    vector_format: VectorFormat = VectorFormat()  # how vectors are stored: float32 or float16, compact columns
+
+
+def shard_settings(embedder: Embedder, vector_format: VectorFormat) -> dict[str, str]:
+    """What a shard records about how its vectors were made and stored."""
+    vector_format.check(embedder.dimension)
+    return {**embedder.settings(), **vector_format.settings(embedder.dimension)}
 
 
 def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | None = None) -> dict[str, Any]:
@@ -161,7 +169,7 @@ def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | 
     rejects: list[dict[str, Any]] = []
     counts = Counter()
     progress = Progress(len(rows), shard_label(shard, job.total_shards), report)
-    schema = shard_schema(embedder.dimension, embedder.settings())
+    schema = shard_schema(embedder.dimension, shard_settings(embedder, job.vector_format))
     try:
         with storage.atomic_output(destination, overwrite=False) as staged:
             writer = ShardWriter(staged.path, schema)

@@ -92,16 +92,17 @@ def current_rows(rows: "pa.Table | pa.RecordBatch", view: ShardView) -> "pa.Tabl
     if not view.rekeys() or kept.num_rows == 0:
         return kept
     now = [view.current[stored] for stored in kept.column("doc_id").to_pylist()]
+    columns = {name: kept.column(name) for name in kept.schema.names}
+    columns["doc_id"] = pa.array([doc_id for doc_id, _ in now], pa.string())
+    make = pa.Table.from_arrays if isinstance(kept, pa.Table) else pa.RecordBatch.from_arrays
+    if "metadata" not in columns:  # some columns only
+        return make(list(columns.values()), schema=kept.schema)
     metadata = kept.column("metadata")
     if isinstance(metadata, pa.ChunkedArray):
         metadata = metadata.combine_chunks()
     fields = {name: metadata.field(name) for name in (f.name for f in metadata.type)}
     fields["path"] = pa.array([path for _, path in now], pa.string())
-    metadata = pa.StructArray.from_arrays(list(fields.values()), fields=list(metadata.type))
-    doc_ids = pa.array([doc_id for doc_id, _ in now], pa.string())
-    columns = {name: kept.column(name) for name in kept.schema.names}
-    columns.update(doc_id=doc_ids, metadata=metadata)
-    make = pa.Table.from_arrays if isinstance(kept, pa.Table) else pa.RecordBatch.from_arrays
+    columns["metadata"] = pa.StructArray.from_arrays(list(fields.values()), fields=list(metadata.type))
     return make(list(columns.values()), schema=kept.schema)
 
 
@@ -143,6 +144,21 @@ def stream_embeddings(output: str, batch_size: int = 1000, history: bool = False
                     record_batch = current_rows(record_batch, view)
                 if record_batch.num_rows:
                     yield embedding_batch(record_batch)
+
+
+def current_shard_rows(output: str, columns: list[str] | None = None,
+                       shards: set[int] | None = None) -> Iterator[tuple[int, "pa.Table"]]:
+    """(shard, its current rows) for every shard of an output (or those in ``shards``),
+    one whole shard at a time, ``columns`` only (default ``COLUMNS``; ``doc_id`` is
+    needed for the current view). Row positions are the same whichever columns are read."""
+    where = OutputLayout.of(output)
+    is_synced = synced(where)
+    for shard, path in sorted(where.list_shards().numbers.items()):
+        if shards is not None and shard not in shards:
+            continue
+        table = stored_columns(path, columns or COLUMNS)
+        view = current_view(where, shard, is_synced)
+        yield shard, (table if view is None else current_rows(table, view))
 
 
 def embedding_stats(output: str) -> dict[str, Any]:

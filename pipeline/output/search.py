@@ -31,7 +31,12 @@ def query_embedder(output: str, device: str = "cpu"):
     settings = shard_metadata(files[0])
     refuse_stand_in(settings, output)
     return load_embedder(EmbedderSettings(model=settings["model_profile"], device=device, max_tokens=int(settings["max_tokens"]),
-                                          precision="float32"))
+                                          precision="float32", dimensions=query_dimensions(settings)))
+
+
+def query_dimensions(settings: dict[str, str]) -> int:
+    """``--dimensions`` as the output's shards record it: queries are cut the same way."""
+    return int(settings["dimension"]) if settings.get("matryoshka_from") else 0
 
 
 def embed_query(embedder, query: str):
@@ -40,12 +45,14 @@ def embed_query(embedder, query: str):
 
 
 def search(output: str, query: str, k: int = 5, embedder: Optional[Any] = None,
-           batch_size: int = BATCH_ROWS) -> list[dict[str, Any]]:
+           batch_size: int = BATCH_ROWS, binary_candidates: int = 0) -> list[dict[str, Any]]:
     """The ``k`` chunks of ``output`` most similar to ``query``, best first: dicts with
     ``score`` (cosine similarity: vectors are unit length, so a dot product), ``doc_id``,
     ``chunk_id``, ``title``, ``path`` and ``text``. ``embedder``: the one to embed the
     query with (default: the output's model, loaded on the CPU); it must be the model
-    that made the output, which is checked by dimension."""
+    that made the output, which is checked by dimension. ``binary_candidates``: first
+    take this many candidates by Hamming distance on the output's binary column (it
+    must have one), then rescore only those on the full vectors."""
     import numpy as np
 
     if k < 1:
@@ -53,9 +60,12 @@ def search(output: str, query: str, k: int = 5, embedder: Optional[Any] = None,
     if embedder is None:
         embedder = query_embedder(output)
     vector = np.asarray(embed_query(embedder, query), dtype=np.float32)
+    batches = stream_embeddings(output, batch_size)
+    if binary_candidates:
+        batches = candidate_batches(output, vector, max(binary_candidates, k))
     best: list[tuple[float, int, dict[str, Any]]] = []  # (score, order, row); order breaks ties stably
     seen = 0
-    for batch in stream_embeddings(output, batch_size):
+    for batch in batches:
         if batch.vectors.shape[1] != vector.shape[0]:
             raise PipelineError(f"{output}: vectors have {batch.vectors.shape[1]} dimensions, the query's model "
                                 f"{embedder.profile.model_id} gives {vector.shape[0]}")
@@ -72,6 +82,39 @@ def search(output: str, query: str, k: int = 5, embedder: Optional[Any] = None,
         del best[k:]
         seen += len(scores)
     return [row for _, _, row in best]
+
+
+def candidate_batches(output: str, vector, count: int):
+    """The ``count`` rows nearest ``vector`` by Hamming distance between sign bits (the
+    binary column: a few bytes a row are read, not the vectors), as ``EmbeddingBatch``es
+    of their full rows, one per shard that holds any."""
+    import heapq
+
+    import numpy as np
+
+    from pipeline.core.vector_format import BINARY_COLUMN, VectorFormat, binary_rows, hamming_distances, pack_signs
+    from pipeline.output.read_back import current_shard_rows, embedding_batch
+
+    files = list_embedding_files(output)
+    if files and "binary" not in VectorFormat.of(shard_metadata(files[0])).compact:
+        raise PipelineError(f"{output} has no binary column to take candidates from (embed with --compact-columns binary)")
+    query = pack_signs(vector[None, :])[0]
+    nearest: list[tuple[int, int, int, int]] = []  # (-distance, -shard, -row, shard): a max-heap of the count nearest
+    for shard, table in current_shard_rows(output, ["doc_id", "chunk_id", BINARY_COLUMN]):
+        distances = hamming_distances(binary_rows(table.column(BINARY_COLUMN)), query)
+        take = min(count, len(distances))
+        for row in np.argpartition(distances, take - 1)[:take] if take < len(distances) else range(len(distances)):
+            item = (-int(distances[row]), -shard, -int(row), shard)
+            if len(nearest) < count:
+                heapq.heappush(nearest, item)
+            elif item > nearest[0]:
+                heapq.heapreplace(nearest, item)
+    rows_of: dict[int, list[int]] = {}
+    for _, _, row, shard in nearest:
+        rows_of.setdefault(shard, []).append(-row)
+    for shard, table in current_shard_rows(output, None, shards=set(rows_of)):
+        for record_batch in table.take(sorted(rows_of[shard])).to_batches():
+            yield embedding_batch(record_batch)
 
 
 def excerpt(text: str, width: int = 100) -> str:

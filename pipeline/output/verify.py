@@ -25,9 +25,11 @@ from pipeline.core.corpus import manifest_file, manifest_info
 from pipeline.output import layout
 from pipeline.output.layout import OutputLayout, numbered_name
 from pipeline.core.shard_file import SHARED_SETTINGS, setting_differs, shard_schema
+from pipeline.core.vector_format import VectorFormat
 from pipeline.output.footers import COUNTS, ShardFooter
 
 NORM_TOLERANCE = 1e-3  # fp16 models give unit vectors to about 1e-4
+NORM_TOLERANCE_FLOAT16 = 4e-3  # stored as float16: each value rounded to 11 significant bits
 BATCH_ROWS = 8192
 SUMMARY_COUNTS = ("shards", *COUNTS)
 
@@ -72,7 +74,7 @@ def manifest_shards(manifest_file: str, docs_per_shard: int, problems: list[str]
 
 def _vectors(column: pa.ChunkedArray | pa.Array, dimension: int) -> np.ndarray:
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dimension)
+    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dimension)
 
 
 @dataclass
@@ -88,10 +90,13 @@ class _ShardCount:
         self.first_bad.setdefault(kind, f"{doc_id} chunk {chunk_id}")
 
 
-def _count_rows(parquet: pq.ParquetFile, dimension: int, normalized: bool) -> _ShardCount:
-    """Chunk ids per document, tokens and vector faults, one row batch at a time."""
+def _count_rows(parquet: pq.ParquetFile, dimension: int, normalized: bool, vector_format: VectorFormat) -> _ShardCount:
+    """Chunk ids per document, tokens and vector faults (compact columns that do not
+    follow from the vectors among them), one row batch at a time."""
     count = _ShardCount()
-    for batch in parquet.iter_batches(BATCH_ROWS, columns=["doc_id", "chunk_id", "embedding_vector", "metadata"]):
+    tolerance = NORM_TOLERANCE_FLOAT16 if vector_format.dtype == "float16" else NORM_TOLERANCE
+    columns = ["doc_id", "chunk_id", "embedding_vector", "metadata", *vector_format.column_names()]
+    for batch in parquet.iter_batches(BATCH_ROWS, columns=columns):
         doc_ids = batch.column("doc_id").to_pylist()
         chunk_ids = batch.column("chunk_id").to_pylist()
         for doc_id, chunk_id in zip(doc_ids, chunk_ids):
@@ -105,9 +110,12 @@ def _count_rows(parquet: pq.ParquetFile, dimension: int, normalized: bool) -> _S
             count.flag("not finite", doc_ids[i], chunk_ids[i], int((~finite).sum()))
         if normalized:
             norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1)
-            off = finite & (np.abs(norms - 1.0) > NORM_TOLERANCE)
+            off = finite & (np.abs(norms - 1.0) > tolerance)
             for i in np.flatnonzero(off)[:1]:
                 count.flag("norm not 1", doc_ids[i], chunk_ids[i], int(off.sum()))
+        for kind, wrong in vector_format.mismatches(batch, vectors).items():
+            for i in np.flatnonzero(wrong)[:1]:
+                count.flag(kind, doc_ids[i], chunk_ids[i], int(wrong.sum()))
     return count
 
 
@@ -146,11 +154,11 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
                                 f"measuring throughput only): its vectors mean nothing")
                 return
             dimension = int(reference["dimension"])
-            expected = shard_schema(dimension, {}).remove_metadata()
+            expected = shard_schema(dimension, reference).remove_metadata()
             if not parquet.schema_arrow.remove_metadata().equals(expected):
                 problems.append(f"{name}: schema differs from the pipeline's: {parquet.schema_arrow.remove_metadata()}")
                 return
-            count = _count_rows(parquet, dimension, reference.get("normalized") == "true")
+            count = _count_rows(parquet, dimension, reference.get("normalized") == "true", VectorFormat.of(reference))
     except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
         problems.append(f"{name}: unreadable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
         return

@@ -132,6 +132,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             "docs_per_shard": self.docs_per_shard, "model": self.model, "model_path": self.model_path or None,
             "max_tokens": self.max_tokens, "batch_tokens": self.batch_tokens, "device": self.device,
             "precision": self.precision, "readers": self.readers, "skip_duplicates": self.skip_duplicates,
+            "vector_dtype": self.vector_dtype, "dimensions": self.dimensions, "compact_columns": self.compact_columns,
         })
         own = Limits.from_env(dict(os.environ))  # a run time or check interval set on the launcher goes to its pods
         # The watchdog's idle clock starts with the pod, model load and first shard included.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from pipeline.errors import PipelineError
 from pipeline.core.profiles import PROFILES
 from pipeline.core.corpus import write_manifest
 from pipeline.output.search import embed_query, format_results, query_embedder, search
@@ -144,3 +145,33 @@ def test_the_command_prints_the_expected_title_first_and_exits_0(topics_output, 
 
 def test_format_results_without_hits():
     assert format_results([]).startswith("no results")
+
+
+@pytest.fixture(scope="module")
+def topics_with_binary(tmp_path_factory, topics_output):
+    """The same output stored as float16 with a binary column (compact, no embedding again)."""
+    from pipeline.output.compact import compact_output
+    from pipeline.core.vector_format import VectorFormat
+    from pipeline.output.summary import publish_summary, run_summary
+
+    publish_summary(str(topics_output), run_summary(str(topics_output), 3, {}))  # compact takes a finished output
+    small = tmp_path_factory.mktemp("search-binary") / "out"
+    assert compact_output(str(topics_output), str(small), vector_format=VectorFormat("float16", ("binary",))).ok
+    return small
+
+
+def test_binary_candidates_rescored_find_what_the_exact_search_finds(topics_output, topics_with_binary, embedder):
+    query = "stretch and fold the dough"
+    exact = search(str(topics_output), query, k=3, embedder=embedder)
+    rescored = search(str(topics_with_binary), query, k=3, embedder=embedder, binary_candidates=6)
+    assert [(r["doc_id"], r["chunk_id"]) for r in rescored] == [(r["doc_id"], r["chunk_id"]) for r in exact]
+    assert np.allclose([r["score"] for r in rescored], [r["score"] for r in exact], atol=2e-3)  # float16 vectors
+    # Never fewer candidates than k.
+    assert len(search(str(topics_with_binary), query, k=3, embedder=embedder, binary_candidates=1)) == 3  # k at least
+    with pytest.raises(PipelineError, match="has no binary column to take candidates from"):
+        search(str(topics_output), query, k=3, embedder=embedder, binary_candidates=10)
+
+
+def test_the_command_searches_on_binary_candidates(topics_with_binary, capsys):
+    assert main(["search", str(topics_with_binary), "how do bees make honey", "-k", "2", "--binary-candidates", "20"]) == 0
+    assert "Keeping Honey Bees" in capsys.readouterr().out.splitlines()[0]

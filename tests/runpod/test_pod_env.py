@@ -39,3 +39,17 @@ def test_watchdog_limits_travel_when_they_differ_from_its_defaults():
     assert set(env) == {"PIPELINE_WATCHDOG_IDLE_SECONDS", "PIPELINE_WATCHDOG_MAX_DOLLARS", "PIPELINE_WATCHDOG_CHECK_SECONDS"}
     assert Limits.from_env(env) == limits
     assert Limits().to_env() == {}
+
+
+def test_the_vector_format_reaches_the_pods_workers(tmp_path, monkeypatch):
+    from pipeline import EmbedAll, RunpodEmbedAll
+
+    env = RunpodEmbedAll(corpus=str(tmp_path), output=str(tmp_path / "out"), image="img", model="nomic",
+                         vector_dtype="float16", dimensions=256, compact_columns="binary,int8").pod_env()
+    assert (env["PIPELINE_VECTOR_DTYPE"], env["PIPELINE_DIMENSIONS"], env["PIPELINE_COMPACT_COLUMNS"]) == (
+        "float16", "256", "binary,int8")
+    for name, value in env.items():
+        if name.startswith("PIPELINE_"):
+            monkeypatch.setenv(name, value)
+    worker = EmbedAll()  # a pod's worker: every setting from its environment
+    assert (worker.model, worker.vector_dtype, worker.dimensions, worker.compact_columns) == ("nomic", "float16", 256, "binary,int8")
