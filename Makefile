@@ -85,6 +85,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/manifest_memory.py
 	$(BIN)/python tests/benchmarks/verify_memory.py
 	$(BIN)/python tests/benchmarks/sync_cost.py
+	$(BIN)/python tests/benchmarks/storage_choices.py
 
 # Build the pod's image and push it to PIPELINE_REGISTRY (.env), tagged with the git
 # revision; needs a Docker engine. Prints the reference to pass as --image.

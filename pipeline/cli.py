@@ -3,7 +3,9 @@
     python -m pipeline status OUTPUT [--json]  shards done, failed, running; throughput, ETA, dollars
     python -m pipeline verify OUTPUT [--json]  prove the output is whole (exit 1 naming each problem)
     python -m pipeline compact OUTPUT NEW_OUTPUT  a synced output's current rows only, verified before and after
-    python -m pipeline search OUTPUT "query" [-k 5] [--json]  the chunks nearest a query (exact cosine)
+    python -m pipeline compact OUTPUT NEW_OUTPUT --vector-dtype float16 --compact-columns binary  … stored smaller
+    python -m pipeline evaluate OUTPUT [--json]  how well the vectors retrieve (recall@1, recall@10, MRR@10)
+    python -m pipeline search OUTPUT "query" [-k 5] [--json] [--binary-candidates N]  the chunks nearest a query
     python -m pipeline cost OUTPUT [--json]    dollars per pod, per run and in total
     python -m pipeline pods sweep OUTPUT       end every billed pod of an output; close records of pods gone
     python -m pipeline report OUTPUT [--html F] [--png F]  a page and a PNG: throughput, cost, rejects, chunk lengths
@@ -110,23 +112,38 @@ def verify(output: str, as_json: bool) -> int:
     return 0 if verdict.ok else 1
 
 
-def compact(output: str, destination: str) -> int:
+def compact(output: str, destination: str, vector_dtype: str | None = None, compact_columns: str | None = None) -> int:
     """0 when the compacted output verifies; it is verified before and after."""
-    from pipeline.output.compact import compact_output
+    from pipeline.output.compact import compact_output, target_format
     from pipeline.output.verify import format_verdict
 
+    output = output.rstrip("/") or output
+    vector_format = target_format(output, vector_dtype, compact_columns)
     with shard_progress("compacting") as tick:
-        verdict = compact_output(output.rstrip("/") or output, destination, on_shard=tick)
+        verdict = compact_output(output, destination, on_shard=tick, vector_format=vector_format)
     print(format_verdict(destination, verdict))
     return 0 if verdict.ok else 1
 
 
-def search(output: str, query: str, k: int, as_json: bool) -> int:
+def evaluate(output: str, documents: int, sample: int, as_json: bool) -> int:
+    """Retrieval figures of an output's vectors, also written beside its shards for the
+    run report."""
+    from pipeline.output.evaluate import evaluate as run_evaluation
+    from pipeline.output.evaluate import format_evaluation, publish_evaluation
+
+    output = output.rstrip("/") or output
+    result = run_evaluation(output, documents=documents, sample=sample)
+    publish_evaluation(output, result)
+    print(json.dumps(result, indent=2) if as_json else "\n".join(format_evaluation(result)))
+    return 0
+
+
+def search(output: str, query: str, k: int, as_json: bool, binary_candidates: int = 0) -> int:
     """The k chunks nearest the query, best first; 0 even when the output holds none."""
     from pipeline.output.search import format_results
     from pipeline.output.search import search as run_search
 
-    results = run_search(output.rstrip("/") or output, query, k)
+    results = run_search(output.rstrip("/") or output, query, k, binary_candidates=binary_candidates)
     print(json.dumps(results, indent=2, ensure_ascii=False) if as_json else format_results(results))
     return 0
 
@@ -167,11 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     compact_parser = commands.add_parser("compact", help="a new output of a synced one's current rows only")
     compact_parser.add_argument("output", help="the output folder or bucket prefix (verified first, left as it is)")
     compact_parser.add_argument("new_output", help="where to write the compacted output (verified after)")
+    compact_parser.add_argument("--vector-dtype", choices=("float32", "float16"), help="store the vectors so (default: as they are)")
+    compact_parser.add_argument("--compact-columns", metavar="COLUMNS",
+                                help="binary, int8, binary,int8, or '' for none (default: as they are)")
+    evaluate_parser = commands.add_parser("evaluate", help="how well the vectors retrieve: recall@1, recall@10, MRR@10")
+    evaluate_parser.add_argument("output", help="the output folder or bucket prefix")
+    evaluate_parser.add_argument("--documents", type=int, default=300, help="about how many documents give a query (300)")
+    evaluate_parser.add_argument("--sample", type=int, default=10,
+                                 help="documents embedded again in float32 where the vectors are stored smaller (10)")
+    evaluate_parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     search_parser = commands.add_parser("search", help="the chunks nearest a query, by the output's own model")
     search_parser.add_argument("output", help="the output folder or bucket prefix")
     search_parser.add_argument("query", help="the text to look for")
     search_parser.add_argument("-k", type=int, default=5, help="how many chunks to show (default 5)")
     search_parser.add_argument("--json", action="store_true", help="print the hits as JSON")
+    search_parser.add_argument("--binary-candidates", type=int, default=0, metavar="N",
+                               help="take N candidates on the binary column (--compact-columns binary), rescore them exactly")
     cost_parser = commands.add_parser("cost", help="dollars spent on Runpod pods for an output")
     cost_parser.add_argument("output", help="the output folder or bucket prefix")
     cost_parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -227,11 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "verify":
             return verify(args.output, args.json)
         elif args.command == "compact":
-            return compact(args.output, args.new_output)
+            return compact(args.output, args.new_output, args.vector_dtype, args.compact_columns)
+        elif args.command == "evaluate":
+            return evaluate(args.output, args.documents, args.sample, args.json)
         elif args.command == "search":
             if args.k < 1:
                 parser.error("-k must be at least 1")
-            return search(args.output, args.query, args.k, args.json)
+            return search(args.output, args.query, args.k, args.json, args.binary_candidates)
         elif args.command == "report":
             return report(args.output, args.html, args.png, args.history)
         elif args.command == "cost":

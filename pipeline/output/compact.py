@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.core.corpus import manifest_info
 from pipeline.core.generations import GENERATION_FIELDS, is_current, shard_view
-from pipeline.core.shard_file import footer_settings, shard_metadata
+from pipeline.core.shard_file import CHUNK_SCHEMA, footer_settings, rows_table, shard_metadata, shard_schema
 from pipeline.core.shard_job import publish_rejects
 from pipeline.core.sync import read_manifest
+from pipeline.core.vector_format import VectorFormat
 from pipeline.errors import PipelineError
 from pipeline.output.layout import OutputLayout
 from pipeline.output.read_back import current_rows, read_shard
@@ -33,8 +34,10 @@ from pipeline.output.summary import run_summary
 from pipeline.output.verify import Verdict, verify_output
 
 
-def compact_output(output: str, destination: str, on_shard: Optional[Callable[[int], None]] = None) -> Verdict:
-    """Write ``destination`` from ``output``'s current view; the destination's verdict."""
+def compact_output(output: str, destination: str, on_shard: Optional[Callable[[int], None]] = None,
+                   vector_format: Optional[VectorFormat] = None) -> Verdict:
+    """Write ``destination`` from ``output``'s current view (its vectors stored as
+    ``vector_format`` says, if given); the destination's verdict."""
     source, target = OutputLayout.of(output), OutputLayout.of(destination)
     if source.root == target.root:
         raise PipelineError("compact writes a new output: give another folder or prefix than the output itself")
@@ -44,13 +47,15 @@ def compact_output(output: str, destination: str, on_shard: Optional[Callable[[i
     if not before.ok:
         raise PipelineError(f"{source.root} does not verify ({len(before.problems)} problem(s), first: "
                             f"{before.problems[0]}): compact only a whole output")
+    if vector_format is not None:
+        _check_conversion(source, vector_format)
     storage.ensure_writable_dir(target.root)
     manifest = read_manifest(source.manifest)
     current = manifest.filter(is_current(manifest))
     kept = sorted(set(current["shard"].to_pylist()))
     renumber = {old: new for new, old in enumerate(kept)}
     for old in kept:
-        _copy_shard(source, target, old, renumber[old], manifest.filter(pc.equal(manifest["shard"], old)))
+        _copy_shard(source, target, old, renumber[old], manifest.filter(pc.equal(manifest["shard"], old)), vector_format)
         if on_shard:
             on_shard(len(kept))
     info = footer_settings(manifest.schema.metadata)
@@ -68,7 +73,24 @@ def compact_output(output: str, destination: str, on_shard: Optional[Callable[[i
     return verify_output(target.root)
 
 
-def _copy_shard(source: OutputLayout, target: OutputLayout, old: int, new: int, rows: pa.Table) -> None:
+def target_format(output: str, vector_dtype: Optional[str], compact_columns: Optional[str]) -> Optional[VectorFormat]:
+    """The format ``--vector-dtype`` / ``--compact-columns`` ask for (what is not given
+    stays as the output has it); None when neither is given."""
+    if vector_dtype is None and compact_columns is None:
+        return None
+    first = OutputLayout.of(output).first_shard()
+    now = VectorFormat.of(shard_metadata(first[1])) if first else VectorFormat()
+    return VectorFormat.parse(vector_dtype or now.dtype, ",".join(now.compact) if compact_columns is None else compact_columns)
+
+
+def _check_conversion(source: OutputLayout, vector_format: VectorFormat) -> None:
+    first = source.first_shard()
+    if first and VectorFormat.of(shard_metadata(first[1])).dtype == "float16" and vector_format.dtype == "float32":
+        raise PipelineError(f"{source.root} stores float16 vectors: float32 would not bring their precision back")
+
+
+def _copy_shard(source: OutputLayout, target: OutputLayout, old: int, new: int, rows: pa.Table,
+                vector_format: Optional[VectorFormat]) -> None:
     """Shard ``old``'s current rows and rejections as shard ``new``, stats counted again."""
     view = shard_view(rows)
     table = current_rows(read_shard(source.shard(old), history=True), view)
@@ -87,9 +109,24 @@ def _copy_shard(source: OutputLayout, target: OutputLayout, old: int, new: int, 
                  rejected_documents=len(rejects), rejected_by_reason=dict(Counter(r["reason"] for r in rejects)),
                  chunks=table.num_rows, tokens=tokens)
     publish_rejects(target.root, new, rejects)
+    if vector_format is not None:
+        table, settings = _stored_as(table, settings, vector_format)
     metadata = {**{f"pipeline.{k}": v for k, v in settings.items()}, "pipeline.stats": json.dumps(stats, sort_keys=True)}
     with storage.atomic_output(target.shard(new)) as staged:
         pq.write_table(table.replace_schema_metadata(metadata), staged.path, compression="snappy")
+
+
+def _stored_as(table: pa.Table, settings: dict[str, str], vector_format: VectorFormat) -> tuple[pa.Table, dict[str, str]]:
+    """The rows with their vectors stored as ``vector_format`` says, and the settings
+    that say so."""
+    dimension = int(settings["dimension"])
+    vector_format.check(dimension)
+    settings = {key: value for key, value in settings.items() if key != "int8_range"}
+    settings.update(vector_format.settings(dimension))
+    column = table.column("embedding_vector").combine_chunks()
+    vectors = column.flatten().to_numpy(zero_copy_only=False).astype("float32").reshape(table.num_rows, dimension)
+    chunks = table.select([field.name for field in CHUNK_SCHEMA])
+    return rows_table(shard_schema(dimension, settings), chunks, vectors), settings
 
 
 def _parameters(source: OutputLayout) -> dict:

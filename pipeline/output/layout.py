@@ -10,6 +10,7 @@ An output folder, local or in a bucket, holds::
     _SUCCESS.json                    the run summary, written last: the run is done
     _runs/pods/<pod id>.json         the pod ledger: what each Runpod pod cost
     _runs/launchers/<run id>.json    the leases of the launchers running pods for it
+    _runs/evaluation.json            the last ``evaluate``'s retrieval figures (the report shows them)
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class OutputLayout:
     @property
     def launchers(self) -> str:
         return f"{self.root}/_runs/launchers"
+
+    @property
+    def evaluation(self) -> str:
+        return f"{self.root}/_runs/evaluation.json"
 
     @property
     def changes(self) -> str:

@@ -36,6 +36,7 @@ from pipeline.output import layout
 from pipeline.output.layout import OutputLayout, require_manifest
 from pipeline.core.corpus import manifest_info
 from pipeline.core.sync import describe_sync, last_sync
+from pipeline.output.evaluate import describe_evaluation, read_evaluation
 from pipeline.errors import PipelineError
 from pipeline.output.ledger import cost_report
 from pipeline.core.progress import format_duration
@@ -96,6 +97,7 @@ class RunReport:
     running: list[int]  # shards last seen running (task history)
     failed: list[int]  # shards whose last run failed (task history)
     sync: Optional[dict] = None  # what the last --sync changed (core.sync.last_sync); None if never synced
+    evaluation: Optional[dict] = None  # the last ``evaluate``'s figures (output.evaluate); None if never evaluated
 
     @property
     def wall_seconds(self) -> float:
@@ -159,7 +161,7 @@ def gather(output: str | os.PathLike, history: Optional[Path | str] = None, now:
         totals={key: totals.counts[key] for key in COUNTS}, rejected_by_reason=dict(totals.rejected_by_reason.most_common()),
         chunk_lengths=dict(sorted(lengths.items())), settings=totals.settings, precisions=totals.precisions,
         pods=pods, dollars=cost["dollars"], history=str(history) if events else None, running=running, failed=failed,
-        sync=last_sync(output),
+        sync=last_sync(output), evaluation=read_evaluation(output),
     )
 
 
@@ -195,13 +197,15 @@ def totals_rows(report: RunReport) -> list[tuple[str, str]]:
         ("tokens/s", f"{report.tokens_per_second:,.0f} while shards were being made "
                      f"({format_duration(report.wall_seconds)})"),
         ("model", f"{s.get('model_id', '?')} ({s.get('model_profile', '?')}, {', '.join(report.precisions)})"),
-        ("dimension", s.get("dimension", "?")),
+        ("dimension", s.get("dimension", "?") + (f" (of {s['matryoshka_from']}, Matryoshka)" if s.get("matryoshka_from") else "")),
+        ("vectors stored as", ", ".join([s.get("vector_dtype", "float32"), *filter(None, s.get("compact_columns", "").split(","))])),
         ("devices", ", ".join(sorted({span.device for span in report.shards}))),
         ("workers", f"{len(report.workers):,}"),
         ("dollars", dollars),
         ("first start", _when(min(span.started for span in report.shards))),
         ("last finish", _when(max(span.finished for span in report.shards))),
         *([("sync", describe_sync(report.sync))] if report.sync else []),
+        *([("retrieval", describe_evaluation(report.evaluation))] if report.evaluation else []),
     ]
     if report.history:
         rows += [("running", shard_list(report.running)), ("failed", shard_list(report.failed))]
