@@ -160,26 +160,53 @@ def test_sigkill_in_the_middle_of_uploads_then_rerun_ends_whole_and_equal(refere
     assert_same_output(expected, bucket_rows(bucket, "out", tmp_path))
 
 
-def sync_moment(output: Path) -> str:
-    """Where a frozen ``--sync`` stands, from what it left."""
-    published = (output / "changes" / "generation-000001.parquet").exists()
-    generation = pq.read_metadata(output / "manifest.parquet").metadata.get(b"pipeline.generation")
-    if not published:
-        return "listing and comparing (no change log yet)"
-    return "change log published, manifest not yet" if generation is None else "synced, embedding the changes"
+class SyncTarget:
+    """Where the synced output lives: a local folder, or a prefix in a GCS bucket on
+    loopback (read back through ``pipeline.storage``, downloaded to compare)."""
+
+    def __init__(self, base: Path, tmp_path: Path, bucket=None):
+        self.bucket, self.tmp_path = bucket, tmp_path
+        if bucket is None:
+            self.url = str(tmp_path / "out")
+            shutil.copytree(base, self.url)
+        else:
+            bucket.upload_folder(base, "out")
+            self.url = f"{bucket.url}/out"
+        self.env = luigi_env(**(bucket.env if bucket else {}))
+
+    def moment(self) -> str:
+        """Where a frozen ``--sync`` stands, from what it left."""
+        from pipeline import storage
+        from pipeline.core.corpus import manifest_info
+
+        if not storage.exists(f"{self.url}/changes/generation-000001.parquet"):
+            return "listing and comparing (no change log yet)"
+        if "generation" not in manifest_info(f"{self.url}/manifest.parquet"):
+            return "change log published, manifest not yet"
+        return "synced, embedding the changes"
+
+    def change_log_published(self) -> bool:
+        from pipeline import storage
+
+        return bool(list(storage.list_files(f"{self.url}/changes", "*", hashes=False)))
+
+    def local(self) -> Path:
+        return Path(self.url) if self.bucket is None else bucket_rows(self.bucket, "out", self.tmp_path)
 
 
-def test_sigkill_during_a_sync_then_rerun_ends_as_an_uninterrupted_sync(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_sigkill_during_a_sync_then_rerun_ends_as_an_uninterrupted_sync(where, tmp_path, request):
     """``--sync`` killed at random moments, half of them the moment its change log is
     visible (between the log and the manifest, the commit point's window), then rerun:
-    the output verifies and equals an uninterrupted sync's, manifest and change log too."""
+    the output verifies and equals an uninterrupted sync's, manifest and change log too,
+    in a local folder and in a bucket alike."""
     corpus = write_corpus(tmp_path / "corpus", documents=10, words=120)
     base = tmp_path / "base"
     result = run_luigi(*embed_args(corpus, base))
     assert result.returncode == 0, result.stderr[-3000:]
-    uninterrupted, output = tmp_path / "uninterrupted", tmp_path / "out"
-    for copy in (uninterrupted, output):
-        shutil.copytree(base, copy)
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(base, uninterrupted)
+    target = SyncTarget(base, tmp_path, request.getfixturevalue("gcs_bucket") if where == "gcs" else None)
     EDITS[0](corpus)
     clock = time.monotonic()
     result = run_luigi(*embed_args(corpus, uninterrupted), "--sync")
@@ -188,29 +215,32 @@ def test_sigkill_during_a_sync_then_rerun_ends_as_an_uninterrupted_sync(tmp_path
 
     rng, hits = random.Random(SEED), Counter()
     for _ in range(KILLS):
-        process = subprocess.Popen(luigi_command(*embed_args(corpus, output), "--sync"), cwd=ROOT, env=luigi_env(),
+        process = subprocess.Popen(luigi_command(*embed_args(corpus, target.url), "--sync"), cwd=ROOT, env=target.env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             if rng.random() < 0.5:
-                while process.poll() is None and not any((output / "changes").glob("*")):
-                    time.sleep(0.002)
+                while process.poll() is None and not target.change_log_published():
+                    time.sleep(0.002 if where == "local" else 0.02)
             else:
-                wait_for_moment(process, output / "shards", rng, seconds)
+                deadline = time.monotonic() + rng.uniform(0.2, 0.9 * seconds)
+                while process.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
             if process.poll() is not None:
                 hits["finished before the kill"] += 1
                 break
             process.send_signal(signal.SIGSTOP)
-            hits[sync_moment(output)] += 1
+            hits[target.moment()] += 1
             process.send_signal(signal.SIGKILL)
         finally:
             if process.poll() is None:
                 process.kill()
             process.wait()
     print(f"CHAOS_SEED={SEED}: {dict(hits)}")
-    final = run_luigi(*embed_args(corpus, output), "--sync")
+    final = run_luigi(*embed_args(corpus, target.url), "--sync", **(target.bucket.env if target.bucket else {}))
     assert final.returncode == 0, f"CHAOS_SEED={SEED}: {final.stderr[-3000:]}"
-    verdict = verify_output(str(output))
+    verdict = verify_output(target.url)
     assert verdict.ok, (SEED, verdict.problems)
+    output = target.local()
     names = sorted(path.name for path in (uninterrupted / "shards").glob("shard-*.parquet"))
     assert names == sorted(path.name for path in (output / "shards").glob("shard-*.parquet"))
     for name in names:  # stored rows, shard by shard: a changed document's rows are in two shards
