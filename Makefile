@@ -56,8 +56,9 @@ parallel = $(if $(filter 0,$(1)),,-n $(1) --dist loadgroup)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(call parallel,$(TEST_WORKERS)) $(PYTEST_ARGS)
 
-# The fast tier for daily work: everything but the tests that run the pipeline in
-# subprocesses or build images (markers slow and docker); a few minutes.
+# The fast tier for daily work: everything but the tests that run the pipeline or the
+# model in subprocesses, load thousands of objects into a storage server, or build
+# images (markers slow and docker); a few minutes.
 check: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not docker" $(call parallel,$(CHECK_WORKERS)) $(PYTEST_ARGS)
 

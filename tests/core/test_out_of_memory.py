@@ -37,6 +37,7 @@ print(json.dumps({"stats": stats, "warnings": warnings, "batch_tokens": embedder
 """
 
 
+@pytest.mark.slow  # a model in a memory-capped subprocess: not in the fast tier
 def test_a_batch_too_large_for_memory_is_split_and_the_shard_is_made(tmp_path, embedder):
     corpus = write_corpus(tmp_path / "corpus", documents=24, words=1600)
     manifest = str(tmp_path / "manifest.parquet")

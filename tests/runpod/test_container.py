@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 
 from helpers import ROOT, luigi_env
 from pipeline.runpod.image import image_reference, revision
@@ -31,6 +32,7 @@ def test_the_dockerfile_runs_the_watchdog_and_proves_the_model_loads_offline():
     assert dockerfile.index("model --fetch") < offline < dockerfile.index('RUN python -m pipeline model "${PIPELINE_MODEL}"')
 
 
+@pytest.mark.slow  # the model loaded in two subprocesses: not in the fast tier
 def test_the_model_check_loads_a_profile_offline_or_says_what_is_missing(tmp_path):
     env = luigi_env(HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"))
     result = subprocess.run([sys.executable, "-m", "pipeline", "model", "minilm"], cwd=ROOT, env=env, capture_output=True, text=True)

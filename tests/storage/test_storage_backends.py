@@ -27,6 +27,7 @@ def test_publish_is_exactly_once_and_overwrite_replaces(bucket):
     assert storage.exists(dest) and not storage.exists(f"{bucket.url}/out/shards/shard-000001.parquet")
 
 
+@pytest.mark.slow  # thousands of objects through a loopback server: not in the fast tier
 def test_listing_pages_filters_and_hashes(bucket):
     import hashlib
 
@@ -110,6 +111,7 @@ def test_permanent_errors_fail_at_once_naming_path_and_cause(proxied_bucket, sta
     assert len(attempts) == 1, "a permanent error was retried"
 
 
+@pytest.mark.slow  # thousands of objects through a loopback server: not in the fast tier
 def test_listing_resumes_from_its_page_after_a_fault(proxied_bucket):
     bucket, proxy = proxied_bucket
     for i in range(2100):
@@ -130,6 +132,7 @@ def test_listing_resumes_from_its_page_after_a_fault(proxied_bucket):
     assert len(list_requests) == 5  # three pages, two of them asked again
 
 
+@pytest.mark.slow  # thousands of objects through a loopback server: not in the fast tier
 def test_a_manifest_of_five_thousand_objects_pages_through_the_bucket(tmp_path, monkeypatch):
     """Listing at scale: 5,000 objects, 5 pages of the API's 1,000, streamed into the manifest.
     (How flat its memory stays is measured in benchmarks/manifest_memory.py.)"""
