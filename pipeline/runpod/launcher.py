@@ -24,7 +24,7 @@ import luigi
 from pipeline import config
 from pipeline.config import gpu_type_list
 
-from pipeline import storage, web_view
+from pipeline import planning, storage, web_view
 from pipeline.errors import PipelineError
 from pipeline.runpod.launcher_limits import RunLimits
 from pipeline.output.ledger import PodLedger
@@ -165,6 +165,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
                               self.poll_seconds, self.provisioning_seconds, limits)
 
     def run(self):
+        planning.check_vector_settings(self)  # a setting every shard would fail on fails here, before a pod is paid for
         if self.pods < 1 or self.gpus_per_pod < 1:
             raise PipelineError(f"--pods {self.pods} --gpus-per-pod {self.gpus_per_pod}: at least one pod of one GPU is needed")
         if self.pods > 1 and not self.pods_scheduler_url:

@@ -53,3 +53,21 @@ def test_the_vector_format_reaches_the_pods_workers(tmp_path, monkeypatch):
             monkeypatch.setenv(name, value)
     worker = EmbedAll()  # a pod's worker: every setting from its environment
     assert (worker.model, worker.vector_dtype, worker.dimensions, worker.compact_columns) == ("nomic", "float16", 256, "binary,int8")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"dimensions": 32}, r"--dimensions 32 is outside what nomic is trained for \(64 to 768\)"),
+    ({"vector_dtype": "int4"}, "unknown vector dtype 'int4'"),
+    ({"compact_columns": "pq"}, "unknown compact column 'pq'"),
+])
+def test_the_launcher_refuses_a_vector_setting_before_any_pod_is_paid_for(tmp_path, monkeypatch, setting, message):
+    """Every shard on the pod would fail on it: the launcher says so first, and never
+    reaches the Runpod API (none is set up here: a call would fail otherwise)."""
+    from pipeline import RunpodEmbedAll
+    from pipeline.errors import PipelineError
+
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    launcher = RunpodEmbedAll(corpus=str(tmp_path), output=str(tmp_path / "out"), image="img", model="nomic", **setting)
+    with pytest.raises(PipelineError, match=message):
+        launcher.run()
+    assert not (tmp_path / "out").exists()
