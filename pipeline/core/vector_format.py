@@ -99,8 +99,8 @@ class VectorFormat:
         if "binary" in self.compact:
             wrong["binary column not the vectors' signs"] = (binary_rows(batch.column(BINARY_COLUMN)) != pack_signs(vectors)).any(axis=1)
         if "int8" in self.compact:
-            stored = batch.column(INT8_COLUMN).flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), -1)
-            wrong["int8 column not the vectors rounded"] = (np.abs(stored.astype(np.int16) - quantize_int8(vectors)) > 1).any(axis=1)
+            stored = list_rows(batch.column(INT8_COLUMN)).astype(np.int16)
+            wrong["int8 column not the vectors rounded"] = (np.abs(stored - quantize_int8(vectors)) > 1).any(axis=1)
         return wrong
 
     def arrays(self, vectors: np.ndarray) -> list["pa.Array"]:
@@ -116,6 +116,19 @@ class VectorFormat:
         if "int8" in self.compact:
             arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(quantize_int8(stored).reshape(-1), pa.int8()), dimension))
         return arrays
+
+
+def list_rows(column: "pa.Array | pa.ChunkedArray") -> np.ndarray:
+    """A fixed-size list column (vectors, int8 values) as ``[n, size]``, in its stored type."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
+
+
+def stored_vectors(column: "pa.Array | pa.ChunkedArray") -> np.ndarray:
+    """An ``embedding_vector`` column as float32 ``[n, dimension]``, whatever it stores."""
+    return list_rows(column).astype(np.float32, copy=False)
 
 
 def pack_signs(vectors: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from pipeline.core.generations import GENERATION_FIELDS, is_current, shard_view
 from pipeline.core.shard_file import CHUNK_SCHEMA, footer_settings, rows_table, shard_metadata, shard_schema
 from pipeline.core.shard_job import publish_rejects
 from pipeline.core.sync import read_manifest
-from pipeline.core.vector_format import VectorFormat
+from pipeline.core.vector_format import VectorFormat, stored_vectors
 from pipeline.errors import PipelineError
 from pipeline.output.layout import OutputLayout
 from pipeline.output.read_back import current_rows, read_shard
@@ -123,10 +123,8 @@ def _stored_as(table: pa.Table, settings: dict[str, str], vector_format: VectorF
     vector_format.check(dimension)
     settings = {key: value for key, value in settings.items() if key != "int8_range"}
     settings.update(vector_format.settings(dimension))
-    column = table.column("embedding_vector").combine_chunks()
-    vectors = column.flatten().to_numpy(zero_copy_only=False).astype("float32").reshape(table.num_rows, dimension)
     chunks = table.select([field.name for field in CHUNK_SCHEMA])
-    return rows_table(shard_schema(dimension, settings), chunks, vectors), settings
+    return rows_table(shard_schema(dimension, settings), chunks, stored_vectors(table.column("embedding_vector"))), settings
 
 
 def _parameters(source: OutputLayout) -> dict:

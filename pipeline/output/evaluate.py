@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from pipeline.core.vector_format import (BINARY_COLUMN, INT8_COLUMN, VectorFormat, binary_rows, dequantize_int8,
-                                         pack_signs)
+                                         hamming_distances, list_rows, pack_signs, stored_vectors)
 from pipeline import storage
 from pipeline.errors import PipelineError
 from pipeline.output.layout import OutputLayout
@@ -43,7 +43,6 @@ MIN_WORDS, MAX_WORDS = 8, 40
 # Binary search takes this many candidate chunks per query, then rescores them (on the
 # shared corpus: recall@10 0.829 with 100, 0.854 with 300, 0.857 with 1,000 and exact).
 BINARY_CANDIDATES = 300
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 @dataclass
@@ -99,8 +98,7 @@ class BinaryCandidates:
         self.docs = np.full((len(queries), count), None, dtype=object)
 
     def add(self, packed_rows: np.ndarray, exact: np.ndarray, doc_ids: list[str]) -> None:
-        distances = np.stack([_POPCOUNT[np.bitwise_xor(packed_rows, query)].sum(axis=1, dtype=np.int32)
-                              for query in self.packed])
+        distances = np.stack([hamming_distances(packed_rows, query) for query in self.packed])
         names = np.asarray(doc_ids, dtype=object)
         merged = np.concatenate([self.distances, distances], axis=1)
         keep = np.argsort(merged, axis=1, kind="stable")[:, : self.count]
@@ -166,11 +164,6 @@ def embed_queries(embedder, texts: list[str]) -> np.ndarray:
     return embedder.embed_texts(texts, prefix=embedder.profile.query_prefix)
 
 
-def _stored_vectors(table) -> np.ndarray:
-    column = table.column("embedding_vector").combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), -1)
-
-
 def score_output(output: str, query_vectors: np.ndarray, answers: list[str], vector_format: VectorFormat,
                  settings: dict[str, str], only: Optional[set[str]] = None) -> dict[str, Retrieval]:
     """Each way of searching the output, scored over its shards (or ``only`` these
@@ -187,11 +180,10 @@ def score_output(output: str, query_vectors: np.ndarray, answers: list[str], vec
 
             table = table.filter(pc.is_in(table.column("doc_id"), value_set=pa.array(sorted(only), pa.string())))
         doc_ids = table.column("doc_id").to_pylist()
-        exact = query_vectors @ _stored_vectors(table).T
+        exact = query_vectors @ stored_vectors(table.column("embedding_vector")).T
         top["vectors"].add(exact, doc_ids)
         if "int8" in top:
-            values = table.column(INT8_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            dequantized = dequantize_int8(values.reshape(len(doc_ids), -1), float(settings["int8_range"]))
+            dequantized = dequantize_int8(list_rows(table.column(INT8_COLUMN)), float(settings["int8_range"]))
             top["int8"].add(query_vectors @ dequantized.T, doc_ids)
         if binary is not None and doc_ids:
             binary.add(binary_rows(table.column(BINARY_COLUMN)), exact, doc_ids)
@@ -218,7 +210,7 @@ def full_precision_sample(output: str, embedder, queries: list[Query], documents
             table = table.take(mine)
             keys += zip(table.column("doc_id").to_pylist(), table.column("chunk_id").to_pylist())
             texts += table.column("text").to_pylist()
-            stored.append(_stored_vectors(table))
+            stored.append(stored_vectors(table.column("embedding_vector")))
     answers = [{(q.doc_id, chunk_id) for chunk_id in q.chunk_ids} for q in kept]
 
     def ranks(query_vectors: np.ndarray, chunk_vectors: np.ndarray) -> Retrieval:

@@ -25,7 +25,7 @@ from pipeline.core.corpus import manifest_file, manifest_info
 from pipeline.output import layout
 from pipeline.output.layout import OutputLayout, numbered_name
 from pipeline.core.shard_file import SHARED_SETTINGS, setting_differs, shard_schema
-from pipeline.core.vector_format import VectorFormat
+from pipeline.core.vector_format import VectorFormat, stored_vectors
 from pipeline.output.footers import COUNTS, ShardFooter
 
 NORM_TOLERANCE = 1e-3  # fp16 models give unit vectors to about 1e-4
@@ -72,11 +72,6 @@ def manifest_shards(manifest_file: str, docs_per_shard: int, problems: list[str]
         yield shard, group
 
 
-def _vectors(column: pa.ChunkedArray | pa.Array, dimension: int) -> np.ndarray:
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dimension)
-
-
 @dataclass
 class _ShardCount:
     rows: int = 0
@@ -90,7 +85,7 @@ class _ShardCount:
         self.first_bad.setdefault(kind, f"{doc_id} chunk {chunk_id}")
 
 
-def _count_rows(parquet: pq.ParquetFile, dimension: int, normalized: bool, vector_format: VectorFormat) -> _ShardCount:
+def _count_rows(parquet: pq.ParquetFile, normalized: bool, vector_format: VectorFormat) -> _ShardCount:
     """Chunk ids per document, tokens and vector faults (compact columns that do not
     follow from the vectors among them), one row batch at a time."""
     count = _ShardCount()
@@ -104,7 +99,7 @@ def _count_rows(parquet: pq.ParquetFile, dimension: int, normalized: bool, vecto
         count.rows += batch.num_rows
         tokens = batch.column("metadata").field("token_count")
         count.tokens += int(pc.sum(tokens).as_py() or 0)
-        vectors = _vectors(batch.column("embedding_vector"), dimension)
+        vectors = stored_vectors(batch.column("embedding_vector"))
         finite = np.isfinite(vectors).all(axis=1)
         for i in np.flatnonzero(~finite)[:1]:
             count.flag("not finite", doc_ids[i], chunk_ids[i], int((~finite).sum()))
@@ -158,7 +153,7 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
             if not parquet.schema_arrow.remove_metadata().equals(expected):
                 problems.append(f"{name}: schema differs from the pipeline's: {parquet.schema_arrow.remove_metadata()}")
                 return
-            count = _count_rows(parquet, dimension, reference.get("normalized") == "true", VectorFormat.of(reference))
+            count = _count_rows(parquet, reference.get("normalized") == "true", VectorFormat.of(reference))
     except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
         problems.append(f"{name}: unreadable ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
         return
