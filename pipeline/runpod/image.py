@@ -16,7 +16,8 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.image")
-ROOT = Path(__file__).resolve().parent.parent
+# The checkout: containers/Dockerfile and what it copies are found from here.
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE_NAME = "embedding-pipeline"
 DOCKERFILE = "containers/Dockerfile"
 

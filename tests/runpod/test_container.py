@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import ROOT, luigi_env
-from pipeline.runpod.image import image_reference, revision
+from pipeline.runpod.image import build_context, image_reference, revision
 
 
 def test_the_dockerfile_passes_hadolint():
@@ -21,6 +21,17 @@ def test_secrets_and_local_state_stay_out_of_the_build_context():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".env", ".venv", ".git", "output", "var"):
         assert path in ignored
+
+
+def test_the_default_build_context_is_this_checkout():
+    """``make image`` and a launcher without ``--image`` pass no root: the context must
+    still hold the Dockerfile and the package it copies."""
+    import tarfile
+
+    with build_context() as context, tarfile.open(fileobj=context) as tar:
+        names = set(tar.getnames())
+    assert {"containers/Dockerfile", "pyproject.toml", "pipeline/__init__.py", "pipeline/runpod/watchdog.py"} <= names
+    assert not any(name.startswith((".git/", ".venv/", "tests/")) for name in names)
 
 
 def test_the_dockerfile_runs_the_watchdog_and_proves_the_model_loads_offline():
