@@ -236,6 +236,34 @@ def _on_xdist_worker(config) -> bool:
     return hasattr(config, "workerinput")
 
 
+_session_tmp = None  # TMPDIR of the whole session, made by the process that starts it
+
+
+def pytest_configure(config):
+    """One temporary folder for everything the session starts (xdist workers, runs,
+    pods, dockerd, luigid, Chromium inherit TMPDIR): what a process killed on purpose
+    leaves behind (a staged file, a manifest's local copy, Luigi's lock files) goes with
+    the session instead of piling up in /tmp."""
+    global _session_tmp
+    if _on_xdist_worker(config) or "PIPELINE_TEST_SESSION_TMP" in os.environ:
+        return
+    import tempfile
+
+    _session_tmp = tempfile.mkdtemp(prefix="pipeline-tests-")
+    os.environ.update(TMPDIR=_session_tmp, PIPELINE_TEST_SESSION_TMP=_session_tmp)
+    tempfile.tempdir = None  # read TMPDIR again
+
+
+def pytest_unconfigure(config):
+    """Removed when every test passed; kept, and named, for a look when one failed."""
+    if _session_tmp is None:
+        return
+    if getattr(config, "_pipeline_failed", False):
+        print(f"\nthe session's temporary files are kept in {_session_tmp}")
+    else:
+        shutil.rmtree(_session_tmp, ignore_errors=True)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """The container tests last, so the engine and base made beside the others are ready.
@@ -254,7 +282,8 @@ def pytest_collection_finish(session):
         warm_up()
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
+    session.config._pipeline_failed = exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED)
     if _warm_up is not None:
         _warm_up.stop()
 
