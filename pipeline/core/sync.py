@@ -156,6 +156,7 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
     where = OutputLayout.of(output)
     result = SyncResult(generation=0)
     while True:
+        version = storage.version(where.manifest)  # before the read: a newer manifest then fails the swap, never an older one
         manifest = read_manifest(where.manifest)
         info = footer_settings(manifest.schema.metadata)  # the table's own: another worker may publish the next one meanwhile
         generation = int(info.get("generation", 0)) + 1
@@ -170,7 +171,9 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
                 return result
             storage.delete(where.summary)  # first: a kill after this leaves no summary that looks finished
             changes = _publish_change_log(where.change_log(generation), changes)
-        _publish_manifest(where.manifest, apply_change_log(manifest, changes), info, changes)
+        if not _publish_manifest(where.manifest, apply_change_log(manifest, changes), info, changes, version):
+            log.info("generation %d: another worker published the manifest meanwhile; reading it again", generation)
+            continue  # never overwrite a newer generation with this one
         result.generation = generation
         result.counts.update(changes["action"].to_pylist())
         if only_added:
@@ -184,7 +187,8 @@ def _publish_change_log(path: str, changes: pa.Table) -> pa.Table:
     return changes if staged.published else read_change_log(path)
 
 
-def _publish_manifest(path: str, manifest: pa.Table, info: dict[str, str], changes: pa.Table) -> None:
+def _publish_manifest(path: str, manifest: pa.Table, info: dict[str, str], changes: pa.Table, version: str | None) -> bool:
+    """Replace the manifest only if it is still the ``version`` this one was made from."""
     shards = max(int(info["shards"]), (pc.max(manifest["shard"]).as_py() or -1) + 1)
     metadata = {f"pipeline.{key}": value for key, value in info.items()}
     metadata.update({
@@ -194,8 +198,9 @@ def _publish_manifest(path: str, manifest: pa.Table, info: dict[str, str], chang
         "pipeline.generation": str(changes["generation"][0].as_py()),
         "pipeline.extended_at": changes["time"][0].as_py(),
     })
-    with storage.atomic_output(path) as staged:
+    with storage.atomic_output(path, if_version=version) as staged:
         pq.write_table(manifest.replace_schema_metadata(metadata), staged.path, row_group_size=ROWS_PER_WRITE)
+    return staged.published
 
 
 def last_sync(output: str) -> dict | None:

@@ -26,7 +26,7 @@ __all__ = [
     "atomic_output", "backend_for", "check_corpus", "delete", "describe", "ensure_writable_dir", "exists",
     "forget_clients", "hash_file", "is_remote", "is_transient", "join", "list_files", "local_path", "md5_hex",
     "open_for_reading", "pid_alive", "read_bytes", "read_text", "remove_stale_temps", "retrying", "split_bucket",
-    "staging_folder", "temp_name_for", "use_retry_policy",
+    "staging_folder", "temp_name_for", "use_retry_policy", "version",
 ]
 
 
@@ -40,6 +40,12 @@ def exists(path: str) -> bool:
 
 def read_bytes(path: str) -> bytes:
     return backend_for(path).read_bytes(path)
+
+
+def version(path: str) -> str | None:
+    """A token naming what ``path`` holds now (None when absent): read it before the
+    file, and ``atomic_output(path, if_version=...)`` replaces only that version."""
+    return backend_for(path).version(path)
 
 
 def read_text(path: str) -> str:

@@ -25,9 +25,14 @@ class Backend(Protocol):
     def list(self, root: str, pattern: str, hashes: bool = True) -> Iterator[Listed]:
         """Files under ``root`` matching ``pattern``, in full-path byte order, streamed."""
 
-    def publish(self, local: Path, dest: str, overwrite: bool) -> bool:
+    def version(self, path: str) -> str | None:
+        """A token that changes whenever ``path`` is written (None when it is absent),
+        for a compare-and-swap ``publish``."""
+
+    def publish(self, local: Path, dest: str, overwrite: bool, if_version: str | None = None) -> bool:
         """Make the complete file ``local`` the object ``dest`` in one step; False when
-        ``dest`` existed and ``overwrite`` is off (nothing written)."""
+        ``dest`` existed and ``overwrite`` is off, or (``if_version``) when ``dest`` is no
+        longer at that version: nothing is written then."""
 
     def delete(self, path: str) -> None: ...
 

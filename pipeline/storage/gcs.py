@@ -87,12 +87,28 @@ class GCSBackend:
             if not token:
                 return
 
-    def publish(self, local: Path, dest: str, overwrite: bool) -> bool:
-        from google.api_core.exceptions import PreconditionFailed
+    def version(self, path: str) -> str | None:
+        """The object's generation, which every write changes."""
+        bucket, key = split_bucket(path)
+
+        def fetch():
+            blob = self.client.bucket(bucket).get_blob(key, retry=None)
+            return None if blob is None else str(blob.generation)
+
+        return retrying("checking", path, fetch)
+
+    def publish(self, local: Path, dest: str, overwrite: bool, if_version: str | None = None) -> bool:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        match = int(if_version) if if_version is not None else None if overwrite else 0
 
         def upload():
             try:
-                self._blob(dest).upload_from_filename(str(local), if_generation_match=None if overwrite else 0, retry=None, checksum="md5")
+                self._blob(dest).upload_from_filename(str(local), if_generation_match=match, retry=None, checksum="md5")
+            except NotFound:
+                if if_version is None:
+                    raise
+                return False  # the object is gone: not the version asked for
             except PreconditionFailed:
                 return False
             return True

@@ -3,6 +3,7 @@ or hard link."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -74,10 +75,25 @@ class LocalBackend:
 
         yield from walk(base, "")
 
-    def publish(self, local: Path, dest: str, overwrite: bool) -> bool:
+    def version(self, path: str) -> str | None:
+        try:
+            stat = local_path(path).stat()
+        except FileNotFoundError:
+            return None
+        return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"  # a rename in is a new inode
+
+    def publish(self, local: Path, dest: str, overwrite: bool, if_version: str | None = None) -> bool:
         final = local_path(dest)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite:
+        if if_version is not None:
+            # A rename cannot be conditional: the look and the rename happen under a lock
+            # that every compare-and-swap of this file takes.
+            with open(final.parent / f".{final.name}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self.version(dest) != if_version:
+                    return False
+                os.replace(local, final)
+        elif overwrite:
             os.replace(local, final)
         else:
             try:

@@ -103,10 +103,12 @@ class Staged:
 
 
 @contextmanager
-def atomic_output(dest: str, overwrite: bool = True) -> Iterator[Staged]:
+def atomic_output(dest: str, overwrite: bool = True, if_version: str | None = None) -> Iterator[Staged]:
     """Yield a staging file to write completely; on success it is published to ``dest``
-    in one step. With ``overwrite=False`` an existing ``dest`` is kept (exactly-once).
-    On error nothing is published and the staging file is removed."""
+    in one step. With ``overwrite=False`` an existing ``dest`` is kept (exactly-once);
+    with ``if_version`` (from ``version``) only that version of ``dest`` is replaced
+    (compare-and-swap). ``published`` says which happened. On error nothing is
+    published and the staging file is removed."""
     stale = remove_stale_temps(dest)
     if stale:
         log.info("%s: removed %d staging file(s) left by an interrupted run", dest, stale)
@@ -114,7 +116,7 @@ def atomic_output(dest: str, overwrite: bool = True) -> Iterator[Staged]:
     try:
         yield staged
         fsync_folder(staged.path)
-        staged.published = backend_for(dest).publish(staged.path, dest, overwrite)
+        staged.published = backend_for(dest).publish(staged.path, dest, overwrite, if_version)
     except OSError as exc:
         if exc.errno not in NO_SPACE:
             raise

@@ -42,17 +42,20 @@ class S3Backend:
         return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
     def exists(self, path: str) -> bool:
+        return self._head(path, lambda answer: True) or False
+
+    def _head(self, path: str, read):
+        """``read(head_object's answer)``, or None when there is no such object."""
         from botocore.exceptions import ClientError
 
         bucket, key = split_bucket(path)
 
         def head():
             try:
-                self.client.head_object(Bucket=bucket, Key=key)
-                return True
+                return read(self.client.head_object(Bucket=bucket, Key=key))
             except ClientError as exc:
                 if status_of(exc) == 404 and self._code(exc) in ("404", "NoSuchKey", "NotFound"):
-                    return False
+                    return None
                 raise
 
         return retrying("checking", path, head)
@@ -97,23 +100,31 @@ class S3Backend:
             if not page.get("IsTruncated") or not token:
                 return
 
-    def publish(self, local: Path, dest: str, overwrite: bool) -> bool:
-        """One PUT of the complete file; ``If-None-Match: *`` makes it exactly-once.
+    def version(self, path: str) -> str | None:
+        """The object's ETag (its MD5 for a single PUT: equal bytes, equal version)."""
+        return self._head(path, lambda answer: answer["ETag"].strip('"'))
+
+    def publish(self, local: Path, dest: str, overwrite: bool, if_version: str | None = None) -> bool:
+        """One PUT of the complete file; ``If-None-Match: *`` makes it exactly-once, and
+        ``If-Match`` a compare-and-swap.
 
         A server without conditional writes (501) gets a check, then the PUT: two racing
         writers may then both write, but each writes a whole, identical shard."""
         bucket, key = split_bucket(dest)
 
         def put():
-            conditional = not overwrite and self.conditional_writes
-            if not overwrite and not conditional and self.exists(dest):
-                return False
+            wants = not overwrite or if_version is not None
+            conditional = wants and self.conditional_writes
+            if wants and not conditional:
+                if (self.version(dest) != if_version) if if_version is not None else self.exists(dest):
+                    return False
+            condition = {"IfMatch": if_version} if if_version is not None else {"IfNoneMatch": "*"}
             with open(local, "rb") as body:
                 try:
-                    self.client.put_object(Bucket=bucket, Key=key, Body=body, **({"IfNoneMatch": "*"} if conditional else {}))
+                    self.client.put_object(Bucket=bucket, Key=key, Body=body, **(condition if conditional else {}))
                 except Exception as exc:
-                    if status_of(exc) == 412:
-                        return False
+                    if status_of(exc) == 412 or (if_version is not None and status_of(exc) == 404):
+                        return False  # 404: the object is gone, so not at the version asked for
                     if status_of(exc) == 501 and conditional:
                         log.warning("%s: the server has no conditional writes; checking before each upload instead", dest)
                         self.conditional_writes = False

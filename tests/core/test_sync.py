@@ -9,9 +9,11 @@ import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from helpers import EDITS, write_corpus
-from pipeline.core.corpus import doc_id_for, write_manifest
+from pipeline.core import sync
+from pipeline.core.corpus import doc_id_for, list_documents, manifest_info, write_manifest
 from pipeline.core.generations import CHANGE_LOG_SCHEMA
 from pipeline.core.shard_job import ShardJob, run_shard
 from pipeline.core.sync import describe_sync, last_sync, read_change_log, read_manifest, sync_output
@@ -311,6 +313,39 @@ def test_a_sync_of_a_bucket_output_follows_a_bucket_corpus(bucket, tmp_path, emb
     fresh = tmp_path / "fresh"
     full_run(local, fresh, embedder)
     assert_same_view(f"{bucket.url}/out", fresh)
+
+
+@pytest.mark.parametrize("kind", ["local", "gcs", "s3"])
+def test_a_sync_that_comes_late_never_puts_back_an_older_manifest(kind, request, tmp_path, monkeypatch):
+    """Worker A makes generation 1 of the manifest; before it publishes, worker B
+    publishes generations 1 and 2. A's manifest is then refused (compare-and-swap), and A
+    reads again instead of putting the corpus back one sync."""
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=60)
+    output = str(tmp_path / "out") if kind == "local" else request.getfixturevalue(f"{kind}_bucket").url + "/out"
+    write_manifest(str(corpus), "*.md", PER_SHARD, f"{output}/manifest.parquet")
+    EDITS[0](corpus)
+    real_publish = sync._publish_manifest
+
+    seen_after_a = []
+
+    def a_slow_worker(*args):
+        if getattr(a_slow_worker, "overtaken", False):  # B's publishes, and A's after it reads again
+            return real_publish(*args)
+        a_slow_worker.overtaken = True
+        assert sync_output(str(corpus), "*.md", output).generation == 1  # B applies A's change log
+        EDITS[1](corpus)
+        assert sync_output(str(corpus), "*.md", output).generation == 2
+        published = real_publish(*args)
+        seen_after_a.append(manifest_info(f"{output}/manifest.parquet")["generation"])
+        return published
+
+    monkeypatch.setattr(sync, "_publish_manifest", a_slow_worker)
+    assert sync_output(str(corpus), "*.md", output).generation == 2
+    assert seen_after_a == ["2"], "A's late manifest put generation 1 back, if only for a moment"
+    assert manifest_info(f"{output}/manifest.parquet")["generation"] == "2"
+    manifest = read_manifest(f"{output}/manifest.parquet")
+    current = manifest.filter(manifest["superseded_in"].is_null())
+    assert sorted(current["path"].to_pylist()) == [d.relative for d in list_documents(str(corpus), "*.md")]
 
 
 def test_compact_writes_the_current_view_as_a_new_output_that_verifies(tmp_path, embedder, capsys):

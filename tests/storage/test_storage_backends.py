@@ -27,6 +27,35 @@ def test_publish_is_exactly_once_and_overwrite_replaces(bucket):
     assert storage.exists(dest) and not storage.exists(f"{bucket.url}/out/shards/shard-000001.parquet")
 
 
+def swap(dest, data, version):
+    with atomic_output(dest, if_version=version) as staged:
+        staged.path.write_bytes(data)
+    return staged.published
+
+
+def check_compare_and_swap(root: str) -> None:
+    dest = f"{root}/out/manifest.parquet"
+    assert storage.version(dest) is None
+    assert publish(dest, b"version one", overwrite=True)
+    first = storage.version(dest)
+    assert swap(dest, b"version two", first) is True
+    second = storage.version(dest)
+    assert second not in (None, first)
+    assert swap(dest, b"a late writer's", first) is False  # made from what is no longer there
+    assert storage.read_bytes(dest) == b"version two"
+    assert swap(dest, b"version three", second) is True and storage.read_bytes(dest) == b"version three"
+    storage.delete(dest)
+    assert swap(dest, b"after a delete", second) is False and not storage.exists(dest)
+
+
+def test_a_compare_and_swap_publish_replaces_only_the_version_it_was_made_from(bucket):
+    check_compare_and_swap(bucket.url)
+
+
+def test_a_compare_and_swap_publish_in_a_local_folder(tmp_path):
+    check_compare_and_swap(str(tmp_path))
+
+
 @pytest.mark.slow  # thousands of objects through a loopback server: not in the fast tier
 def test_listing_pages_filters_and_hashes(bucket):
     import hashlib
@@ -165,6 +194,9 @@ def test_s3_without_conditional_writes_falls_back_to_check_then_put(s3_server, m
         assert publish(dest, b"first") is True
         assert publish(dest, b"second") is False
         assert bucket.get("out/shards/shard-000000.parquet") == b"first"
+        first = storage.version(dest)  # a compare-and-swap checks the version, then puts
+        assert swap(dest, b"replaced", first) is True and swap(dest, b"late", first) is False
+        assert bucket.get("out/shards/shard-000000.parquet") == b"replaced"
         assert [fault for _, _, fault in proxy.faults()] == ["501"]
     finally:
         proxy.stop()
