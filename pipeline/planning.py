@@ -94,11 +94,7 @@ def sync_manifest(run: "RunParameters") -> SyncResult:
     moved and deleted documents) as a new generation; the new shards are then the run's
     missing shards."""
     check_output_matches_settings(run)  # never sync another corpus's output, or one made otherwise
-    if run.skip_duplicates:
-        raise PipelineError(f"output {run.output_location} skips duplicate documents, which --sync does not follow yet "
-                            "(a skipped copy would stay unembedded when its first is changed or deleted): "
-                            "embed the corpus into a new --output instead")
-    result = sync_output(run.corpus_location(), run.pattern, run.output_location)
+    result = sync_output(run.corpus_location(), run.pattern, run.output_location, skip_duplicates=run.skip_duplicates)
     log.info("%s: %s", run.output_location, result.describe())
     return result
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline import storage
-from pipeline.core.generations import rows_to_embed
+from pipeline.core.generations import first_copies, rows_to_embed, with_generations
 from pipeline.core.shard_file import footer_settings
 from pipeline.errors import PipelineError
 
@@ -202,25 +202,19 @@ def manifest_rows(manifest: str, shard: int) -> list[dict[str, Any]]:
 
 
 def duplicates_in_shard(manifest: str, shard: int) -> dict[str, str]:
-    """{path: first path} for each document of ``shard`` whose manifest content_hash
-    an earlier document in manifest order (an earlier shard, or earlier in this one)
-    already has; the first is the earliest of them.
+    """{stored doc id: the holder's path} for each document of ``shard`` whose content
+    a live document earlier in manifest order (an earlier shard, or earlier in this one)
+    already holds (``generations.first_copies``: a superseded row holds nothing).
 
-    Only three columns of the shards up to this one are read, and only the rows whose
+    Only a few columns of the shards up to this one are read, and only the rows whose
     hash occurs in this shard are kept, so no set of the whole corpus is built.
     """
-    table = pq.read_table(manifest_file(manifest), columns=["path", "content_hash", "shard"],
-                          filters=[("shard", "<=", shard)])
+    local = manifest_file(manifest)
+    wanted = ["doc_id", "path", "content_hash", "shard", "superseded_in", "embedded_doc_id"]
+    columns = [name for name in wanted if name in pq.read_schema(local).names]
+    table = with_generations(pq.read_table(local, columns=columns, filters=[("shard", "<=", shard)]))
     own_hashes = pc.unique(table.filter(pc.equal(table["shard"], shard))["content_hash"])
-    candidates = table.filter(pc.is_in(table["content_hash"], value_set=own_hashes))
-    first: dict[str, str] = {}
-    found: dict[str, str] = {}
-    for path, content_hash, row_shard in zip(*(candidates[name].to_pylist() for name in ("path", "content_hash", "shard"))):
-        if content_hash not in first:
-            first[content_hash] = path
-        elif row_shard == shard:
-            found[path] = first[content_hash]
-    return found
+    return first_copies(table.filter(pc.is_in(table["content_hash"], value_set=own_hashes)), shard)[1]
 
 
 def content_matches(data: bytes, content_hash: str) -> bool:

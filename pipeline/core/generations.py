@@ -112,6 +112,30 @@ def apply_change_log(manifest: pa.Table, changes: pa.Table) -> pa.Table:
     return grown.take(pc.sort_indices(grown["shard"]))  # a stable sort: row order within a shard kept
 
 
+def first_copies(rows: pa.Table, shard: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Which row holds each content under ``--skip-duplicates``, across generations.
+
+    The own rows are walked in manifest order; the first *live* one of a content holds it:
+    a current row, or the stored row of a current re-keyed one (a moved document keeps its
+    vectors). A superseded row holds nothing, since its vectors are no longer read.
+    Returns ``{content_hash: the holder's current path}`` and, for each own row of
+    ``shard`` whose content a holder before it has, ``{its stored doc id: that path}``.
+    """
+    rekeyed = rows.filter(pc.and_(is_current(rows), pc.invert(is_own(rows))))
+    now_at = dict(zip(rekeyed["embedded_doc_id"].to_pylist(), rekeyed["path"].to_pylist()))
+    own = rows.filter(is_own(rows))
+    holders: dict[str, str] = {}
+    copies: dict[str, str] = {}
+    for doc_id, path, content_hash, row_shard, superseded_in in zip(
+            *(own[name].to_pylist() for name in ("doc_id", "path", "content_hash", "shard", "superseded_in"))):
+        if content_hash in holders:
+            if row_shard == shard:
+                copies[doc_id] = holders[content_hash]
+        elif superseded_in is None or doc_id in now_at:
+            holders[content_hash] = now_at.get(doc_id, path)
+    return holders, copies
+
+
 def own_row_count(manifest: pa.Table) -> int:
     return pc.sum(is_own(manifest).cast(pa.int64())).as_py() or 0
 

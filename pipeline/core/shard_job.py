@@ -163,7 +163,7 @@ def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | 
     if skip_duplicates:
         first_paths = duplicates_in_shard(manifest, shard)
         for row in rows:
-            row["duplicate_of"] = first_paths.get(row["path"])
+            row["duplicate_of"] = first_paths.get(row["doc_id"])
     destination = OutputLayout.of(output).shard(shard)
     started_at, clock, padded_before = _now(), time.monotonic(), embedder.padded_tokens
     rejects: list[dict[str, Any]] = []

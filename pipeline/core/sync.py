@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.core.corpus import ROWS_PER_WRITE, doc_id_for, list_documents, manifest_file, manifest_info
-from pipeline.core.generations import (ACTIONS, CHANGE_LOG_SCHEMA, apply_change_log, current_row_count, is_current,
-                                       own_row_count, stored_ids, with_generations)
+from pipeline.core.generations import (ACTIONS, CHANGE_LOG_SCHEMA, apply_change_log, current_row_count, first_copies,
+                                       is_current, own_row_count, stored_ids, with_generations)
 from pipeline.core.shard_file import footer_settings
 from pipeline.output.layout import OutputLayout
 
@@ -78,7 +78,7 @@ def listing_table(corpus: str, pattern: str) -> pa.Table:
 
 
 def diff(manifest: pa.Table, listing: pa.Table, first_new_shard: int, docs_per_shard: int, generation: int,
-         published: set[int], only_added: bool = False) -> pa.Table:
+         published: set[int], only_added: bool = False, skip_duplicates: bool = False) -> pa.Table:
     """The change log that takes the manifest's current rows to the listing.
 
     Args:
@@ -90,6 +90,9 @@ def diff(manifest: pa.Table, listing: pa.Table, first_new_shard: int, docs_per_s
         published: the shards with a file: only a document whose shard is made can be
             re-keyed; one moved out of a shard not yet made is deleted and added.
         only_added: list new paths only (``--add-new-documents``).
+        skip_duplicates: the output rejects copies (``--skip-duplicates``): a copy whose
+            content's holder is changed or deleted here is embedded again (``changed``),
+            so each content stays embedded once among the current documents.
     """
     current = manifest.filter(is_current(manifest))
     current = current.append_column("stored_id", stored_ids(current))
@@ -102,6 +105,8 @@ def diff(manifest: pa.Table, listing: pa.Table, first_new_shard: int, docs_per_s
         changed = both.filter(pc.not_equal(both["content_hash"], both["content_hash_before"])).sort_by("path")
         gone = current.filter(pc.invert(pc.is_in(current["path"], value_set=listing["path"]))).sort_by("path")
     moves = _pair_moves(gone, new, published)
+    if skip_duplicates:
+        changed, moves = _copies_left_without_holder(manifest, current, changed, gone, moves)
     columns = ["path", "bytes", "content_hash"]
     arriving = pa.concat_tables([new.select(columns), changed.select(columns)])
     listed = {path: (size, content_hash) for path, size, content_hash in zip(*(arriving[c].to_pylist() for c in columns))}
@@ -145,14 +150,41 @@ def _pair_moves(gone: pa.Table, new: pa.Table, published: set[int]) -> dict[str,
     return moves
 
 
+def _copies_left_without_holder(manifest: pa.Table, current: pa.Table, changed: pa.Table, gone: pa.Table,
+                                moves: dict[str, dict]) -> tuple[pa.Table, dict[str, dict]]:
+    """Under ``--skip-duplicates``: the changed documents and moves once the copies whose
+    holder is changed or deleted (not moved) are listed as changed too, to be embedded
+    again. A move of such a content is dropped (deleted and added instead), since the
+    row it would re-key is a rejected copy."""
+    at_risk = pa.concat_arrays([changed["content_hash_before"].combine_chunks().cast(pa.string()),
+                                gone["content_hash"].combine_chunks()])
+    if len(at_risk) == 0:
+        return changed, moves
+    rows = manifest.filter(pc.is_in(manifest["content_hash"], value_set=at_risk))
+    holders = first_copies(rows)[0]
+    touched = set(changed["path"].to_pylist()) | set(gone["path"].to_pylist())
+    moved_away = {old["path"] for old in moves.values()}
+    lost = {content_hash for content_hash, path in holders.items() if path in touched and path not in moved_away}
+    if not lost:
+        return changed, moves
+    moves = {path: old for path, old in moves.items() if old["content_hash"] not in lost}
+    copies = current.filter(pc.and_(pc.is_in(current["content_hash"], value_set=pa.array(sorted(lost), pa.string())),
+                                    pc.invert(pc.is_in(current["path"], value_set=pa.array(sorted(touched), pa.string())))))
+    again = pa.table({"path": copies["path"], "bytes": copies["bytes"], "content_hash": copies["content_hash"],
+                      "content_hash_before": copies["content_hash"], "shard": copies["shard"]})
+    return pa.concat_tables([changed.select(again.column_names), again.cast(changed.select(again.column_names).schema)]), moves
+
+
 def read_change_log(path: str) -> pa.Table:
     with storage.open_for_reading(path) as file:
         return pq.read_table(file).cast(CHANGE_LOG_SCHEMA)
 
 
-def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False) -> SyncResult:
+def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False,
+                skip_duplicates: bool = False) -> SyncResult:
     """Bring the output's manifest in step with the corpus: publish each generation's change
-    log, then the manifest it makes. Returns what changed; the caller embeds the new shards."""
+    log, then the manifest it makes. Returns what changed; the caller embeds the new shards
+    (``skip_duplicates``: the output's, see ``diff``)."""
     where = OutputLayout.of(output)
     result = SyncResult(generation=0)
     while True:
@@ -165,7 +197,7 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
             log.info("generation %d: applying the change log published before", generation)
         else:
             changes = diff(manifest, listing_table(corpus, pattern), int(info["shards"]), int(info["docs_per_shard"]),
-                           generation, set(where.list_shards().numbers), only_added)
+                           generation, set(where.list_shards().numbers), only_added, skip_duplicates)
             if changes.num_rows == 0:
                 result.generation = generation - 1
                 return result

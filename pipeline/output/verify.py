@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.core.corpus import manifest_file, manifest_info
+from pipeline.core.generations import first_copies, is_current, stored_ids
 from pipeline.output import layout
 from pipeline.output.layout import OutputLayout, numbered_name
 from pipeline.core.shard_file import SHARED_SETTINGS, setting_differs, shard_schema
@@ -43,6 +44,7 @@ class Verdict:
     settings: dict[str, str] = field(default_factory=dict)
     generation: int = 0  # of the manifest: how many syncs it has been through
     current_documents: int | None = None
+    rejected_copies: set[tuple[int, str]] = field(default_factory=set)  # synced: (shard, stored id) rejected as ``duplicate``
 
     @property
     def ok(self) -> bool:
@@ -168,6 +170,8 @@ def verify_shard(output: str, shard: int, manifest_rows: list[dict], has_rejects
             problems.append(f"{name}: document {doc_id} has chunk ids {sorted(ids)[:8]}…, not 0..{len(ids) - 1}")
 
     rejects = _read_rejects(output, shard, name, problems) if has_rejects else []
+    if verdict.generation:
+        verdict.rejected_copies.update((shard, r["doc_id"]) for r in rejects if r["reason"] == "duplicate")
     listed = {row["doc_id"]: row["path"] for row in manifest_rows if not row.get("embedded_doc_id")}
     embedded, rejected = set(count.chunks), Counter(r["doc_id"] for r in rejects)
     twice = sorted(d for d, n in rejected.items() if n > 1) + sorted(embedded & set(rejected))
@@ -238,6 +242,7 @@ def verify_output(output: str, on_shard: Optional[Callable[[int], None]] = None)
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         verdict.problems.append(f"{layout.MANIFEST}: unreadable ({exc.__class__.__name__}: {exc})")
         return verdict
+    verdict.generation = int(info.get("generation", 0))
     shards = shard_numbers(where.list_shards(), layout.SHARDS, layout.SHARD_SUFFIX, total, verdict.problems)
     rejects = shard_numbers(where.list_rejects(), layout.REJECTS, layout.REJECTS_SUFFIX, total, verdict.problems)
     seen = set()
@@ -252,18 +257,19 @@ def verify_output(output: str, on_shard: Optional[Callable[[int], None]] = None)
     if len(seen) != total or int(info.get("documents", -1)) != verdict.totals["documents"]:
         verdict.problems.append(f"{layout.MANIFEST}: says {total} shards and {info.get('documents')} documents, "
                                 f"holds {len(seen)} shards and {verdict.totals['documents']} documents")
-    verdict.generation = int(info.get("generation", 0))
     verdict.current_documents = int(info["current_documents"]) if "current_documents" in info else None
-    check_change_logs(where, verdict.generation, verdict.problems)
+    check_change_logs(where, verdict.generation, verdict.problems, verdict.rejected_copies)
     _check_summary(output, verdict)
     return verdict
 
 
-def check_change_logs(where: OutputLayout, generation: int, problems: list[str]) -> None:
+def check_change_logs(where: OutputLayout, generation: int, problems: list[str],
+                      rejected_copies: set[tuple[int, str]]) -> None:
     """Each sync's change log (generations 1..``generation``) says exactly which manifest
-    rows it added and superseded, and no sync's change log waits to be applied. The
-    manifest is read whole only for a synced output: an output never synced has no
-    generations to check, and verify's memory stays flat there."""
+    rows it added and superseded, no sync's change log waits to be applied, and every
+    current copy rejected as ``duplicate`` (``rejected_copies``: shard, stored id) has a live
+    holder. The manifest is read whole only for a synced output: an output never synced
+    has no generations to check, and verify's memory stays flat there."""
     from pipeline.core.sync import read_change_log, read_manifest
 
     if storage.exists(where.change_log(generation + 1)):
@@ -275,6 +281,7 @@ def check_change_logs(where: OutputLayout, generation: int, problems: list[str])
     current_paths = table.filter(pc.is_null(table["superseded_in"]))["path"]
     if len(pc.unique(current_paths)) != len(current_paths):
         problems.append(f"{layout.MANIFEST}: a path is current in more than one row")
+    check_copies_held(table, rejected_copies, problems)
     for number in range(1, generation + 1):
         path = where.change_log(number)
         if not storage.exists(path):
@@ -291,6 +298,25 @@ def check_change_logs(where: OutputLayout, generation: int, problems: list[str])
             problems.append(f"change log of generation {number}: does not match the manifest's rows of that "
                             f"generation ({arriving.num_rows} arriving, {leaving.num_rows} leaving in the log; "
                             f"{made.num_rows} made, {ended.num_rows} superseded in the manifest)")
+
+
+def check_copies_held(manifest: pa.Table, rejected_copies: set[tuple[int, str]], problems: list[str]) -> None:
+    """Under ``--skip-duplicates`` a copy is rejected, not embedded: the content of each
+    current copy must stay held by a live document (``generations.first_copies``), or no
+    current document's rows carry it (a holder changed or deleted by a sync that did not
+    embed its copies again)."""
+    if not rejected_copies:
+        return
+    current = manifest.filter(is_current(manifest))
+    copies = {path: content_hash for shard, stored, path, content_hash in
+              zip(current["shard"].to_pylist(), stored_ids(current).to_pylist(), current["path"].to_pylist(),
+                  current["content_hash"].to_pylist()) if (shard, stored) in rejected_copies}
+    rows = manifest.filter(pc.is_in(manifest["content_hash"], value_set=pa.array(sorted(set(copies.values())), pa.string())))
+    holders = first_copies(rows)[0]
+    unheld = sorted(path for path, content_hash in copies.items() if holders.get(content_hash, path) in copies)
+    if unheld:
+        problems.append(f"{layout.MANIFEST}: {len(unheld)} current document(s) rejected as duplicates of content no "
+                        f"current document holds (a sync left them unembedded), first: {unheld[0]}")
 
 
 def format_verdict(output: str, verdict: Verdict) -> str:

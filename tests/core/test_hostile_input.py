@@ -20,6 +20,8 @@ from pipeline.core.null_embedder import NullEmbedder
 from pipeline.errors import PipelineError
 from pipeline.planning import check_output_matches_settings
 from pipeline.output.layout import OutputLayout
+from pipeline.output.read_back import read_shard
+from pipeline.output.verify import verify_output
 from pipeline.core.shard_job import ShardJob, run_shard
 
 SECRET = "TOPSECRET-outside-the-corpus"
@@ -344,3 +346,11 @@ def test_skip_duplicates_is_a_run_parameter_recorded_in_the_summary(tmp_path, du
     # A rerun with the option off would mix shards that skip duplicates with shards that do not.
     with pytest.raises(PipelineError, match="skip_duplicates: True in the output, False now"):
         check_output_matches_settings(EmbedAll(**settings, skip_duplicates=False))
+
+    # --sync follows it: a.md, which held X, is deleted, so its copy c.md is embedded now (f.md stays a copy).
+    (duplicated / "a.md").unlink()
+    assert luigi.build([EmbedAll(**settings, skip_duplicates=True, sync=True)], local_scheduler=True, log_level="WARNING")
+    summary = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
+    assert (summary["generation"], summary["current_documents"]) == (1, 5)
+    assert verify_output(str(tmp_path / "out")).ok
+    assert {m["path"] for m in read_shard(str(OutputLayout.of(str(tmp_path / "out")).shard(2)))["metadata"].to_pylist()} == {"c.md"}

@@ -26,20 +26,20 @@ from pipeline.output.verify import format_verdict, verify_output
 PER_SHARD = 4
 
 
-def embed_missing_shards(corpus, output, embedder) -> list[int]:
+def embed_missing_shards(corpus, output, embedder, skip_duplicates=False) -> list[int]:
     """Run every shard without a file (as EmbedAll would); the shards it ran."""
     where = OutputLayout.of(output)
     total = int(pq.read_metadata(where.manifest).metadata[b"pipeline.shards"])
     ran = [shard for shard in range(total) if not (output / "shards" / f"shard-{shard:06d}.parquet").exists()]
     for shard in ran:
-        run_shard(ShardJob(str(corpus), where.manifest, str(output), total), shard, embedder)
+        run_shard(ShardJob(str(corpus), where.manifest, str(output), total, skip_duplicates=skip_duplicates), shard, embedder)
     (output / "_SUCCESS.json").write_text(json.dumps(run_summary(str(output), total, {})))
     return ran
 
 
-def full_run(corpus, output, embedder):
-    write_manifest(str(corpus), "*.md", PER_SHARD, str(output / "manifest.parquet"))
-    embed_missing_shards(corpus, output, embedder)
+def full_run(corpus, output, embedder, docs_per_shard=PER_SHARD, skip_duplicates=False):
+    write_manifest(str(corpus), "*.md", docs_per_shard, str(output / "manifest.parquet"))
+    embed_missing_shards(corpus, output, embedder, skip_duplicates)
 
 
 def current_view(output) -> dict:
@@ -216,6 +216,88 @@ def test_shards_of_a_generation_not_yet_made_then_synced_again(tmp_path, embedde
     fresh = tmp_path / "fresh"
     full_run(corpus, fresh, embedder)
     assert_same_view(output, fresh)
+
+
+def write_copies(corpus, contents: dict[str, str]) -> None:
+    """One document per name, of the given content (the same content: the same bytes)."""
+    for name, content in contents.items():
+        (corpus / f"{name}.md").write_text(f"# Document {content}\n\nThe text of {content}, " + "and more words " * 40)
+
+
+def embedded_contents(output, corpus) -> dict[str, tuple[str, list]]:
+    """{content_hash: (the path holding it, [(chunk id, text, vector)])} of the current view,
+    checking that no content is embedded under two documents."""
+    paths = {listed.relative: listed.content_hash for listed in list_documents(str(corpus), "*.md")}
+    found: dict[str, tuple[str, list]] = {}
+    for (doc_id, chunk_id), (path, text, vector) in sorted(current_view(output).items(), key=lambda item: item[0]):
+        holder, chunks = found.setdefault(paths[path], (path, []))
+        assert holder == path, f"content of {path} embedded twice (also as {holder})"
+        chunks.append((chunk_id, text, vector))
+    return found
+
+
+def test_sync_with_skip_duplicates_embeds_a_copy_again_when_its_holder_changes_or_goes(tmp_path, embedder):
+    """``--skip-duplicates`` embeds each content once, for its first document. A sync that
+    changes or deletes that first document lists its current copies as changed, so they
+    are embedded again; a holder that moves keeps holding; a copy's move whose content
+    lost its holder is a delete and an add. After each sync every current content is
+    embedded exactly once, as a fresh ``--skip-duplicates`` run embeds it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_copies(corpus, {"a": "X", "b": "Y", "c": "X", "d": "Z", "e": "Y", "f": "X"})
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder, docs_per_shard=2, skip_duplicates=True)
+
+    def sync1():  # X's holder a deleted, a copy of X moves (pairs with a: a's rows move); Y's holder b changed
+        (corpus / "a.md").unlink()
+        (corpus / "f.md").rename(corpus / "g.md")
+        write_copies(corpus, {"b": "W", "h": "Z"})
+
+    def sync2():  # a copy of X moves (its holder stays); Z's holder d changes into a copy of Y
+        (corpus / "c.md").rename(corpus / "k.md")
+        write_copies(corpus, {"d": "Y"})
+
+    def sync3():  # Y's holder e deleted and its copy d moved: the move re-keys nothing embedded, so d is added
+        (corpus / "e.md").unlink()
+        (corpus / "d.md").rename(corpus / "q.md")
+
+    steps = [(sync1, {"moved": 1, "deleted": 1, "changed": 2, "added": 1}, 2), (sync2, {"moved": 1, "changed": 2}, 1),
+             (sync3, {"deleted": 2, "added": 1}, 1)]
+    for generation, (edit, expected, embedded_now) in enumerate(steps, start=1):
+        edit()
+        result = sync_output(str(corpus), "*.md", str(output), skip_duplicates=True)
+        assert dict(result.counts) == expected
+        ran = embed_missing_shards(corpus, output, embedder, skip_duplicates=True)
+        embedded = sum(json.loads(pq.read_metadata(output / "shards" / f"shard-{n:06d}.parquet").metadata[b"pipeline.stats"])
+                       ["embedded_documents"] for n in ran)
+        assert embedded == embedded_now, "only the changed contents are embedded"
+        verdict = verify_output(str(output))
+        assert verdict.ok, format_verdict(str(output), verdict)
+
+        fresh = tmp_path / f"fresh-{generation}"
+        full_run(corpus, fresh, embedder, docs_per_shard=2, skip_duplicates=True)
+        synced, expected_contents = embedded_contents(output, corpus), embedded_contents(fresh, corpus)
+        assert synced.keys() == expected_contents.keys() == {c.content_hash for c in list_documents(str(corpus), "*.md")}
+        for content_hash, (_, chunks) in expected_contents.items():
+            got = synced[content_hash][1]
+            assert [(i, text) for i, text, _ in got] == [(i, text) for i, text, _ in chunks]
+            assert all(np.allclose(a[2], b[2], atol=1e-5) for a, b in zip(got, chunks))
+
+
+def test_verify_finds_a_copy_whose_holder_a_sync_left_unembedded(tmp_path, embedder):
+    """A sync that ignores ``--skip-duplicates`` (as one made before it was followed did)
+    deletes the first copy and leaves the others rejected: verify says so."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_copies(corpus, {"a": "X", "b": "X"})
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder, docs_per_shard=2, skip_duplicates=True)
+    (corpus / "a.md").unlink()
+    assert dict(sync_output(str(corpus), "*.md", str(output)).counts) == {"deleted": 1}
+    assert embed_missing_shards(corpus, output, embedder, skip_duplicates=True) == []
+    verdict = verify_output(str(output))
+    assert verdict.problems == ["manifest.parquet: 1 current document(s) rejected as duplicates of content no current "
+                                "document holds (a sync left them unembedded), first: b.md"]
 
 
 def test_embed_all_with_sync_follows_the_corpus_and_says_so(tmp_path, caplog):
