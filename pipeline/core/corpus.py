@@ -212,9 +212,9 @@ def duplicates_in_shard(manifest: str, shard: int) -> dict[str, str]:
     local = manifest_file(manifest)
     wanted = ["doc_id", "path", "content_hash", "shard", "superseded_in", "embedded_doc_id"]
     columns = [name for name in wanted if name in pq.read_schema(local).names]
-    table = with_generations(pq.read_table(local, columns=columns, filters=[("shard", "<=", shard)]))
+    table = pq.read_table(local, columns=columns, filters=[("shard", "<=", shard)])
     own_hashes = pc.unique(table.filter(pc.equal(table["shard"], shard))["content_hash"])
-    return first_copies(table.filter(pc.is_in(table["content_hash"], value_set=own_hashes)), shard)[1]
+    return first_copies(with_generations(table.filter(pc.is_in(table["content_hash"], value_set=own_hashes))), shard)[1]
 
 
 def content_matches(data: bytes, content_hash: str) -> bool:
