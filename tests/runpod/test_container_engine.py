@@ -9,13 +9,15 @@ and tests/test_secrets.py scans its layers.
 
 Skipped, with the reason, where no engine can start (.ci/run installs one)."""
 
+import shutil
+
 import luigi
 import pytest
 
 from fake_runpod import FakeRunpod, assert_no_pod_billed
 from helpers import write_corpus
 from pipeline import RunpodEmbedAll
-from pipeline.runpod.image import IMAGE_NAME, revision
+from pipeline.runpod.image import IMAGE_NAME, build_and_push, revision
 
 # Building the image takes minutes (on vfs storage, where every layer is a full copy, ten or more);
 # the first of these tests in a session builds it.
@@ -43,6 +45,33 @@ def test_make_image_pushes_the_revision_tag_to_the_registry(image, registry, pla
     tag = revision(planted_checkout)  # the checkout it was built from
     assert image == f"{registry.address}/team/{IMAGE_NAME}:{tag}"
     assert tag in registry.tags(f"team/{IMAGE_NAME}")
+
+
+def test_a_change_to_the_code_rebuilds_without_installing_the_dependencies_again(engine, image, planted_checkout,
+                                                                               tmp_path, monkeypatch):
+    """The Dockerfile installs the dependencies from pyproject.toml before it copies the
+    code, so a rebuild after a code change takes that layer (about 1 GB) from the build
+    cache: it is neither installed nor pushed nor pulled again."""
+    from docker_engine import BASE_TAG
+
+    changed = tmp_path / "checkout"
+    shutil.copytree(planted_checkout, changed, symlinks=True)
+    module = changed / "pipeline" / "__init__.py"
+    module.write_text(module.read_text() + "\n# a change to the code\n")
+    monkeypatch.setenv("DOCKER_HOST", engine.url)
+    rebuilt = build_and_push("127.0.0.1:1/team", base_image=BASE_TAG, push=False, model="minilm", network_mode="host",
+                             root=changed)
+    try:
+        def dependencies_step(reference):
+            [step] = [step for step in engine.client.images.get(reference).history() if "requirements.txt" in step["CreatedBy"]]
+            return step
+
+        before, after = dependencies_step(image), dependencies_step(rebuilt)
+        assert after["Id"] == before["Id"] != "<missing>", "the dependencies were installed again"
+        assert after["Size"] > 100_000_000
+        assert engine.client.images.get(rebuilt).id != engine.client.images.get(image).id, "the code change is not in it"
+    finally:
+        engine.client.images.remove(rebuilt, force=True)
 
 
 def run_on_a_pod(gcs_bucket, tmp_path, image):
