@@ -168,11 +168,12 @@ def _copies_left_without_holder(manifest: pa.Table, current: pa.Table, changed: 
     if not lost:
         return changed, moves
     moves = {path: old for path, old in moves.items() if old["content_hash"] not in lost}
-    copies = current.filter(pc.and_(pc.is_in(current["content_hash"], value_set=pa.array(sorted(lost), pa.string())),
-                                    pc.invert(pc.is_in(current["path"], value_set=pa.array(sorted(touched), pa.string())))))
+    copies = current.filter(pc.and_(pc.is_in(current["content_hash"], value_set=pa.array(list(lost), pa.string())),
+                                    pc.invert(pc.is_in(current["path"], value_set=pa.array(list(touched), pa.string())))))
     again = pa.table({"path": copies["path"], "bytes": copies["bytes"], "content_hash": copies["content_hash"],
                       "content_hash_before": copies["content_hash"], "shard": copies["shard"]})
-    return pa.concat_tables([changed.select(again.column_names), again.cast(changed.select(again.column_names).schema)]), moves
+    kept = changed.select(again.column_names)
+    return pa.concat_tables([kept, again.cast(kept.schema)]), moves
 
 
 def read_change_log(path: str) -> pa.Table:
