@@ -18,11 +18,18 @@ LUIGI_STATE := var/luigi
 
 setup: $(STAMP)
 
+# torch through pip, which reads the machine's pip configuration (where a CPU wheel may
+# lie on disk); the rest through uv, which downloads and installs in parallel (a fresh
+# setup took 2:09 with pip alone, 1:10 this way), else through pip where uv fails.
+# Bytecode is compiled at install, in parallel: where PYTHONDONTWRITEBYTECODE is set
+# nothing is ever cached later, and every process would compile torch's modules again.
+# Like pip, the compile step lets pass the few files torch ships for newer Pythons.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-compile torch==$(TORCH_VERSION) uv
+	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/torch" >/dev/null || true
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode -e '.[dev]' \
+		|| $(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 # Uses the central scheduler when `make luigid` runs one, else a local scheduler.
@@ -52,14 +59,20 @@ TEST_WORKERS ?= 3
 CHECK_WORKERS ?= 2
 parallel = $(if $(filter 0,$(1)),,-n $(1) --dist loadgroup)
 
+# The project's own modules are compiled first: where PYTHONDONTWRITEBYTECODE is set,
+# each of the suite's few hundred processes would compile them again (about 0.25 s each).
+compile = $(BIN)/python -m compileall -q pipeline tests >/dev/null
+
 # The whole suite: what CI runs (.ci/run).
 test: $(STAMP)
+	$(compile)
 	$(BIN)/python -m pytest $(call parallel,$(TEST_WORKERS)) $(PYTEST_ARGS)
 
 # The fast tier for daily work: everything but the tests that run the pipeline or the
 # model in subprocesses, load thousands of objects into a storage server, or build
 # images (markers slow and docker); a few minutes.
 check: $(STAMP)
+	$(compile)
 	$(BIN)/python -m pytest -m "not slow and not docker" $(call parallel,$(CHECK_WORKERS)) $(PYTEST_ARGS)
 
 # Fault injection, longer than make test's quick form: workers killed (SIGKILL) 25 times
