@@ -22,12 +22,13 @@ setup: $(STAMP)
 # lie on disk); the rest through uv, which downloads and installs in parallel (a fresh
 # setup took 2:09 with pip alone, 1:10 this way), else through pip where uv fails.
 # Bytecode is compiled at install, in parallel: where PYTHONDONTWRITEBYTECODE is set
-# nothing is ever cached later, and every process would compile torch's modules again.
+# nothing is ever cached later, and every process would compile torch's modules (and
+# sympy's, typing_extensions...) again.
 # Like pip, the compile step lets pass the few files torch ships for newer Pythons.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-compile torch==$(TORCH_VERSION) uv
-	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/torch" >/dev/null || true
+	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null || true
 	$(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode -e '.[dev]' \
 		|| $(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
