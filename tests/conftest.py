@@ -297,7 +297,9 @@ def engine():
 def registry(tmp_path_factory):
     from docker_engine import LocalRegistry
 
-    registry = or_skip(lambda: LocalRegistry(tmp_path_factory.mktemp("registry")), "no local registry")
+    cache = warm_up().cache
+    kept = cache.registry_place() if cache is not None else (None, None)
+    registry = or_skip(lambda: LocalRegistry(tmp_path_factory.mktemp("registry"), *kept), "no local registry")
     yield registry
     registry.stop()
 
@@ -323,5 +325,5 @@ def image(engine, registry, planted_checkout):
         for name, value in {**launcher_secrets(planted_checkout), "DOCKER_HOST": engine.url}.items():
             patch.setenv(name, value)
         # The engine has no bridge network, so build steps use the host's.
-        return build_and_push(f"{registry.address}/team", base_image=base, model="minilm", network_mode="host",
+        return build_and_push(f"{registry.address}/{registry.namespace}", base_image=base, model="minilm", network_mode="host",
                               root=planted_checkout)

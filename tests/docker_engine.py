@@ -2,6 +2,9 @@
 
 - ``DockerEngine``: dockerd on a private socket (overlay2 or vfs storage, no bridge
   network, no iptables), stopped by PID.
+- ``EngineCache``: where the engine keeps its images between sessions (the stand-in
+  base, the build cache of the dependency layer), so a second ``make test`` on the same
+  machine builds only what changed, as Docker does for anyone who builds twice.
 - ``build_base_image``: no registry can be reached to pull the CUDA PyTorch base, so a
   stand-in is built locally: a Debian rootfs (debootstrap, from the machine's own apt
   mirror) with python3 and the CPU torch wheel, imported with ``docker import``.
@@ -19,6 +22,7 @@ skip that says so.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -33,8 +37,12 @@ import urllib.request
 from pathlib import Path
 
 import docker
+from importlib.metadata import version as installed_version
 
-BASE_TAG = "embedding-pipeline-test-base:bookworm"
+# The recipe's number goes up whenever build_base_image changes what it makes, so a base
+# kept from an older recipe is never taken for the current one.
+BASE_RECIPE = 1
+BASE_TAG = f"embedding-pipeline-test-base:bookworm-torch{installed_version('torch').split('+')[0]}-r{BASE_RECIPE}"
 # The host's trust store goes into the stand-in base: pip in its build steps reaches
 # the package index the way this machine does.
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -50,6 +58,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _stop(process: subprocess.Popen, timeout: float = 60) -> None:
     """SIGTERM the process group (dockerd takes its containerd with it), then SIGKILL."""
     if process.poll() is None:
@@ -61,17 +78,27 @@ def _stop(process: subprocess.Popen, timeout: float = 60) -> None:
             process.wait()
 
 
+def _unmount_under(folder: Path) -> None:
+    """dockerd leaves its network namespace (and, when killed, its layers) mounted."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in reversed(mounts):
+        if mount.startswith(f"{folder}/"):
+            subprocess.run(["umount", "--lazy", mount], check=False)
+
+
 class DockerEngine:
     """dockerd with overlay2 where the kernel allows it, else vfs (every layer a full
-    copy: a build takes several times longer)."""
+    copy: a build takes several times longer). Its images live in ``data_root`` when one
+    is given (kept after ``stop``), else in ``workdir`` (removed)."""
 
-    def __init__(self, workdir: Path, start_timeout: float = 60):
+    def __init__(self, workdir: Path, start_timeout: float = 60, data_root: Path | None = None):
         dockerd = shutil.which("dockerd")
         if dockerd is None:
             raise Unavailable("dockerd is not installed (Debian's docker.io; .ci/run installs it)")
         if os.geteuid() != 0:
             raise Unavailable("dockerd needs root")
         self.workdir = workdir
+        self.data_root = data_root or workdir
         self.url = f"unix://{workdir}/docker.sock"
         self.log_path = workdir / "dockerd.log"
         for driver in ("overlay2", "vfs"):
@@ -85,7 +112,7 @@ class DockerEngine:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [dockerd, f"--storage-driver={driver}", "--iptables=false", "--bridge=none", "--host", self.url,
-                 "--data-root", str(self.workdir / driver), "--exec-root", str(self.workdir / "exec"),
+                 "--data-root", str(self.data_root / driver), "--exec-root", str(self.workdir / "exec"),
                  "--pidfile", str(self.workdir / "dockerd.pid")],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
@@ -111,13 +138,74 @@ class DockerEngine:
                 pass
             self.client.close()
         _stop(self.process)
-        # dockerd leaves its network namespace mounted; then gigabytes of layers go.
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-        for mount in reversed(mounts):
-            if mount.startswith(f"{self.workdir}/"):
-                subprocess.run(["umount", "--lazy", mount], check=False)
+        _unmount_under(self.workdir)
+        if self.data_root != self.workdir:
+            _unmount_under(self.data_root)
         for name in ("overlay2", "vfs", "exec"):
             shutil.rmtree(self.workdir / name, ignore_errors=True)
+
+
+class EngineCache:
+    """The engine's data root kept between sessions, in ``PIPELINE_TEST_DOCKER_CACHE``
+    (``off``: none) or ~/.cache/embedding-pipeline/test-docker. One session holds it at a
+    time (a lock); another session beside it, or a cache that keeps the engine from
+    starting, gets a fresh engine as before. ``prune`` keeps the stand-in base and the
+    newest image of the pod, whose layers are the next build's cache."""
+
+    def __init__(self, folder: Path, lock):
+        self.folder, self._lock = folder, lock
+
+    @classmethod
+    def claim(cls) -> "EngineCache | None":
+        setting = os.environ.get("PIPELINE_TEST_DOCKER_CACHE", "")
+        if setting.lower() in ("0", "off", "no", "false"):
+            return None
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        folder = Path(setting) if setting else cache_home / "embedding-pipeline" / "test-docker"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = open(folder / "lock", "w")
+        except OSError:
+            return None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            return None  # another session is using it
+        return cls(folder, lock)
+
+    def wipe(self) -> None:
+        _unmount_under(self.folder)
+        for name in ("overlay2", "vfs"):
+            shutil.rmtree(self.folder / name, ignore_errors=True)
+
+    def registry_place(self, most_bytes: int = 6 * 2**30) -> tuple[Path, int]:
+        """The registry's kept storage and the port it had: the engine knows which layers
+        a registry holds by its address, and pushes only the others (layers pushed by an
+        earlier session are mounted from its namespace). A taken port, or storage grown
+        past ``most_bytes`` (every session adds its code and model layers), starts over."""
+        storage, port_file = self.folder / "registry", self.folder / "registry-port"
+        port = int(port_file.read_text()) if port_file.exists() else None
+        size = sum(path.stat().st_size for path in storage.rglob("*") if path.is_file()) if storage.exists() else 0
+        if port is None or not _port_is_free(port) or size > most_bytes:
+            shutil.rmtree(storage, ignore_errors=True)
+            port = _free_port()
+            port_file.write_text(str(port))
+        return storage, port
+
+    @staticmethod
+    def prune(client: docker.DockerClient, image_name: str) -> None:
+        """Every container goes; of the pod's images, all but the newest."""
+        for container in client.containers.list(all=True):
+            container.remove(force=True)
+        built = [image for image in client.images.list()
+                 if any(tag.rsplit(":", 1)[0].endswith(f"/{image_name}") for tag in image.tags)]
+        built.sort(key=lambda image: image.attrs["Created"], reverse=True)
+        for image in built[1:]:
+            client.images.remove(image.id, force=True)
+
+    def release(self) -> None:
+        self._lock.close()
 
 
 def _debian_suite_and_mirror() -> tuple[str, str]:
@@ -188,13 +276,20 @@ class WarmUp:
 
     def __init__(self):
         self.workdir = Path(tempfile.mkdtemp(prefix="pytest-docker-"))
+        self.cache = EngineCache.claim()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="docker-warm-up")
         self._engine = self._pool.submit(self._make_engine)
         self._base = self._pool.submit(self._make_base)  # after the engine: one thread
 
     def _make_engine(self) -> DockerEngine:
         (self.workdir / "docker").mkdir()
-        return DockerEngine(self.workdir / "docker")
+        if self.cache is None:
+            return DockerEngine(self.workdir / "docker")
+        try:
+            return DockerEngine(self.workdir / "docker", data_root=self.cache.folder)
+        except Unavailable:
+            self.cache.wipe()  # a damaged cache costs one fresh start, not the tests
+            return DockerEngine(self.workdir / "docker", data_root=self.cache.folder)
 
     def _make_base(self) -> str:
         engine = self._engine.result()
@@ -208,25 +303,38 @@ class WarmUp:
         return self._base.result()
 
     def stop(self) -> None:
-        """Wait for the thread (a debootstrap is not cut short), stop the engine, and
-        remove what it made."""
+        """Wait for the thread (a debootstrap is not cut short), prune the kept images,
+        stop the engine, and remove what it made outside the cache."""
+        from pipeline.runpod.image import IMAGE_NAME
+
         self._pool.shutdown(wait=True)
         if self._engine.exception() is None:
-            self._engine.result().stop()
+            engine = self._engine.result()
+            if self.cache is not None:
+                try:
+                    EngineCache.prune(engine.client, IMAGE_NAME)
+                except docker.errors.DockerException:
+                    pass  # what stays is pruned next time
+            engine.stop()
+        if self.cache is not None:
+            self.cache.release()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class LocalRegistry:
     """Debian's docker-registry on 127.0.0.1; the engine trusts loopback registries
-    over plain HTTP."""
+    over plain HTTP. Its blobs live in ``storage`` (kept) when given, else in
+    ``workdir``; each session pushes to a ``namespace`` of its own, so what a test finds
+    there was pushed by this session."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, storage: Path | None = None, port: int | None = None):
         binary = shutil.which("docker-registry")
         if binary is None:
             raise Unavailable("docker-registry is not installed (Debian's package; .ci/run installs it)")
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{port or _free_port()}"
+        self.namespace = f"team-{os.getpid()}-{time.time_ns()}"
         config = workdir / "registry.yml"
-        config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {workdir / 'blobs'}\n"
+        config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {storage or workdir / 'blobs'}\n"
                           f"http:\n  addr: {self.address}\n")
         self.process = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)

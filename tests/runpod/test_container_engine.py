@@ -43,8 +43,8 @@ def fake(engine, image, monkeypatch, tmp_path):
 
 def test_make_image_pushes_the_revision_tag_to_the_registry(image, registry, planted_checkout):
     tag = revision(planted_checkout)  # the checkout it was built from
-    assert image == f"{registry.address}/team/{IMAGE_NAME}:{tag}"
-    assert tag in registry.tags(f"team/{IMAGE_NAME}")
+    assert image == f"{registry.address}/{registry.namespace}/{IMAGE_NAME}:{tag}"
+    assert tag in registry.tags(f"{registry.namespace}/{IMAGE_NAME}")
 
 
 def test_a_change_to_the_code_rebuilds_without_installing_the_dependencies_again(engine, image, planted_checkout,
