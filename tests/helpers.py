@@ -115,6 +115,18 @@ def run_luigi(*args: str, cwd: Path = ROOT, timeout: float = 600, **env: str) ->
     )
 
 
+def embed_here(corpus, output, docs_per_shard: int, **settings) -> None:
+    """EmbedAll in this process, for a reference output that a test compares with or
+    builds on: the command line's tasks, without a process that imports torch again
+    (about 10 CPU-seconds each)."""
+    import luigi
+
+    from pipeline import EmbedAll
+
+    task = EmbedAll(corpus=str(corpus), output=str(output), docs_per_shard=docs_per_shard, device="cpu", **settings)
+    assert luigi.build([task], local_scheduler=True, log_level="WARNING"), f"the reference run of {corpus} failed"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

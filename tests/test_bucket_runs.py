@@ -10,7 +10,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, assert_same_output, bucket_rows, luigi_command, luigi_env, run_luigi, write_corpus
+from helpers import ROOT, assert_same_output, bucket_rows, embed_here, luigi_command, luigi_env, run_luigi, write_corpus
 from storage_servers import FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -29,8 +29,7 @@ def local_reference(tmp_path_factory):
     (corpus / "bad").mkdir()
     (corpus / "bad" / "binary.md").write_bytes(b"\x00\x01\x02" * 100)
     output = folder / "output"
-    result = run_luigi(*embed_args(corpus, output))
-    assert result.returncode == 0, result.stderr[-3000:]
+    embed_here(corpus, output, docs_per_shard=2)
     return corpus, output
 
 

@@ -194,24 +194,33 @@ class SyncTarget:
         return Path(self.url) if self.bucket is None else bucket_rows(self.bucket, "out", self.tmp_path)
 
 
-@pytest.mark.parametrize("where", ["local", "gcs"])
-def test_sigkill_during_a_sync_then_rerun_ends_as_an_uninterrupted_sync(where, tmp_path, request):
-    """``--sync`` killed at random moments, half of them the moment its change log is
-    visible (between the log and the manifest, the commit point's window), then rerun:
-    the output verifies and equals an uninterrupted sync's, manifest and change log too,
-    in a local folder and in a bucket alike."""
-    corpus = write_corpus(tmp_path / "corpus", documents=10, words=120)
-    base = tmp_path / "base"
+@pytest.fixture(scope="module")
+def sync_reference(tmp_path_factory):
+    """An output, the corpus edited after it, the same output after an uninterrupted
+    ``--sync``, and how long that sync took: made once for both targets."""
+    folder = tmp_path_factory.mktemp("chaos-sync")
+    corpus = write_corpus(folder / "corpus", documents=10, words=120)
+    base = folder / "base"
     result = run_luigi(*embed_args(corpus, base))
     assert result.returncode == 0, result.stderr[-3000:]
-    uninterrupted = tmp_path / "uninterrupted"
+    uninterrupted = folder / "uninterrupted"
     shutil.copytree(base, uninterrupted)
-    target = SyncTarget(base, tmp_path, request.getfixturevalue("gcs_bucket") if where == "gcs" else None)
     EDITS[0](corpus)
     clock = time.monotonic()
     result = run_luigi(*embed_args(corpus, uninterrupted), "--sync")
     assert result.returncode == 0, result.stderr[-3000:]
-    seconds = time.monotonic() - clock
+    return corpus, base, uninterrupted, time.monotonic() - clock
+
+
+@pytest.mark.xdist_group("chaos-sync")  # one worker, so the reference is made once
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_sigkill_during_a_sync_then_rerun_ends_as_an_uninterrupted_sync(where, sync_reference, tmp_path, request):
+    """``--sync`` killed at random moments, half of them the moment its change log is
+    visible (between the log and the manifest, the commit point's window), then rerun:
+    the output verifies and equals an uninterrupted sync's, manifest and change log too,
+    in a local folder and in a bucket alike."""
+    corpus, base, uninterrupted, seconds = sync_reference
+    target = SyncTarget(base, tmp_path, request.getfixturevalue("gcs_bucket") if where == "gcs" else None)
 
     rng, hits = random.Random(SEED), Counter()
     for _ in range(KILLS):

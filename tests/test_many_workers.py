@@ -9,7 +9,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import EDITS, ROOT, api, kill_while_writing, luigi_command, luigi_env, read_output_rows, running_luigid, write_corpus
+from helpers import EDITS, ROOT, api, embed_here, kill_while_writing, luigi_command, luigi_env, read_output_rows, running_luigid, write_corpus
 from pipeline.core.shard_file import shard_stats
 from pipeline.output.status import run_status
 from pipeline.output.verify import verify_output
@@ -124,9 +124,7 @@ def test_two_workers_syncing_at_once_make_one_generation_and_embed_each_change_o
     corpus = write_corpus(tmp_path / "corpus", documents=10, words=120)
     output = tmp_path / "out"
     args = ["EmbedAll", "--corpus", str(corpus), "--output", str(output), "--docs-per-shard", "2", "--device", "cpu"]
-    first = subprocess.run(luigi_command(*args, "--local-scheduler"), cwd=ROOT, env=luigi_env(HOME=str(tmp_path)),
-                           capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    embed_here(corpus, output, docs_per_shard=2)
     before = {path.name for path in (output / "shards").glob("shard-*.parquet")}
     EDITS[0](corpus)  # 1 added, 3 changed, 1 moved, 1 deleted: 4 documents to embed, 2 shards
     logs = [tmp_path / f"sync-{n}.log" for n in range(2)]
