@@ -31,7 +31,7 @@ logging.getLogger("luigi-interface").addHandler(type("H", (logging.Handler,), {"
 embedder = load_embedder(EmbedderSettings(device="cpu", batch_tokens=10_000_000, precision="float32"))
 embedder.embed_texts(["warm up"])
 in_use = int(open("/proc/self/statm").read().split()[0]) * 4096
-resource.setrlimit(resource.RLIMIT_AS, (in_use + 1200 * 2**20, resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_AS, (in_use + 400 * 2**20, resource.RLIM_INFINITY))
 stats = run_shard(ShardJob(corpus, manifest, output, 1), 0, embedder)
 print(json.dumps({"stats": stats, "warnings": warnings, "batch_tokens": embedder.batch_tokens}))
 """
@@ -39,7 +39,7 @@ print(json.dumps({"stats": stats, "warnings": warnings, "batch_tokens": embedder
 
 @pytest.mark.slow  # a model in a memory-capped subprocess: not in the fast tier
 def test_a_batch_too_large_for_memory_is_split_and_the_shard_is_made(tmp_path, embedder):
-    corpus = write_corpus(tmp_path / "corpus", documents=24, words=1600)
+    corpus = write_corpus(tmp_path / "corpus", documents=12, words=1600)
     manifest = str(tmp_path / "manifest.parquet")
     write_manifest(str(corpus), "*.md", 100, manifest)
     # glibc maps large blocks and unmaps them when freed, so a failed batch's memory goes

@@ -14,7 +14,7 @@ import luigi
 import pytest
 
 from fake_runpod import FakeRunpod, LocalProcesses, assert_no_pod_billed
-from helpers import EDITS, ROOT, api, luigi_command, luigi_env, running_luigid, wait_for, write_corpus
+from helpers import EDITS, ROOT, api, embed_here, luigi_command, luigi_env, running_luigid, wait_for, write_corpus
 from pipeline import RunpodEmbedAll
 from pipeline.core.sync import last_sync
 from pipeline.errors import PipelineError
@@ -71,16 +71,18 @@ def test_happy_path_embeds_on_the_pod_and_ends_it(fake, corpus, tmp_path):
 
 
 def test_new_documents_are_added_by_the_launcher_and_embedded_on_a_pod(fake, corpus, tmp_path):
+    """The output made before (here, in this process: the happy path above makes one on a
+    pod) is extended: no pod when nothing is new, one for the new documents alone."""
     output = tmp_path / "out"
-    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    embed_here(corpus, output, docs_per_shard=3, model="minilm")
     assert luigi.build([task(corpus, output, add_new_documents=True)], local_scheduler=True, log_level="WARNING")
-    assert len(fake.pods) == 1, "a pod was started with nothing new to embed"
+    assert len(fake.pods) == 0, "a pod was started with nothing new to embed"
 
     for name in ("added-1.md", "added-2.md"):
         (corpus / name).write_text(f"# {name}\n\nA document added to the corpus after the first run.\n")
     finished = {p.name: p.read_bytes() for p in (output / "shards").glob("*.parquet")}
     assert luigi.build([task(corpus, output, add_new_documents=True)], local_scheduler=True, log_level="WARNING")
-    assert len(fake.pods) == 2
+    assert len(fake.pods) == 1
     summary = json.loads((output / "_SUCCESS.json").read_text())
     assert (summary["documents"], summary["shards"]) == (14, 5)
     assert all((output / "shards" / name).read_bytes() == data for name, data in finished.items())
@@ -91,13 +93,13 @@ def test_a_sync_is_recorded_by_the_launcher_and_embedded_on_a_pod(fake, corpus, 
     """``RunpodEmbedAll --sync``: the launcher syncs the manifest before any pod starts,
     starts none when nothing changed, and the pod embeds the new shards only."""
     output = tmp_path / "out"
-    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    embed_here(corpus, output, docs_per_shard=3, model="minilm")  # as the test above
     assert luigi.build([task(corpus, output, sync=True)], local_scheduler=True, log_level="WARNING")
-    assert len(fake.pods) == 1, "a pod was started with nothing changed"
+    assert len(fake.pods) == 0, "a pod was started with nothing changed"
     EDITS[0](corpus)
     finished = {p.name: p.read_bytes() for p in (output / "shards").glob("*.parquet")}
     assert luigi.build([task(corpus, output, sync=True)], local_scheduler=True, log_level="WARNING")
-    assert len(fake.pods) == 2
+    assert len(fake.pods) == 1
     assert {k: v for k, v in last_sync(str(output)).items() if k in ("added", "changed", "moved", "deleted")} == {
         "added": 1, "changed": 3, "moved": 1, "deleted": 1}
     assert all((output / "shards" / name).read_bytes() == data for name, data in finished.items())
