@@ -29,25 +29,6 @@ def test_a_failed_run_exits_nonzero_even_outside_the_repository(tmp_path):
     assert f"ERROR: corpus path {tmp_path / 'missing'} does not exist" in result.stderr
 
 
-def test_embed_all_then_a_rerun_recomputes_nothing(tmp_path, small_corpus):
-    output = tmp_path / "out"
-    first = run_luigi(*embed_args(small_corpus, output), "--local-scheduler")
-    assert first.returncode == 0, first.stderr[-3000:]
-    summary = json.loads((output / "_SUCCESS.json").read_text())
-    assert summary["documents"] == 12 and summary["shards"] == 4 and summary["rejected_documents"] == 0
-    assert summary["dimension"] == 384 and summary["model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert summary["chunks"] == sum(pq.read_table(p).num_rows for p in (output / "shards").glob("*.parquet"))
-    assert summary["tokens"] > 0 and summary["tokens_per_second"] > 0 and summary["wall_seconds"] > 0
-    before = shard_files(output)
-    assert len(before) == 4
-
-    again = run_luigi(*embed_args(small_corpus, output), "--local-scheduler")
-    assert again.returncode == 0
-    assert "1 complete ones were encountered" in again.stderr
-    assert "ran successfully" not in again.stderr
-    assert shard_files(output) == before
-
-
 def stop_mid_shard(process, shards, published_before_kill=2, timeout=300):
     """SIGKILL the run while a shard's temp file is open: freeze it with SIGSTOP,
     check that a shard is in progress, and only then kill it."""
@@ -134,7 +115,7 @@ def luigid(tmp_path):
         yield port, tmp_path / "luigid"
 
 
-def test_embed_all_against_a_real_luigid_reports_status_and_history(tmp_path, small_corpus, luigid):
+def test_embed_all_against_a_real_luigid_reports_status_and_history_and_a_rerun_recomputes_nothing(tmp_path, small_corpus, luigid):
     port, folder = luigid
     output = tmp_path / "out"
     result = run_luigi(*embed_args(small_corpus, output), "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port))
@@ -154,3 +135,23 @@ def test_embed_all_against_a_real_luigid_reports_status_and_history(tmp_path, sm
     with sqlite3.connect(folder / "history.db") as db:
         recorded = {name for (name,) in db.execute("select name from tasks")}
     assert {"CorpusManifest", "EmbedShard", "EmbedAll"} <= recorded
+    assert_rerun_recomputes_nothing(small_corpus, output)
+
+
+def assert_rerun_recomputes_nothing(corpus, output):
+    """The finished run's summary, then the same command again (with a local scheduler
+    this time): it finds everything complete and touches no shard. Part of the luigid
+    test, whose run it reruns, to spare a run that loads the model."""
+    summary = json.loads((output / "_SUCCESS.json").read_text())
+    assert summary["documents"] == 12 and summary["shards"] == 4 and summary["rejected_documents"] == 0
+    assert summary["dimension"] == 384 and summary["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert summary["chunks"] == sum(pq.read_table(p).num_rows for p in (output / "shards").glob("*.parquet"))
+    assert summary["tokens"] > 0 and summary["tokens_per_second"] > 0 and summary["wall_seconds"] > 0
+    before = shard_files(output)
+    assert len(before) == 4
+
+    again = run_luigi(*embed_args(corpus, output), "--local-scheduler")
+    assert again.returncode == 0
+    assert "1 complete ones were encountered" in again.stderr
+    assert "ran successfully" not in again.stderr
+    assert shard_files(output) == before
