@@ -1,5 +1,5 @@
 """What this project does to and around the runpod SDK: import it without its logging
-side effect, let it see HTTP statuses, tell its "try again" errors from the others,
+and subprocess side effects, let it see HTTP statuses, tell its "try again" errors from the others,
 describe them in one line, and the spot-pod mutation it has no call for.
 
 The SDK has no retries of its own: a 5xx or 429 without a GraphQL error comes back as a
@@ -44,17 +44,48 @@ class StatusAwareRequests:
 
 
 def import_runpod():
-    """The SDK, without the root logging handler it installs at import time (its upload
-    helper calls ``logging.basicConfig``), which printed every log line of ours twice."""
+    """The SDK, without two side effects of its import:
+
+    - the root logging handler it installs (its upload helper calls
+      ``logging.basicConfig``), which printed every log line of ours twice;
+    - a second Python process: its serverless debugger asks py-cpuinfo for the
+      processor's name, which py-cpuinfo finds by running itself in a subprocess (about
+      1.2 s and a core-second, in every launcher and in every pod's watchdog, where the
+      pod is billed for it); the name, which only serverless workers print, comes from
+      /proc/cpuinfo instead."""
+    import sys
+
+    if "runpod" in sys.modules:
+        return sys.modules["runpod"]
+    import cpuinfo
+
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    import runpod
-
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
+    asked = cpuinfo.get_cpu_info
+    cpuinfo.get_cpu_info = _processor_name
+    try:
+        import runpod
+    finally:
+        cpuinfo.get_cpu_info = asked
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
     return runpod
+
+
+def _processor_name() -> dict[str, str]:
+    """The one field of ``cpuinfo.get_cpu_info()`` the SDK reads at import."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return {"brand_raw": line.split(":", 1)[1].strip()}
+    except OSError:
+        pass
+    return {"brand_raw": platform.processor()}
 
 
 def let_the_sdk_see_http_status() -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from pipeline.runpod.pod_env import PodIdentity, PodWorkers, decode_env
+from pipeline.runpod.sdk import import_runpod
 
 log = logging.getLogger("pipeline.watchdog")
 
@@ -60,8 +61,7 @@ def terminate_own_pod(env: dict[str, str], max_wait: float = 60, before_retry: C
     if not pod_id or not key:
         log.warning("watchdog: RUNPOD_POD_ID or RUNPOD_API_KEY missing: not in a pod, nothing to terminate")
         return False
-    import runpod
-
+    runpod = import_runpod()
     runpod.api_key = key
     attempt = 0
     while True:
@@ -81,8 +81,7 @@ def terminate_own_pod(env: dict[str, str], max_wait: float = 60, before_retry: C
 def _price_per_hour(env: dict[str, str], limits: Limits) -> float:
     """This pod's own billed price from the API; else the launcher's listed price."""
     try:
-        import runpod
-
+        runpod = import_runpod()
         runpod.api_key = env["RUNPOD_API_KEY"]
         return float(runpod.get_pod(env["RUNPOD_POD_ID"])["costPerHr"])
     except Exception as exc:
@@ -272,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             _stop([pod_scheduler])
         log.info("watchdog: work ended (%s); ending this pod", reason)
         pod_id = env.get("RUNPOD_POD_ID", "")
-        import runpod  # noqa: F401  (imported now, so the ledger's stop time is the real one)
+        import_runpod()  # imported now, so the ledger's stop time is the real one
 
         # Into the ledger first: a terminated pod's container is killed at once, so
         # nothing after a successful terminate runs. The launcher may be gone.
