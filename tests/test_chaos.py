@@ -87,6 +87,7 @@ def assert_only_whole_shards(output: Path) -> None:
         assert not (output / "_SUCCESS.json").exists()
 
 
+@pytest.mark.xdist_group("chaos")  # with the uploads scenario: one worker makes the reference once
 def test_sigkill_at_random_moments_then_rerun_ends_whole_and_equal(reference, tmp_path):
     corpus, expected, seconds = reference
     rng, hits = random.Random(SEED), Counter()
@@ -119,6 +120,7 @@ def test_sigkill_at_random_moments_then_rerun_ends_whole_and_equal(reference, tm
         assert hits["mid-shard, embedding"] + hits["mid-shard, rows written"] >= 2, hits
 
 
+@pytest.mark.xdist_group("chaos")
 def test_sigkill_in_the_middle_of_uploads_then_rerun_ends_whole_and_equal(reference, gcs_bucket, tmp_path, fast_retries):
     """The worker is killed while the GCS server has half of one of its uploads (the
     manifest's, a shard's or a rejects file's), each round a later one."""
