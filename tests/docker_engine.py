@@ -34,10 +34,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 import urllib.request
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import docker
-from importlib.metadata import version as installed_version
 
 # The recipe's number goes up whenever build_base_image changes what it makes, so a base
 # kept from an older recipe is never taken for the current one.
@@ -149,8 +149,8 @@ class EngineCache:
     """The engine's data root kept between sessions, in ``PIPELINE_TEST_DOCKER_CACHE``
     (``off``: none) or ~/.cache/embedding-pipeline/test-docker. One session holds it at a
     time (a lock); another session beside it, or a cache that keeps the engine from
-    starting, gets a fresh engine as before. ``prune`` keeps the stand-in base and the
-    newest image of the pod, whose layers are the next build's cache."""
+    starting, gets a fresh engine as before. ``prune`` keeps the current stand-in base
+    and the newest image of the pod, whose layers are the next build's cache."""
 
     def __init__(self, folder: Path, lock):
         self.folder, self._lock = folder, lock
@@ -195,13 +195,15 @@ class EngineCache:
 
     @staticmethod
     def prune(client: docker.DockerClient, image_name: str) -> None:
-        """Every container goes; of the pod's images, all but the newest."""
+        """Every container goes; of the pod's images, all but the newest; stand-in bases
+        of another torch or recipe."""
         for container in client.containers.list(all=True):
             container.remove(force=True)
         built = [image for image in client.images.list()
                  if any(tag.rsplit(":", 1)[0].endswith(f"/{image_name}") for tag in image.tags)]
         built.sort(key=lambda image: image.attrs["Created"], reverse=True)
-        for image in built[1:]:
+        old_bases = [image for image in client.images.list(name=BASE_TAG.split(":")[0]) if BASE_TAG not in image.tags]
+        for image in built[1:] + old_bases:
             client.images.remove(image.id, force=True)
 
     def release(self) -> None:
