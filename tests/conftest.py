@@ -254,11 +254,14 @@ def pytest_configure(config):
     tempfile.tempdir = None  # read TMPDIR again
 
 
+SESSION_FAILED = pytest.StashKey[bool]()  # set at the session's end, read as pytest unconfigures
+
+
 def pytest_unconfigure(config):
     """Removed when every test passed; kept, and named, for a look when one failed."""
     if _session_tmp is None:
         return
-    if getattr(config, "_pipeline_failed", False):
+    if config.stash.get(SESSION_FAILED, False):
         print(f"\nthe session's temporary files are kept in {_session_tmp}")
     else:
         shutil.rmtree(_session_tmp, ignore_errors=True)
@@ -283,7 +286,7 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    session.config._pipeline_failed = exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED)
+    session.config.stash[SESSION_FAILED] = exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED)
     if _warm_up is not None:
         _warm_up.stop()
 

@@ -87,3 +87,40 @@ def test_the_tests_mirror_the_package():
     folders = {path.parent.name for path in (ROOT / "tests").glob("*/test_*.py")}
     packages = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").exists()}
     assert folders == packages, "test folders that are no package folder, or package folders without tests"
+
+
+PATCHERS = {"setattr", "delattr", "object"}  # monkeypatch.setattr/delattr, mock.patch.object
+
+
+def private_patches(source: str) -> list[str]:
+    """Each call in ``source`` that patches a private attribute by name: a patcher whose
+    second argument (or, for a dotted target, whose last name) starts with one underscore."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        strings = [arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None for arg in node.args]
+        if name in ("setattr", "patch") and strings[0] and "." in strings[0]:  # monkeypatch.setattr("mod.name", v), mock.patch("mod.name")
+            target = strings[0].rsplit(".", 1)[1]
+        elif name in PATCHERS and len(strings) >= 2 and strings[1]:
+            target = strings[1]
+        else:
+            continue
+        if target.startswith("_") and not target.startswith("__"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_the_private_patch_finder_finds_what_it_must():
+    source = ('monkeypatch.setattr(sync, "_publish", f)\nmock.patch.object(m, "_cache")\nmock.patch("a.b._c")\n'
+              'monkeypatch.setattr("a.b._d", 1)\nmonkeypatch.setattr(e, "__init__", f)\nmonkeypatch.setattr(e, "public", f)\n')
+    assert [hit.split(":")[0] for hit in private_patches(source)] == ["line 1", "line 2", "line 3", "line 4"]
+
+
+def test_no_test_patches_a_private_attribute():
+    """Tests go through what the code offers; a test that patches a private name breaks
+    when the code is tidied, and proves a path no user takes."""
+    patches = {str(path.relative_to(ROOT)): hits for path in sorted((ROOT / "tests").rglob("*.py"))
+               if path.name != "test_architecture.py" and (hits := private_patches(path.read_text()))}
+    assert patches == {}

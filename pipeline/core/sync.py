@@ -204,7 +204,7 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
                 return result
             storage.delete(where.summary)  # first: a kill after this leaves no summary that looks finished
             changes = _publish_change_log(where.change_log(generation), changes)
-        if not _publish_manifest(where.manifest, apply_change_log(manifest, changes), info, changes, version):
+        if not publish_manifest(where.manifest, apply_change_log(manifest, changes), info, changes, version):
             log.info("generation %d: another worker published the manifest meanwhile; reading it again", generation)
             continue  # never overwrite a newer generation with this one
         result.generation = generation
@@ -220,8 +220,9 @@ def _publish_change_log(path: str, changes: pa.Table) -> pa.Table:
     return changes if staged.published else read_change_log(path)
 
 
-def _publish_manifest(path: str, manifest: pa.Table, info: dict[str, str], changes: pa.Table, version: str | None) -> bool:
-    """Replace the manifest only if it is still the ``version`` this one was made from."""
+def publish_manifest(path: str, manifest: pa.Table, info: dict[str, str], changes: pa.Table, version: str | None) -> bool:
+    """Replace the manifest only if it is still the ``version`` this one was made from
+    (compare-and-swap); False when another worker published one meanwhile."""
     shards = max(int(info["shards"]), (pc.max(manifest["shard"]).as_py() or -1) + 1)
     metadata = {f"pipeline.{key}": value for key, value in info.items()}
     metadata.update({

@@ -406,7 +406,7 @@ def test_a_sync_that_comes_late_never_puts_back_an_older_manifest(kind, request,
     output = str(tmp_path / "out") if kind == "local" else request.getfixturevalue(f"{kind}_bucket").url + "/out"
     write_manifest(str(corpus), "*.md", PER_SHARD, f"{output}/manifest.parquet")
     EDITS[0](corpus)
-    real_publish = sync._publish_manifest
+    real_publish = sync.publish_manifest
 
     seen_after_a = []
 
@@ -421,7 +421,7 @@ def test_a_sync_that_comes_late_never_puts_back_an_older_manifest(kind, request,
         seen_after_a.append(manifest_info(f"{output}/manifest.parquet")["generation"])
         return published
 
-    monkeypatch.setattr(sync, "_publish_manifest", a_slow_worker)
+    monkeypatch.setattr(sync, "publish_manifest", a_slow_worker)
     assert sync_output(str(corpus), "*.md", output).generation == 2
     assert seen_after_a == ["2"], "A's late manifest put generation 1 back, if only for a moment"
     assert manifest_info(f"{output}/manifest.parquet")["generation"] == "2"
