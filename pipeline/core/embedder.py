@@ -45,8 +45,7 @@ PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 
 def default_batch_tokens(device: str) -> int:
     """Padded tokens per batch when none is given: a GPU needs big batches to fill it;
-    a CPU runs faster on small ones that stay in cache (`make bench`, fp32 on 2 cores:
-    1.15 x the baseline at 4,096, 0.87 x at 16,384)."""
+    a CPU runs faster on small ones that stay in cache (figures in docs/performance.md)."""
     return 16384 if device.startswith("cuda") else 4096
 
 

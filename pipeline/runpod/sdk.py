@@ -49,9 +49,9 @@ def import_runpod():
     - the root logging handler it installs (its upload helper calls
       ``logging.basicConfig``), which printed every log line of ours twice;
     - a second Python process: its serverless debugger asks py-cpuinfo for the
-      processor's name, which py-cpuinfo finds by running itself in a subprocess (about
-      1.2 s and a core-second, in every launcher and in every pod's watchdog, where the
-      pod is billed for it); the name, which only serverless workers print, comes from
+      processor's name, which py-cpuinfo finds by running itself in a subprocess, in
+      every launcher and in every pod's watchdog, where the pod is billed for it (its cost:
+      docs/performance.md); the name, which only serverless workers print, comes from
       /proc/cpuinfo instead."""
     import sys
 
