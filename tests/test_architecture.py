@@ -124,3 +124,23 @@ def test_no_test_patches_a_private_attribute():
     patches = {str(path.relative_to(ROOT)): hits for path in sorted((ROOT / "tests").rglob("*.py"))
                if path.name != "test_architecture.py" and (hits := private_patches(path.read_text()))}
     assert patches == {}
+
+
+MANY_PARAMETERS = 6
+SHARES_ARGS = {"bench.py:bench": "run_bench"}  # a wrapper whose docstring points to the function it passes them to
+
+
+def test_public_functions_with_many_parameters_say_what_each_is():
+    """An ``Args:`` section where a call has too many parameters to guess from their names."""
+    undocumented, documented = [], set()
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            names = [a.arg for a in node.args.args + node.args.kwonlyargs if a.arg not in ("self", "cls")]
+            if "Args:" in (ast.get_docstring(node) or ""):
+                documented.add(node.name)
+            elif len(names) >= MANY_PARAMETERS and f"{path.relative_to(PACKAGE)}:{node.name}" not in SHARES_ARGS:
+                undocumented.append(f"{path.relative_to(PACKAGE)}:{node.name}")
+    assert undocumented == []
+    assert set(SHARES_ARGS.values()) <= documented

@@ -166,8 +166,16 @@ def embed_queries(embedder, texts: list[str]) -> np.ndarray:
 
 def score_output(output: str, query_vectors: np.ndarray, answers: list[str], vector_format: VectorFormat,
                  settings: dict[str, str], only: Optional[set[str]] = None) -> dict[str, Retrieval]:
-    """Each way of searching the output, scored over its shards (or ``only`` these
-    documents): its vectors, its int8 column, binary candidates rescored."""
+    """Each way of searching the output, scored over its shards: its vectors, its int8
+    column, binary candidates rescored.
+
+    Args:
+        output: the output searched.
+        query_vectors: one normalised row per query.
+        answers: each query's answer, the doc_id it should find (its rank is scored).
+        vector_format: the output's, which says which compact columns it has.
+        settings: the output's settings (the int8 column's range).
+        only: score only these documents; None scores all."""
     columns = ["doc_id", "embedding_vector", *vector_format.column_names()]
     top = {"vectors": TopDocuments(len(answers))}
     if "int8" in vector_format.compact:

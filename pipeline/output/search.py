@@ -48,11 +48,19 @@ def search(output: str, query: str, k: int = 5, embedder: Optional[Any] = None,
            batch_size: int = BATCH_ROWS, binary_candidates: int = 0) -> list[dict[str, Any]]:
     """The ``k`` chunks of ``output`` most similar to ``query``, best first: dicts with
     ``score`` (cosine similarity: vectors are unit length, so a dot product), ``doc_id``,
-    ``chunk_id``, ``title``, ``path`` and ``text``. ``embedder``: the one to embed the
-    query with (default: the output's model, loaded on the CPU); it must be the model
-    that made the output, which is checked by dimension. ``binary_candidates``: first
-    take this many candidates by Hamming distance on the output's binary column (it
-    must have one), then rescore only those on the full vectors."""
+    ``chunk_id``, ``title``, ``path`` and ``text``.
+
+    Args:
+        output: a finished output (a folder or bucket prefix).
+        query: the text searched for; the profile's query prefix is put before it.
+        k: how many chunks to return.
+        embedder: the one to embed the query with (default: the output's model, loaded
+            on the CPU); it must be the model that made the output, which is checked by
+            dimension.
+        batch_size: rows read at a time.
+        binary_candidates: first take this many candidates by Hamming distance on the
+            output's binary column (it must have one), then rescore only those on the
+            full vectors; 0 scores every row on the full vectors."""
     import numpy as np
 
     if k < 1:

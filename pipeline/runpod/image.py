@@ -70,9 +70,14 @@ def build_and_push(registry: str, base_image: str = "", push: bool = True, model
                    root: Path = ROOT) -> str:
     """Build containers/Dockerfile with the docker SDK, push it, return the reference.
 
-    ``model`` is the profile whose weights are baked in; ``network_mode`` is the build
-    steps' network (``host`` where the engine has no bridge network); ``root`` is the
-    checkout to build (its git revision tags the image)."""
+    Args:
+        registry: where to push (for example ``ghcr.io/you``); the image is named under it.
+        base_image: the Dockerfile's ``BASE_IMAGE``; empty keeps its CUDA PyTorch base.
+        push: False builds only.
+        model: the profile whose weights are baked in.
+        network_mode: the build steps' network (``host`` where the engine has no bridge
+            network).
+        root: the checkout to build (its git revision tags the image)."""
     import docker
     from docker.errors import APIError, BuildError, DockerException
 
