@@ -1,5 +1,7 @@
 """The package's folders are its architecture: which folder may import which, a module
-map in docs/architecture.md that matches the tree, and modules short enough to read."""
+map in docs/architecture.md that matches the tree, and modules short enough to read.
+Also the house rules a reader relies on: public functions with many parameters say what
+each is, and no test patches a private name."""
 
 import ast
 import re
