@@ -26,7 +26,6 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import docker
 
+from helpers import free_port, port_is_free
+
 # The recipe's number goes up whenever build_base_image changes what it makes, so a base
 # kept from an older recipe is never taken for the current one.
 BASE_RECIPE = 1
@@ -50,21 +51,6 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 class Unavailable(Exception):
     """This machine cannot run the real-container tests; the message says why."""
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _stop(process: subprocess.Popen, timeout: float = 60) -> None:
@@ -187,9 +173,9 @@ class EngineCache:
         storage, port_file = self.folder / "registry", self.folder / "registry-port"
         port = int(port_file.read_text()) if port_file.exists() else None
         size = sum(path.stat().st_size for path in storage.rglob("*") if path.is_file()) if storage.exists() else 0
-        if port is None or not _port_is_free(port) or size > most_bytes:
+        if port is None or not port_is_free(port) or size > most_bytes:
             shutil.rmtree(storage, ignore_errors=True)
-            port = _free_port()
+            port = free_port()
             port_file.write_text(str(port))
         return storage, port
 
@@ -333,7 +319,7 @@ class LocalRegistry:
         binary = shutil.which("docker-registry")
         if binary is None:
             raise Unavailable("docker-registry is not installed (Debian's package; .ci/run installs it)")
-        self.address = f"127.0.0.1:{port or _free_port()}"
+        self.address = f"127.0.0.1:{port or free_port()}"
         self.namespace = f"team-{os.getpid()}-{time.time_ns()}"
         config = workdir / "registry.yml"
         config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {storage or workdir / 'blobs'}\n"

@@ -133,6 +133,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def read_output_rows(output: Path) -> dict[tuple[str, int], dict]:
     """Every row of every shard keyed by (doc_id, chunk_id); fails on duplicates."""
     rows = {}
