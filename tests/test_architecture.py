@@ -92,6 +92,7 @@ def test_the_tests_mirror_the_package():
 
 
 PATCHERS = {"setattr", "delattr", "object"}  # monkeypatch.setattr/delattr, mock.patch.object
+DOTTED_PATCHERS = {"setattr", "delattr", "patch"}  # the same given "module.name", and mock.patch
 
 
 def private_patches(source: str) -> list[str]:
@@ -103,7 +104,7 @@ def private_patches(source: str) -> list[str]:
             continue
         name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
         strings = [arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None for arg in node.args]
-        if name in ("setattr", "patch") and strings[0] and "." in strings[0]:  # monkeypatch.setattr("mod.name", v), mock.patch("mod.name")
+        if name in DOTTED_PATCHERS and strings[0] and "." in strings[0]:  # monkeypatch.setattr("mod.name", v), mock.patch("mod.name")
             target = strings[0].rsplit(".", 1)[1]
         elif name in PATCHERS and len(strings) >= 2 and strings[1]:
             target = strings[1]
@@ -116,8 +117,9 @@ def private_patches(source: str) -> list[str]:
 
 def test_the_private_patch_finder_finds_what_it_must():
     source = ('monkeypatch.setattr(sync, "_publish", f)\nmock.patch.object(m, "_cache")\nmock.patch("a.b._c")\n'
-              'monkeypatch.setattr("a.b._d", 1)\nmonkeypatch.setattr(e, "__init__", f)\nmonkeypatch.setattr(e, "public", f)\n')
-    assert [hit.split(":")[0] for hit in private_patches(source)] == ["line 1", "line 2", "line 3", "line 4"]
+              'monkeypatch.setattr("a.b._d", 1)\nmonkeypatch.delattr("a.b._e")\nmonkeypatch.setattr(e, "__init__", f)\n'
+              'monkeypatch.setattr(e, "public", f)\n')
+    assert [hit.split(":")[0] for hit in private_patches(source)] == ["line 1", "line 2", "line 3", "line 4", "line 5"]
 
 
 def test_no_test_patches_a_private_attribute():
