@@ -35,7 +35,7 @@ from pipeline.core.embedder import Embedder, default_batch_tokens
 from pipeline.core.null_embedder import NullEmbedder
 from pipeline.output.layout import OutputLayout
 from pipeline.errors import PipelineError
-from pipeline.core.stand_in import SHAPES, save_stand_in
+from pipeline.core.stand_in import STAND_IN_PROFILES, save_stand_in
 from pipeline.core.reader_pool import close_readers, read_in_processes, reader_processes
 from pipeline.core.shard_job import ShardJob, read_pieces, run_shard
 from pipeline.runpod.throughput import derived_tokens_per_second, flops_per_token
@@ -163,13 +163,13 @@ def baseline_against_embedder(embedder: Embedder, texts: list[str], token_ids: l
 
 def bench_model_path(profile: str, model_path: str, work: str) -> str:
     """The model folder to measure: the one given, the profile's weights where they are
-    here, else a stand-in of the profile's shape with random weights, built in ``work``."""
+    here, else a stand-in in the profile's published layout with random weights, built in ``work``."""
     if model_path:
         return model_path
     try:
         return PROFILES[profile].locate()
     except PipelineError:
-        if profile not in SHAPES:
+        if profile not in STAND_IN_PROFILES:
             raise
         return save_stand_in(f"{work}/stand-in", profile)
 
@@ -329,7 +329,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"peak RSS of this process (a worker's upper bound): {r['peak_rss_bytes'] / 2**20:,.0f} MiB",
     ]
     if r.get("stand_in_for"):  # no figure of a stand-in may pass for the real model's
-        lines = [f"[stand-in for {r['stand_in_for']}: its shape, random weights] {line}" if line else line for line in lines]
+        lines = [f"[stand-in for {r['stand_in_for']}: its published layout, random weights] {line}" if line else line for line in lines]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@
     python -m pipeline image [--no-push]       build and push the pod's image
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
     python -m pipeline model PROFILE [--fetch] load a model offline (fetch it first)
-    python -m pipeline model nomic --save-stand-in DIR  nomic's shape, random weights: for --model-path throughput runs
+    python -m pipeline model nomic --save-stand-in DIR  nomic's published layout, random weights: for --model-path throughput runs
     python -m pipeline bench [--corpus C] [--model M] [--json F] [--rounds N]  throughput, side by side
 """
 
@@ -213,14 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     report_parser.add_argument("--history", default=None,
                                help="luigid's task history (sqlite file); default: luigi.cfg [task_history] db_connection")
     image_parser = commands.add_parser("image", help="build the pod's image and push it to PIPELINE_REGISTRY")
-    image_parser.add_argument("--base-image", default=os.environ.get("PIPELINE_BASE_IMAGE", ""), help="a CUDA PyTorch image")
+    image_parser.add_argument("--base-image", default=os.environ.get("PIPELINE_BASE_IMAGE", ""),
+                              help="a Python 3.11 image to install torch into (default: the Dockerfile's)")
+    image_parser.add_argument("--stand-in-layers", type=int, default=0,
+                              help="bake a stand-in of this many layers (random weights, throughput only) instead of the weights")
     image_parser.add_argument("--model", default=os.environ.get("PIPELINE_POD_MODEL", "nomic"), help="model profile baked in")
     image_parser.add_argument("--no-push", action="store_true", help="build only")
     model_parser = commands.add_parser("model", help="load a model profile offline and embed one text")
     model_parser.add_argument("profile", help="model profile (nomic, minilm)")
     model_parser.add_argument("--fetch", action="store_true", help="fetch it into the local cache first (HF_HUB_OFFLINE=0)")
     model_parser.add_argument("--save-stand-in", default="", metavar="DIR",
-                              help="write a stand-in of the profile's shape with random weights to DIR (throughput only)")
+                              help="write the profile's published layout with random weights to DIR (throughput only: "
+                                   "what it makes is marked and refused by verify and search)")
+    model_parser.add_argument("--layers", type=int, default=0, help="with --save-stand-in: fewer layers than the model's")
+    model_parser.add_argument("--hf-home", action="store_true",
+                              help="with --save-stand-in: DIR is a Hugging Face home (HF_HOME); write into its hub cache "
+                                   "as a download would, so the profile finds it with no --model-path")
     estimate_parser = commands.add_parser("estimate", help="estimate a corpus's cost on Runpod before any pod starts")
     estimate_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
     estimate_parser.add_argument("--pattern", default="*.md")
@@ -281,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.runpod.image import build_and_push
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-            print(build_and_push(os.environ.get("PIPELINE_REGISTRY", ""), args.base_image, push=not args.no_push, model=args.model))
+            print(build_and_push(os.environ.get("PIPELINE_REGISTRY", ""), args.base_image, push=not args.no_push, model=args.model,
+                                 stand_in_layers=args.stand_in_layers))
         elif args.command == "bench":
             from pipeline.bench import bench
             from pipeline.core.sample import ensure_sample_corpus
@@ -294,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.save_stand_in:
                 from pipeline.core.stand_in import save_stand_in
 
-                print(f"{args.profile}: stand-in (random weights, throughput only) saved to {save_stand_in(args.save_stand_in, args.profile)}")
+                folder = save_stand_in(args.save_stand_in, args.profile, layers=args.layers or None, hf_home=args.hf_home)
+                print(f"{args.profile}: stand-in (random weights, throughput only) saved to {folder}")
                 return 0
             if args.fetch:
                 print(f"{args.profile}: cached at {fetch_model(args.profile)}")

@@ -26,6 +26,28 @@ def embedder():
     return load_embedder(EmbedderSettings(device="cpu", batch_tokens=16384, precision="float32"))
 
 
+@pytest.fixture(scope="session")
+def nomic_home(tmp_path_factory):
+    """A Hugging Face home holding nomic-embed-text-v1.5 as its hub download leaves it:
+    nomic's published layout, two of its twelve layers, random weights, unmarked (so
+    verify and search take what it makes: these tests check the code, not the vectors'
+    meaning). ``.snapshot`` is the model folder."""
+    from pipeline.core.stand_in import save_stand_in
+
+    home = tmp_path_factory.mktemp("hf-home")
+    snapshot = save_stand_in(str(home), "nomic", layers=2, marked=False, hf_home=True)
+    return NomicHome(home, snapshot)
+
+
+class NomicHome:
+    def __init__(self, home, snapshot):
+        self.home, self.snapshot = home, snapshot
+
+    def env(self) -> dict[str, str]:
+        """A process's environment that finds it as the profile's own weights."""
+        return {"HF_HOME": str(self.home), "HF_HUB_OFFLINE": "1"}
+
+
 @pytest.fixture
 def small_corpus(tmp_path):
     return write_corpus(tmp_path / "corpus")
@@ -317,9 +339,11 @@ def planted_checkout(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def image(engine, registry, planted_checkout):
-    """What ``make image`` builds and pushes, on the stand-in base, with the offline
-    model: from the planted checkout, with the launcher's secrets in the environment
-    (which must reach no layer)."""
+    """What ``make image`` builds and pushes, on the stand-in base, with the production
+    profile baked in as nomic's published layout (a stand-in of one layer: no hub here),
+    so the build's own check loads it as on a pod; the pods of the container tests run the
+    offline minilm, which every image carries in its package. From the planted checkout,
+    with the launcher's secrets in the environment (which must reach no layer)."""
     from pipeline.runpod.image import build_and_push
     from secret_canaries import launcher_secrets
 
@@ -328,5 +352,5 @@ def image(engine, registry, planted_checkout):
         for name, value in {**launcher_secrets(planted_checkout), "DOCKER_HOST": engine.url}.items():
             patch.setenv(name, value)
         # The engine has no bridge network, so build steps use the host's.
-        return build_and_push(f"{registry.address}/{registry.namespace}", base_image=base, model="minilm", network_mode="host",
-                              root=planted_checkout)
+        return build_and_push(f"{registry.address}/{registry.namespace}", base_image=base, model="nomic", network_mode="host",
+                              root=planted_checkout, stand_in_layers=1)

@@ -5,9 +5,10 @@
 - ``EngineCache``: where the engine keeps its images between sessions (the stand-in
   base, the build cache of the dependency layer), so a second ``make test`` on the same
   machine builds only what changed, as Docker does for anyone who builds twice.
-- ``build_base_image``: no registry can be reached to pull the CUDA PyTorch base, so a
-  stand-in is built locally: a Debian rootfs (debootstrap, from the machine's own apt
-  mirror) with python3 and the CPU torch wheel, imported with ``docker import``.
+- ``build_base_image``: no registry can be reached to pull the Dockerfile's base (Debian's
+  Python 3.11) nor PyTorch's CUDA index, so a stand-in is built locally: the same Debian
+  suite (debootstrap, from the machine's own apt mirror) with its python3 and the CPU
+  wheel of the Dockerfile's torch, imported with ``docker import``.
 - ``WarmUp``: the engine and the stand-in base, made in a thread from the start of the
   session while the other tests run, so the container tests (run last) find them ready.
 - ``LocalRegistry``: Debian's docker-registry on 127.0.0.1, so ``make image``'s push
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,7 +35,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 import urllib.request
-from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import docker
@@ -42,8 +43,24 @@ from helpers import free_port, port_is_free
 
 # The recipe's number goes up whenever build_base_image changes what it makes, so a base
 # kept from an older recipe is never taken for the current one.
-BASE_RECIPE = 1
-BASE_TAG = f"embedding-pipeline-test-base:bookworm-torch{installed_version('torch').split('+')[0]}-r{BASE_RECIPE}"
+BASE_RECIPE = 2
+
+
+def default_base() -> tuple[str, str, str]:
+    """The Debian suite, Python (major.minor) and torch of the Dockerfile's default base
+    (``python:3.11-slim-bookworm`` and its ``TORCH_VERSION``), which the stand-in copies."""
+    from pipeline.runpod.image import dockerfile_defaults
+
+    defaults = dockerfile_defaults()
+    match = re.fullmatch(r"python:(\d+\.\d+)(?:\.\d+)?-slim-(\w+)", defaults["BASE_IMAGE"])
+    if not match:
+        raise AssertionError(f"the Dockerfile's BASE_IMAGE {defaults['BASE_IMAGE']} is not a Debian python image: "
+                             "build_base_image cannot make a stand-in of it")
+    return match[2], match[1], defaults["TORCH_VERSION"]
+
+
+BASE_SUITE, BASE_PYTHON, BASE_TORCH = default_base()
+BASE_TAG = f"embedding-pipeline-test-base:{BASE_SUITE}-python{BASE_PYTHON}-torch{BASE_TORCH}-r{BASE_RECIPE}"
 # The host's trust store goes into the stand-in base: pip in its build steps reaches
 # the package index the way this machine does.
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -196,8 +213,8 @@ class EngineCache:
         self._lock.close()
 
 
-def _debian_suite_and_mirror() -> tuple[str, str]:
-    """This machine's Debian release and the apt mirror it already uses."""
+def _debian_mirror() -> str:
+    """The Debian apt mirror this machine already uses."""
     release = dict(
         line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line
     )
@@ -207,35 +224,38 @@ def _debian_suite_and_mirror() -> tuple[str, str]:
         for stanza in path.read_text().split("\n\n"):
             fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
             if suite in fields.get("Suites", "").split():
-                return suite, fields["URIs"].split()[0]
+                return fields["URIs"].split()[0]
     legacy = Path("/etc/apt/sources.list")
     for line in legacy.read_text().splitlines() if legacy.exists() else []:
         parts = line.split()
         if len(parts) >= 3 and parts[0] == "deb" and parts[2] == suite:
-            return suite, parts[1]
+            return parts[1]
     raise Unavailable(f"no Debian apt mirror found for {suite!r} in /etc/apt")
 
 
 def build_base_image(engine: DockerEngine, workdir: Path) -> str:
-    """A stand-in for the CUDA PyTorch runtime base: Debian's python3 with the CPU build
-    of the torch this venv has. Like the real base, its python takes ``pip install``."""
+    """A stand-in for the Dockerfile's default base with its torch installed: the same
+    Debian suite's python3 (the same Python minor version, checked) with the CPU build of
+    the same torch, the one thing missing being CUDA. Like the real base, its python
+    takes ``pip install``."""
     if engine.client.images.list(name=BASE_TAG):
         return BASE_TAG
     debootstrap = shutil.which("debootstrap")
     if debootstrap is None:
         raise Unavailable("debootstrap is not installed (Debian's package; .ci/run installs it)")
-    import torch
-
-    suite, mirror = _debian_suite_and_mirror()
     rootfs, wheels = workdir / "rootfs", workdir / "wheels"
     try:
         subprocess.run([debootstrap, "--variant=minbase", "--include=python3,python3-pip,python-is-python3,ca-certificates",
-                        suite, str(rootfs), mirror], check=True, capture_output=True)
+                        BASE_SUITE, str(rootfs), _debian_mirror()], check=True, capture_output=True)
     except subprocess.CalledProcessError as exc:
-        raise Unavailable(f"debootstrap {suite} failed: {exc.stderr.decode(errors='replace')[-300:]}") from None
-    # The same torch as here, the CPU build (the machine's pip finds it on disk).
-    version = torch.__version__.split("+")[0]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"torch=={version}", "-d", str(wheels)],
+        raise Unavailable(f"debootstrap {BASE_SUITE} failed: {exc.stderr.decode(errors='replace')[-300:]}") from None
+    python = subprocess.run(["chroot", str(rootfs), "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    if python != BASE_PYTHON:
+        raise AssertionError(f"Debian {BASE_SUITE}'s Python is {python}, the Dockerfile's default base has {BASE_PYTHON}: "
+                             "the stand-in base would test another Python than production's")
+    # The Dockerfile's torch, the CPU build (the machine's pip finds it on disk).
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"torch=={BASE_TORCH}", "-d", str(wheels)],
                    check=True)
     [wheel] = wheels.glob("torch-*.whl")
     shutil.copy(HOST_CA_BUNDLE, rootfs / "etc/ssl/certs/ca-certificates.crt")

@@ -47,7 +47,7 @@ def test_bench_prints_the_table_and_writes_the_figures(tmp_path):
     assert len(figures["bucketed_vs_exact_widths_rounds"]) == 2 and figures["worker_cpu_us_per_token_with_readers"] > 0
     assert figures["stand_in_for"] is None
     marked = format_table({**figures, "stand_in_for": "nomic-ai/nomic-embed-text-v1.5"}).splitlines()
-    assert all(line.startswith("[stand-in for nomic-ai/nomic-embed-text-v1.5: its shape, random weights] ") for line in marked if line)
+    assert all(line.startswith("[stand-in for nomic-ai/nomic-embed-text-v1.5: its published layout, random weights] ") for line in marked if line)
     for row in ("baseline: encode(batch_size=32)", "our embedder", "feed (null model), per CPU core", "end to end", "stand-in GPU", "all in one thread", "reader process", "utilisation",
                 "batches as wide as their longest", "distinct shapes", "worker process CPU per token"):
         assert row in result.stdout

@@ -23,7 +23,8 @@ import numpy as np
 from pipeline.core.batching import Batch, ShapePolicy, plan_batches
 from pipeline.core.chunking import chunk_budget, plain_tokenizer
 from pipeline.core.matryoshka import check_dimensions, matryoshka
-from pipeline.core.profiles import ModelProfile, offline_model_hub, profile
+from pipeline.core.model_loading import load_sentence_transformer
+from pipeline.core.profiles import ModelProfile, download_model, offline_model_hub, profile
 from pipeline.errors import PipelineError
 from pipeline.core.stand_in import stand_in_for
 
@@ -79,8 +80,6 @@ class Embedder:
     def __init__(self, model_profile: ModelProfile, model_path: str, device: str, max_tokens: int, batch_tokens: int,
                  precision: str = "auto", dimensions: int = 0):
         offline_model_hub()  # before the libraries load: they read it once
-        from sentence_transformers import SentenceTransformer
-
         self.profile = model_profile
         self.truncate_to = check_dimensions(model_profile, dimensions)
         self.device = _pick_device(device)
@@ -91,12 +90,7 @@ class Embedder:
             log.warning("model at %s is a stand-in for %s: random weights, for measuring throughput only; verify, search "
                         "and the importers refuse what it makes", path, self.stand_in_for)
         log.info("loading model %s from %s on %s", model_profile.model_id, path, self.device)
-        try:
-            self.model = SentenceTransformer(
-                path, device=self.device, trust_remote_code=model_profile.trust_remote_code, local_files_only=True
-            )
-        except OSError as exc:
-            raise PipelineError(f"cannot load model {model_profile.model_id} from {path}: {exc}") from exc
+        self.model = load_sentence_transformer(path, self.device)
         # Set precision explicitly: transformers loads a checkpoint in its stored dtype,
         # so fp16 weights would otherwise run in fp16 while the shards say float32.
         # bfloat16 runs under autocast (fp32 weights; norms and softmax stay fp32).
@@ -420,18 +414,17 @@ def load_embedder(settings: EmbedderSettings) -> Embedder:
 
 
 def fetch_model(profile_name: str) -> str:
-    """Image build step: put a profile's weights, tokenizer and any remote modelling
-    code into the local cache once, so pods load them offline and never pay GPU time
-    to download. Needs ``HF_HUB_OFFLINE=0``; a run switches the hub off by default."""
+    """Image build step: put a profile's weights and tokenizer into the local cache once,
+    so pods load them offline and never pay GPU time to download (no modelling code is
+    fetched: none is ever run). Needs ``HF_HUB_OFFLINE=0``; a run switches the hub off by
+    default."""
     model_profile = profile(profile_name)
     try:
         return model_profile.locate()  # already here: shipped in a package, or cached
     except PipelineError:
         if os.environ.get("HF_HUB_OFFLINE") not in ("0", "false", "False"):
             raise PipelineError(f"{model_profile.model_id} is not cached and the hub is off: run with HF_HUB_OFFLINE=0 to fetch it") from None
-    from sentence_transformers import SentenceTransformer
-
-    SentenceTransformer(model_profile.model_id, device="cpu", trust_remote_code=model_profile.trust_remote_code)
+    download_model(model_profile.model_id)
     return model_profile.locate()
 
 

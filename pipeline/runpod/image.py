@@ -42,6 +42,18 @@ def image_reference(registry: str, root: Path = ROOT) -> str:
     return f"{registry.rstrip('/')}/{IMAGE_NAME}:{revision(root)}"
 
 
+def dockerfile_defaults(dockerfile: Path = ROOT / DOCKERFILE) -> dict[str, str]:
+    """The Dockerfile's ``ARG NAME=default`` values: its base image and torch, which the
+    tests' stand-in base must match."""
+    defaults = {}
+    for line in dockerfile.read_text().splitlines():
+        words = line.split(maxsplit=1)
+        if len(words) == 2 and words[0].upper() == "ARG" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            defaults[name] = value.strip()
+    return defaults
+
+
 def copied_paths(dockerfile: Path) -> list[str]:
     """What the Dockerfile's ``COPY`` lines take from the build context."""
     paths = []
@@ -67,17 +79,19 @@ def build_context(root: Path = ROOT):
 
 
 def build_and_push(registry: str, base_image: str = "", push: bool = True, model: str = "nomic", network_mode: str | None = None,
-                   root: Path = ROOT) -> str:
+                   root: Path = ROOT, stand_in_layers: int = 0) -> str:
     """Build containers/Dockerfile with the docker SDK, push it, return the reference.
 
     Args:
         registry: where to push (for example ``ghcr.io/you``); the image is named under it.
-        base_image: the Dockerfile's ``BASE_IMAGE``; empty keeps its CUDA PyTorch base.
+        base_image: the Dockerfile's ``BASE_IMAGE``; empty keeps its default (``dockerfile_defaults``).
         push: False builds only.
         model: the profile whose weights are baked in.
         network_mode: the build steps' network (``host`` where the engine has no bridge
             network).
-        root: the checkout to build (its git revision tags the image)."""
+        root: the checkout to build (its git revision tags the image).
+        stand_in_layers: above 0, bake a stand-in of that many layers in the model's
+            published layout instead of its weights (random: for throughput, and tests)."""
     import docker
     from docker.errors import APIError, BuildError, DockerException
 
@@ -87,7 +101,8 @@ def build_and_push(registry: str, base_image: str = "", push: bool = True, model
         client.ping()
     except DockerException as exc:
         raise PipelineError(f"no Docker engine reachable (is dockerd running? DOCKER_HOST?): {exc}") from exc
-    build_args = {"PIPELINE_MODEL": model, **({"BASE_IMAGE": base_image} if base_image else {})}
+    build_args = {"PIPELINE_MODEL": model, **({"BASE_IMAGE": base_image} if base_image else {}),
+                  **({"STAND_IN_LAYERS": str(stand_in_layers)} if stand_in_layers else {})}
     log.info("building %s", reference)
     try:
         with build_context(root) as context:

@@ -1,34 +1,59 @@
-"""The stand-in model: nomic's shape with random weights measures throughput anywhere,
-and nothing that uses vectors takes what it makes."""
+"""The stand-in model: nomic's published layout with random weights, loaded through the
+production code anywhere, and nothing that uses vectors takes what it makes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from safetensors import safe_open
 
-from helpers import write_corpus
-from pipeline.core.profiles import PROFILES
+from helpers import ROOT, luigi_env, write_corpus
+from pipeline.core import nomic_layout
 from pipeline.core.corpus import write_manifest
 from pipeline.core.embedder import Embedder
+from pipeline.core.profiles import PROFILES
+from pipeline.core.shard_job import ShardJob, run_shard
+from pipeline.core.stand_in import MARKER, save_stand_in
 from pipeline.errors import PipelineError
+from pipeline.output.layout import OutputLayout
 from pipeline.output.read_back import read_shard, stream_embeddings
 from pipeline.output.search import query_embedder
-from pipeline.output.layout import OutputLayout
-from pipeline.core.shard_job import ShardJob, run_shard
-from pipeline.core.stand_in import SHAPES, save_stand_in
 from pipeline.output.verify import verify_output
 
 
 @pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    """nomic's width and heads, two of its twelve layers (the same code, less time)."""
-    folder = save_stand_in(str(tmp_path_factory.mktemp("stand-in") / "nomic"), "nomic", layers=2)
-    return Embedder(PROFILES["nomic"], folder, "cpu", 0, 4096, "float32")
+def stand_in_folder(tmp_path_factory):
+    """nomic's layout, two of its twelve layers (the same code, less time)."""
+    return Path(save_stand_in(str(tmp_path_factory.mktemp("stand-in") / "nomic"), "nomic", layers=2))
 
 
-def test_the_stand_in_has_nomics_shape_and_vocabulary_and_says_what_it_is(stand_in, embedder):
-    config = stand_in.model[0].auto_model.config
-    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (768, 12, 4608)
-    assert SHAPES["nomic"]["num_hidden_layers"] == 12 and config.num_hidden_layers == 2
+@pytest.fixture(scope="module")
+def stand_in(stand_in_folder):
+    return Embedder(PROFILES["nomic"], str(stand_in_folder), "cpu", 0, 4096, "float32")
+
+
+def test_the_stand_in_is_nomics_published_layout(stand_in_folder):
+    folder = stand_in_folder
+    config = json.loads((folder / "config.json").read_text())
+    assert config == dict(nomic_layout.PUBLISHED_CONFIG, n_layer=2)
+    assert config["auto_map"]["AutoModel"].startswith("nomic-ai/nomic-bert-2048--")  # remote code it never runs
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        published = {name: (weights.get_slice(name).get_shape(), weights.get_slice(name).get_dtype()) for name in weights.keys()}
+    assert published == {name: (list(shape), "F32") for name, shape in nomic_layout.published_tensors(2).items()}
+    assert json.loads((folder / "modules.json").read_text()) == nomic_layout.MODULES
+    assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
+
+
+def test_it_loads_as_transformers_nomicbert_with_its_own_shape_and_says_what_it_is(stand_in, embedder):
+    model = stand_in.model[0].auto_model
+    assert type(model).__name__ == "NomicBertModel" and type(model).__module__.startswith("transformers.models.nomic_bert")
+    # nomic's key names are read: two layers, not NomicBertConfig's default twelve filled with random weights.
+    assert model.config.num_hidden_layers == len(model.layers) == 2
+    assert model.config.rope_parameters["rope_theta"] == 1000.0
     assert stand_in.dimension == 768 and stand_in.max_tokens == 512
     text = "The philosophers have only interpreted the world."
     assert stand_in.tokenizer.encode(text).ids == embedder.tokenizer.encode(text).ids  # bert-base-uncased's vocabulary
@@ -54,6 +79,37 @@ def test_an_output_the_stand_in_made_is_refused_by_verify_search_and_readers(sta
             use()
 
 
-def test_a_stand_in_is_only_made_for_a_profile_with_a_known_shape(tmp_path):
-    with pytest.raises(PipelineError, match="no stand-in shape for model profile 'minilm'"):
+def test_a_stand_in_is_only_made_for_nomic(tmp_path):
+    with pytest.raises(PipelineError, match="no stand-in for model profile 'minilm'"):
         save_stand_in(str(tmp_path / "x"), "minilm")
+
+
+def test_unmarked_it_is_the_same_layout_without_the_marker(nomic_home):
+    folder = Path(nomic_home.snapshot)
+    assert not (folder / MARKER).exists() and (folder / "model.safetensors").is_symlink()
+    assert (folder.parents[1] / "refs" / "main").read_text() == folder.name
+
+
+@pytest.mark.slow
+def test_the_image_check_finds_it_in_a_hugging_face_cache_and_never_runs_nomics_remote_code(tmp_path):
+    """As ``make image`` does: save into HF_HOME, then ``python -m pipeline model nomic``
+    offline, with no --model-path. nomic's remote code sits beside it in the cache, as a
+    download with trust_remote_code leaves it; run, it would fail the check."""
+    home = tmp_path / "hf-home"
+    env = luigi_env(HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    saved = subprocess.run([sys.executable, "-m", "pipeline", "model", "nomic", "--save-stand-in", str(home), "--hf-home",
+                            "--layers", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert saved.returncode == 0, saved.stderr
+    remote = home / "hub" / "models--nomic-ai--nomic-bert-2048" / "snapshots" / ("0" * 40)
+    remote.mkdir(parents=True)
+    for name in ("modeling_hf_nomic_bert.py", "configuration_hf_nomic_bert.py"):
+        (remote / name).write_text("raise RuntimeError('nomic remote code was executed')\n")
+    (remote.parents[1] / "refs").mkdir()
+    (remote.parents[1] / "refs" / "main").write_text("0" * 40)
+
+    checked = subprocess.run([sys.executable, "-m", "pipeline", "model", "nomic"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout.splitlines()[-1]) == {"profile": "nomic", "model_id": "nomic-ai/nomic-embed-text-v1.5",
+                                                           "dimension": 768}
+    assert "is a stand-in for nomic-ai/nomic-embed-text-v1.5" in checked.stderr
+    assert "remote code was executed" not in checked.stderr and not (home / "modules").exists()

@@ -39,8 +39,31 @@ def test_the_dockerfile_runs_the_watchdog_and_proves_the_model_loads_offline():
     dockerfile = (ROOT / "containers" / "Dockerfile").read_text()
     assert dockerfile.rstrip().endswith('ENTRYPOINT ["python", "-m", "pipeline.runpod.watchdog"]')
     assert "ARG BASE_IMAGE=" in dockerfile
+    assert "einops" not in dockerfile and "trust_remote_code" not in dockerfile
     offline = dockerfile.index("HF_HUB_OFFLINE=1")
     assert dockerfile.index("model --fetch") < offline < dockerfile.index('RUN python -m pipeline model "${PIPELINE_MODEL}"')
+
+
+def test_the_tests_stand_in_base_has_the_default_bases_python_and_torch():
+    """The image tests run on a stand-in base (tests/docker_engine.py) made from the
+    Dockerfile's defaults; this machine's torch, the Makefile's pin and the floors the
+    model loader checks must agree with them, or the tests would prove another stack."""
+    import re
+
+    from docker_engine import BASE_PYTHON, BASE_TORCH, BASE_TAG
+    from packaging.version import Version
+
+    from pipeline.core.model_loading import PACKAGE_FLOORS, PYTHON_FLOOR
+    from pipeline.runpod.image import dockerfile_defaults
+
+    defaults = dockerfile_defaults()
+    assert defaults["BASE_IMAGE"].startswith(f"python:{BASE_PYTHON}") and BASE_TORCH == defaults["TORCH_VERSION"]
+    assert f"python{BASE_PYTHON}-torch{BASE_TORCH}" in BASE_TAG
+    [pinned] = re.findall(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    import torch
+
+    assert pinned == BASE_TORCH == torch.__version__.split("+")[0], "make setup's torch is not the image's"
+    assert tuple(map(int, BASE_PYTHON.split("."))) >= PYTHON_FLOOR and Version(BASE_TORCH) >= Version(PACKAGE_FLOORS["torch"])
 
 
 @pytest.mark.slow  # the model loaded in two subprocesses: not in the fast tier
