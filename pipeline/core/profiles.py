@@ -26,10 +26,8 @@ def offline_minilm_path() -> str:
 
 
 # The files of a hub repository a sentence-transformers model loads: configs, tokenizer,
-# safetensors weights, pooling. Fetching takes these only (nomic's repository also holds
-# ONNX exports of several hundred MB), and finding them offline asks for the same ones:
-# the hub's cache records the whole repository's listing and calls a snapshot that lacks
-# a file it was asked for incomplete.
+# safetensors weights, pooling. Fetching takes these only: nomic's repository also holds
+# ONNX exports of several hundred MB.
 MODEL_FILES = ["*.json", "*.txt", "*.safetensors", "1_Pooling/*"]
 
 
@@ -44,15 +42,17 @@ def _huggingface_cache(model_id: str) -> Callable[[], str]:
     """Find a model already in the local Hugging Face cache (baked into the image)."""
 
     def locate() -> str:
-        from huggingface_hub import snapshot_download
+        """The snapshot ``refs/main`` names, found as transformers finds a file offline.
+        (Not ``snapshot_download(local_files_only=True)``: where the cache records the
+        repository's whole listing, it calls a snapshot without the ONNX files
+        incomplete and refuses it.)"""
+        from huggingface_hub import try_to_load_from_cache
 
-        try:
-            return snapshot_download(model_id, local_files_only=True, allow_patterns=MODEL_FILES)
-        except Exception as exc:  # the hub raises several types for "not cached"
-            raise PipelineError(
-                f"model {model_id} is not on this machine and nothing is downloaded at run "
-                f"time: bake it into the image or set PIPELINE_MODEL_PATH ({exc.__class__.__name__})"
-            ) from exc
+        found = try_to_load_from_cache(model_id, "modules.json")
+        if not isinstance(found, str):
+            raise PipelineError(f"model {model_id} is not on this machine and nothing is downloaded at run "
+                                "time: bake it into the image or set PIPELINE_MODEL_PATH")
+        return os.path.dirname(found)
 
     return locate
 

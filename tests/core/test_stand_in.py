@@ -94,12 +94,24 @@ def test_unmarked_it_is_the_same_layout_without_the_marker(nomic_home):
 def test_the_image_check_finds_it_in_a_hugging_face_cache_and_never_runs_nomics_remote_code(tmp_path):
     """As ``make image`` does: save into HF_HOME, then ``python -m pipeline model nomic``
     offline, with no --model-path. nomic's remote code sits beside it in the cache, as a
-    download with trust_remote_code leaves it; run, it would fail the check."""
+    download with trust_remote_code leaves it; run, it would fail the check. The cache
+    records ONNX files the fetch left out; found the way ``snapshot_download`` finds a
+    snapshot offline, it would be called incomplete."""
     home = tmp_path / "hf-home"
     env = luigi_env(HF_HOME=str(home), HF_HUB_OFFLINE="1")
     saved = subprocess.run([sys.executable, "-m", "pipeline", "model", "nomic", "--save-stand-in", str(home), "--hf-home",
                             "--layers", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert saved.returncode == 0, saved.stderr
+    # As a fetch that left nomic's ONNX exports out leaves it: the hub's record of the
+    # repository's listing names files the snapshot does not hold.
+    repository = home / "hub" / "models--nomic-ai--nomic-embed-text-v1.5"
+    commit = (repository / "refs" / "main").read_text()
+    listed = {path.relative_to(repository / "snapshots" / commit).as_posix(): {"size": 1, "blob_id": "0" * 40}
+              for path in (repository / "snapshots" / commit).rglob("*") if path.is_file()}
+    listed["onnx/model.onnx"] = {"size": 522_000_000, "blob_id": "1" * 40}
+    listed["onnx/config.json"] = {"size": 2_000, "blob_id": "2" * 40}
+    (repository / "trees").mkdir()
+    (repository / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": listed}))
     remote = home / "hub" / "models--nomic-ai--nomic-bert-2048" / "snapshots" / ("0" * 40)
     remote.mkdir(parents=True)
     for name in ("modeling_hf_nomic_bert.py", "configuration_hf_nomic_bert.py"):
