@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser = commands.add_parser("bench", help="measure throughput: baseline, embedder, feed, end to end")
     bench_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
     bench_parser.add_argument("--model", default="minilm",
-                              help="model profile; where its weights are not here, a stand-in of its shape (random weights)")
+                              help="model profile; where its weights are not here, a stand-in in its published layout (random weights)")
     bench_parser.add_argument("--model-path", default="", help="a model folder (a saved stand-in, say)")
     bench_parser.add_argument("--device", default="auto")
     bench_parser.add_argument("--batch-tokens", type=int, default=0, help="padded tokens per batch; 0: by device")

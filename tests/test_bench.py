@@ -59,6 +59,9 @@ def test_flops_per_token_matches_the_published_figure_for_nomic():
 
     nomic = SimpleNamespace(n_embd=768, n_layer=12, n_inner=3072, activation_function="swiglu")
     assert flops_per_token(nomic, 512) == pytest.approx(245e6, rel=0.01)
+    from transformers import NomicBertConfig  # what the loaded model's config is
+
+    assert flops_per_token(NomicBertConfig(), 512) == flops_per_token(nomic, 512)
     bert = SimpleNamespace(hidden_size=384, num_hidden_layers=6, intermediate_size=1536, hidden_act="gelu")
     assert flops_per_token(bert, 0) == 2 * 6 * (4 * 384 * 384 + 2 * 384 * 1536)
 

@@ -48,7 +48,7 @@ def _huggingface_cache(model_id: str) -> Callable[[], str]:
         incomplete and refuses it.)"""
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(model_id, "modules.json")
+        found = try_to_load_from_cache(model_id, "config.json")
         if not isinstance(found, str):
             raise PipelineError(f"model {model_id} is not on this machine and nothing is downloaded at run "
                                 "time: bake it into the image or set PIPELINE_MODEL_PATH")

@@ -33,7 +33,9 @@ def flops_per_token(config: Any, sequence_length: float) -> float:
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
     activation = str(getattr(config, "activation_function", None) or getattr(config, "hidden_act", "")).lower()
-    mlp_matrices = 3 if "glu" in activation else 2
+    # nomic's config says swiglu; transformers' NomicBertConfig says silu for the same gated MLP.
+    gated = "glu" in activation or getattr(config, "model_type", "") == "nomic_bert"
+    mlp_matrices = 3 if gated else 2
     per_layer = 4 * width * width + mlp_matrices * width * inner
     return 2 * layers * per_layer + 4 * layers * sequence_length * width
 

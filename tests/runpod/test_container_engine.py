@@ -108,3 +108,24 @@ def test_the_entrypoint_exits_non_zero_when_the_work_fails(engine, image, tmp_pa
         assert "corpus" in container.logs().decode(errors="replace")
     finally:
         container.remove(force=True)
+
+
+def test_the_image_has_the_default_bases_python_and_torch_and_nomic_baked_in_and_checked(engine, image):
+    """The image build baked nomic's published layout (a stand-in of one layer: no hub
+    here) into the hub cache and ran production's check on it; a container of the image
+    loads it offline, on the Python and torch the Dockerfile's default base carries."""
+    from docker_engine import BASE_PYTHON, BASE_TORCH
+
+    def run(*command):
+        return engine.client.containers.run(image, entrypoint=list(command), network_mode="none", remove=True,
+                                            stderr=True).decode(errors="replace")
+
+    python, torch_version = run("python", "-c", "import sys, torch; print('%d.%d' % sys.version_info[:2], torch.__version__)").split()
+    assert python == BASE_PYTHON and torch_version.split("+")[0] == BASE_TORCH
+    checked = run("python", "-m", "pipeline", "model", "nomic")
+    assert '"model_id": "nomic-ai/nomic-embed-text-v1.5", "dimension": 768' in checked
+    assert "is a stand-in for nomic-ai/nomic-embed-text-v1.5" in checked  # marked: its vectors are refused downstream
+    built = engine.client.images.get(image)
+    assert "PIPELINE_MODEL=nomic" in built.attrs["Config"]["Env"]
+    steps = [step["CreatedBy"] for step in built.history()]
+    assert any(step.rstrip().endswith('python -m pipeline model "${PIPELINE_MODEL}"') for step in steps), steps
