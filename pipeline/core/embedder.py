@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.core.batching import Batch, ShapePolicy, plan_batches
 from pipeline.core.chunking import chunk_budget, plain_tokenizer
 from pipeline.core.matryoshka import check_dimensions, matryoshka
-from pipeline.core.model_loading import load_sentence_transformer
+from pipeline.core.model_loading import check_stack, load_sentence_transformer
 from pipeline.core.profiles import ModelProfile, download_model, offline_model_hub, profile
 from pipeline.errors import PipelineError
 from pipeline.core.stand_in import stand_in_for
@@ -80,6 +80,7 @@ class Embedder:
     def __init__(self, model_profile: ModelProfile, model_path: str, device: str, max_tokens: int, batch_tokens: int,
                  precision: str = "auto", dimensions: int = 0):
         offline_model_hub()  # before the libraries load: they read it once
+        check_stack()  # one line, before anything this Python or these packages cannot do
         self.profile = model_profile
         self.truncate_to = check_dimensions(model_profile, dimensions)
         self.device = _pick_device(device)

@@ -48,10 +48,15 @@ def stack_problems(python: tuple[int, int] | None = None, installed: dict[str, s
 def check_stack() -> None:
     """One line, before any model loads, where the stack cannot run the profiles."""
     problems = stack_problems()
-    if problems:
+    if not problems:
+        return
+    remedies = []
+    if any(problem.startswith("Python") for problem in problems):
+        remedies.append(f"use Python {'.'.join(map(str, PYTHON_FLOOR))} or newer")
+    if any(not problem.startswith("Python") for problem in problems):
         floors = " ".join(f"'{package}>={floor}'" for package, floor in PACKAGE_FLOORS.items())
-        raise PipelineError(f"this environment cannot load the models: {'; '.join(problems)}; upgrade with "
-                            f"pip install -U {floors}")
+        remedies.append(f"upgrade with pip install -U {floors}")
+    raise PipelineError(f"this environment cannot load the models: {'; '.join(problems)}; {', then '.join(remedies)}")
 
 
 def check_model_type(config: dict, where: str) -> None:
@@ -86,5 +91,5 @@ def load_sentence_transformer(path: str, device: str):
     try:
         return SentenceTransformer(path, device=device, trust_remote_code=False, local_files_only=True,
                                    config_kwargs=config_overrides(config, path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights of another shape than the config's
         raise PipelineError(f"cannot load model from {path}: {exc}") from exc

@@ -177,20 +177,20 @@ def native_config(config: dict, where: str) -> dict:
         raise PipelineError(f"model at {where}: nomic_bert with {settings} is not what transformers' NomicBert computes "
                             f"(it needs {', '.join(f'{key}={REQUIRED[key]!r}' for key in wrong)}); refused")
     overrides = {native: config[nomic] for nomic, native in RENAMED_KEYS.items() if nomic in config}
-    if "rotary_emb_base" in config:
-        overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": float(config["rotary_emb_base"])}
-    for key, value in overrides.items():
-        if key in config and config[key] != value and nomic_name(key) != key:
-            raise PipelineError(f"model at {where}: config.json says {nomic_name(key)}={value!r} but {key}={config[key]!r}; "
+    for nomic, native in RENAMED_KEYS.items():
+        if nomic != native and nomic in config and native in config and config[native] != config[nomic]:
+            raise PipelineError(f"model at {where}: config.json says {nomic}={config[nomic]!r} but {native}={config[native]!r}; "
                                 "refused rather than guess which shape the weights have")
-    if overrides.get("hidden_size", 768) % overrides.get("num_attention_heads", 12):
-        raise PipelineError(f"model at {where}: a width of {overrides['hidden_size']} does not split into "
-                            f"{overrides['num_attention_heads']} heads")
+    if "rotary_emb_base" in config:
+        theta = float(config["rotary_emb_base"])
+        given = config.get("rope_parameters") or {}
+        if given and (float(given.get("rope_theta", theta)) != theta or given.get("rope_type", "default") != "default"):
+            raise PipelineError(f"model at {where}: config.json says rotary_emb_base={config['rotary_emb_base']!r} but "
+                                f"rope_parameters={given!r}; refused rather than guess which positions the weights learned")
+        overrides["rope_parameters"] = {**given, "rope_type": "default", "rope_theta": theta}
+    width, heads = overrides.get("hidden_size", 768), overrides.get("num_attention_heads", 12)
+    if width % heads:
+        raise PipelineError(f"model at {where}: a width of {width} does not split into {heads} heads")
+    # NomicBertConfig derives head_dim when it is built, before these overrides reach it.
+    overrides["head_dim"] = config.get("head_dim") or width // heads
     return overrides
-
-
-def nomic_name(native: str) -> str:
-    """nomic's key for one of transformers' (itself where nomic's is the same)."""
-    if native == "rope_parameters":
-        return "rotary_emb_base"
-    return next((nomic for nomic, name in RENAMED_KEYS.items() if name == native), native)

@@ -30,7 +30,6 @@ from pipeline.core.profiles import offline_minilm_path, profile
 from pipeline.errors import PipelineError
 
 MARKER = "pipeline_stand_in.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 STAND_IN_PROFILES = ("nomic",)
 
 
@@ -58,6 +57,7 @@ def _write_files(target: Path, layers: int, seed: int, marked: bool) -> None:
     model_profile = profile("nomic")
     target.mkdir(parents=True, exist_ok=True)
     save_file(_random_tensors(layers, seed), str(target / "model.safetensors"), metadata={"format": "pt"})
+    (target / "model.safetensors").chmod(0o644)  # safetensors writes 0600: unreadable to another user in an image
     config = dict(nomic_layout.PUBLISHED_CONFIG, n_layer=layers)
     (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (target / "modules.json").write_text(json.dumps(nomic_layout.MODULES, indent=2))
@@ -66,9 +66,12 @@ def _write_files(target: Path, layers: int, seed: int, marked: bool) -> None:
     (target / "sentence_bert_config.json").write_text(json.dumps(nomic_layout.SENTENCE_BERT_CONFIG, indent=2))
     (target / "config_sentence_transformers.json").write_text(json.dumps(nomic_layout.CONFIG_SENTENCE_TRANSFORMERS, indent=2))
     minilm = Path(offline_minilm_path())
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(minilm / name, target / name)
+    shutil.copyfile(minilm / "vocab.txt", target / "vocab.txt")
+    tokenizer = json.loads((minilm / "tokenizer.json").read_text())
+    tokenizer.update(truncation=None, padding=None)  # minilm's own: cut and padded to 128
+    (target / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     tokenizer_config = json.loads((minilm / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("name_or_path", None)
     tokenizer_config["model_max_length"] = nomic_layout.TOKENIZER_MAX_LENGTH
     (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     shutil.copyfile(minilm / "special_tokens_map.json", target / "special_tokens_map.json")

@@ -25,6 +25,9 @@ def test_the_stack_floors_are_checked_and_named_in_one_line(monkeypatch):
     with pytest.raises(PipelineError) as refused:
         model_loading.check_stack()
     assert "\n" not in str(refused.value) and "pip install -U 'torch>=2.6' 'transformers>=5.5'" in str(refused.value)
+    monkeypatch.setattr(model_loading, "stack_problems", lambda: ["Python 3.10 (needs 3.11 or newer)"])
+    with pytest.raises(PipelineError, match=r"Python 3\.10 \(needs 3\.11 or newer\); use Python 3\.11 or newer$"):
+        model_loading.check_stack()
 
 
 def test_pyproject_declares_the_floors_the_loader_checks():
@@ -54,10 +57,18 @@ def test_nomics_published_config_is_read_in_nomicberts_terms():
     assert nomic_layout.native_config(nomic_layout.PUBLISHED_CONFIG, "x") == {
         "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
         "layer_norm_eps": 1e-12, "vocab_size": 30528, "type_vocab_size": 2,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}}
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}, "head_dim": 64}
     # A config transformers 5 saved (its own names beside nomic's) passes where they agree.
-    both = dict(nomic_layout.PUBLISHED_CONFIG, num_hidden_layers=12, rope_parameters={"rope_theta": 1000.0, "rope_type": "default"})
-    assert nomic_layout.native_config(both, "x")["num_hidden_layers"] == 12
+    both = dict(nomic_layout.PUBLISHED_CONFIG, num_hidden_layers=12, max_position_embeddings=2048,
+                rope_parameters={"rope_theta": 1000.0, "rope_type": "default", "partial_rotary_factor": 1.0})
+    native = nomic_layout.native_config(both, "x")
+    assert native["num_hidden_layers"] == 12 and native["rope_parameters"]["partial_rotary_factor"] == 1.0
+    # NomicBertConfig derives head_dim before the overrides reach it: another width gets its own.
+    assert nomic_layout.native_config(dict(nomic_layout.PUBLISHED_CONFIG, n_embd=384), "x")["head_dim"] == 32
+    from transformers import NomicBertConfig
+
+    config = NomicBertConfig.from_dict({}, **nomic_layout.native_config(dict(nomic_layout.PUBLISHED_CONFIG, n_embd=384), "x"))
+    assert (config.hidden_size, config.head_dim) == (384, 32)
 
 
 @pytest.mark.parametrize("change, refusal", [
@@ -65,6 +76,7 @@ def test_nomics_published_config_is_read_in_nomicberts_terms():
     ({"prenorm": True}, "prenorm=True"),
     ({"qkv_proj_bias": True}, "qkv_proj_bias=True"),
     ({"num_hidden_layers": 6}, "config.json says n_layer=12 but num_hidden_layers=6"),
+    ({"rope_parameters": {"rope_theta": 10000.0}}, "rotary_emb_base=1000 but rope_parameters={'rope_theta': 10000.0}"),
     ({"n_embd": 770}, "a width of 770 does not split into 12 heads"),
 ])
 def test_a_nomic_config_transformers_would_compute_differently_is_refused(change, refusal):

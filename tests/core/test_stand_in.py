@@ -88,6 +88,10 @@ def test_unmarked_it_is_the_same_layout_without_the_marker(nomic_home):
     folder = Path(nomic_home.snapshot)
     assert not (folder / MARKER).exists() and (folder / "model.safetensors").is_symlink()
     assert (folder.parents[1] / "refs" / "main").read_text() == folder.name
+    assert (folder / "model.safetensors").stat().st_mode & 0o444 == 0o444  # readable by the image's other users
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    assert tokenizer["truncation"] is None and tokenizer["padding"] is None
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 8192
 
 
 @pytest.mark.slow
@@ -119,6 +123,9 @@ def test_the_image_check_finds_it_in_a_hugging_face_cache_and_never_runs_nomics_
     (remote.parents[1] / "refs").mkdir()
     (remote.parents[1] / "refs" / "main").write_text("0" * 40)
 
+    # Without the sentence-transformers files (a cache of the model alone), it loads with mean pooling.
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        (repository / "snapshots" / commit / name).unlink()
     checked = subprocess.run([sys.executable, "-m", "pipeline", "model", "nomic"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout.splitlines()[-1]) == {"profile": "nomic", "model_id": "nomic-ai/nomic-embed-text-v1.5",
