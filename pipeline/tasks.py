@@ -224,8 +224,14 @@ class EmbedAll(RunParameters, luigi.Task):
             "model": self.model,
             "max_tokens": self.max_tokens,
         }
-        if self.skip_duplicates:  # only when on, so outputs made before the option stay complete
+        # The settings below only when they are not their defaults, so that outputs made
+        # before they were recorded stay complete. A change to any of them makes the output
+        # not "done": run() then compares them with its shards and refuses (exit 30).
+        if self.skip_duplicates:
             defining["skip_duplicates"] = True
+        for name, default in (("model_path", ""), ("dimensions", 0), ("vector_dtype", "float32"), ("compact_columns", "")):
+            if getattr(self, name) != default:
+                defining[name] = getattr(self, name)
         return defining
 
     def complete(self):

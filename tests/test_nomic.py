@@ -4,8 +4,6 @@ pod, through every path a user takes, and its vectors checked against nomic's
 architecture written out in tests/nomic_reference.py (cosine ≥ 0.9999), so a change in
 transformers' NomicBert can never change production vectors unnoticed."""
 
-import json
-import subprocess
 import sys
 
 import luigi
@@ -61,33 +59,32 @@ def test_generate_embeddings_gives_nomics_vectors(nomic_home, tmp_path):
 
 
 @pytest.mark.slow
-def test_embed_all_with_model_nomic_from_the_hub_cache_then_verify_search_and_evaluate(nomic_home, tmp_path):
+def test_embed_all_with_model_nomic_from_the_hub_cache_then_verify_search_and_evaluate(nomic_home, tmp_path, monkeypatch):
     """The command a user runs, its weights found as a pod finds them (HF_HOME, no
-    --model-path), then what they do with the output."""
+    --model-path), then what they do with the output (in this process, its hub cache
+    pointed at the same home: search and evaluate find the model as the command did)."""
+    import huggingface_hub.constants
+
+    from pipeline.output.evaluate import evaluate
+    from pipeline.output.search import search
+
     corpus, output = write_corpus(tmp_path / "corpus", documents=6, words=300), tmp_path / "out"
-    env = nomic_home.env()
     run = run_luigi("EmbedAll", "--local-scheduler", "--corpus", str(corpus), "--output", str(output), "--docs-per-shard", "3",
-                    "--model", "nomic", "--device", "cpu", "--precision", "float32", **env)
+                    "--model", "nomic", "--device", "cpu", "--precision", "float32", **nomic_home.env())
     assert run.returncode == 0, run.stderr[-3000:]
     rows = list(read_output_rows(output).values())
     assert len(rows) >= 6 and all(len(row["embedding_vector"]) == 768 for row in rows)
     assert_rows_match_reference(nomic_home, rows)
 
-    def pipeline(*args):
-        done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=luigi_env(**env),
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
-    assert json.loads(pipeline("verify", str(output), "--json"))["ok"] is True
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(nomic_home.home / "hub"))
+    assert verify_output(str(output)).ok
     query = "the commodity and its value"
-    hits = json.loads(pipeline("search", str(output), query, "-k", "3", "--json"))
+    hits = search(str(output), query, 3)
     [query_vector] = reference(nomic_home, [query], QUERY)
-    stored = {(row["doc_id"], row["chunk_id"]): row["embedding_vector"] for row in rows}
-    best = max(float(vector @ query_vector) for vector in stored.values())
+    best = max(float(row["embedding_vector"] @ query_vector) for row in rows)
     assert hits[0]["score"] == pytest.approx(best, abs=1e-4)  # the query went in with nomic's query prefix
-    figures = json.loads(pipeline("evaluate", str(output), "--json"))
-    assert figures["queries"] > 0 and figures["dimension"] == 768 and "recall_at_1" in json.dumps(figures)
+    figures = evaluate(str(output), documents=6, sample=0)
+    assert figures["queries"] > 0 and figures["dimension"] == 768 and figures["retrieval"]
 
 
 @pytest.mark.slow

@@ -29,6 +29,21 @@ def test_a_failed_run_exits_nonzero_even_outside_the_repository(tmp_path):
     assert f"ERROR: corpus path {tmp_path / 'missing'} does not exist" in result.stderr
 
 
+@pytest.mark.parametrize("change, refusal", [
+    (["--vector-dtype", "float16"], "vector_dtype: 'float32' in the output, 'float16' now"),
+    (["--compact-columns", "binary"], "compact_columns: '' in the output, 'binary' now"),
+])
+def test_a_changed_vector_setting_on_a_finished_output_is_refused_not_called_complete(tmp_path, change, refusal):
+    """A finished output says it is done only for the settings it was made with."""
+    corpus, output = write_corpus(tmp_path / "corpus", documents=4, words=80), tmp_path / "out"
+    embed_here(corpus, output, docs_per_shard=2)
+    before = shard_files(output)
+    rerun = run_luigi(*embed_args(corpus, output, 2, *change), "--local-scheduler")
+    assert rerun.returncode == 30, rerun.stderr[-3000:]
+    assert refusal in rerun.stderr and "use a new --output" in rerun.stderr
+    assert shard_files(output) == before
+
+
 def stop_mid_shard(process, shards, published_before_kill=2, timeout=300):
     """SIGKILL the run while a shard's temp file is open: freeze it with SIGSTOP,
     check that a shard is in progress, and only then kill it."""

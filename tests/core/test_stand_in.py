@@ -103,9 +103,7 @@ def test_the_image_check_finds_it_in_a_hugging_face_cache_and_never_runs_nomics_
     snapshot offline, it would be called incomplete."""
     home = tmp_path / "hf-home"
     env = luigi_env(HF_HOME=str(home), HF_HUB_OFFLINE="1")
-    saved = subprocess.run([sys.executable, "-m", "pipeline", "model", "nomic", "--save-stand-in", str(home), "--hf-home",
-                            "--layers", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert saved.returncode == 0, saved.stderr
+    save_stand_in(str(home), "nomic", layers=1, hf_home=True)  # the image build runs this through the CLI
     # As a fetch that left nomic's ONNX exports out leaves it: the hub's record of the
     # repository's listing names files the snapshot does not hold.
     repository = home / "hub" / "models--nomic-ai--nomic-embed-text-v1.5"
