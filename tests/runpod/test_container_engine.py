@@ -120,9 +120,10 @@ def test_the_image_has_the_default_bases_python_and_torch_and_nomic_baked_in_and
         return engine.client.containers.run(image, entrypoint=list(command), network_mode="none", remove=True,
                                             stderr=True).decode(errors="replace")
 
-    python, torch_version = run("python", "-c", "import sys, torch; print('%d.%d' % sys.version_info[:2], torch.__version__)").split()
+    checked = run("sh", "-c", "python -c \"import sys, torch; print('%d.%d' % sys.version_info[:2], torch.__version__)\" "
+                              "&& python -m pipeline model nomic")
+    python, torch_version = checked.splitlines()[0].split()
     assert python == BASE_PYTHON and torch_version.split("+")[0] == BASE_TORCH
-    checked = run("python", "-m", "pipeline", "model", "nomic")
     assert '"model_id": "nomic-ai/nomic-embed-text-v1.5", "dimension": 768' in checked
     assert "is a stand-in for nomic-ai/nomic-embed-text-v1.5" in checked  # marked: its vectors are refused downstream
     built = engine.client.images.get(image)
