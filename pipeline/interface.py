@@ -161,7 +161,8 @@ class EmbeddingInterface:
             listed.append(storage.Listed(file.relative_to(root).as_posix(), size, content_hash))
         run = self.run
         making = [str(root), [(d.relative, d.content_hash) for d in listed], PIPELINE_VERSION,
-                  [run.model, run.model_path, run.max_tokens, run.device, run.precision, run.skip_duplicates]]
+                  [run.model, run.model_path, run.max_tokens, run.device, run.precision, run.skip_duplicates,
+                   run.dimensions, run.vector_dtype, run.compact_columns]]
         batch = OutputLayout.of(self.output).batch_output(hashlib.sha256(json.dumps(making).encode()).hexdigest()[:16])
         output, shard = batch.root, batch.shard(0)
         if storage.exists(batch.summary):
@@ -170,7 +171,8 @@ class EmbeddingInterface:
             storage.ensure_writable_dir(output)
             manifest = batch.manifest
             write_manifest_of(listed, str(root), "", len(listed), manifest)
-            run_shard(ShardJob(str(root), manifest, output, 1, skip_duplicates=run.skip_duplicates), 0, self.embedder())
+            run_shard(ShardJob(str(root), manifest, output, 1, skip_duplicates=run.skip_duplicates,
+                               vector_format=run.vector_format()), 0, self.embedder())
         publish_summary(output, run_summary(output, 1, {"corpus": str(root), "files": len(listed),
                                                         "model": run.model, "max_tokens": run.max_tokens}))
         return shard

@@ -175,6 +175,17 @@ def test_batch_process_embeds_chosen_files_as_the_corpus_run_does(tmp_path, corp
     assert api.batch_process(chosen) != shard  # changed contents: a new batch
 
 
+def test_batch_process_stores_vectors_as_its_settings_say_and_keys_its_batches_by_them(tmp_path, corpus):
+    chosen = [corpus / "part-0" / "doc-003.md"]
+    plain = interface(corpus, tmp_path / "out").batch_process(chosen)
+    half = interface(corpus, tmp_path / "out", vector_dtype="float16", compact_columns="binary").batch_process(chosen)
+    assert half != plain  # not the float32 batch made before
+    settings = {k.decode(): v.decode() for k, v in pq.read_schema(half).metadata.items()}
+    assert settings["pipeline.vector_dtype"] == "float16" and settings["pipeline.compact_columns"] == "binary"
+    assert str(pq.read_schema(half).field("embedding_vector").type.value_type) == "halffloat"
+    assert verify_output(half.rsplit("/shards/", 1)[0]).ok
+
+
 def test_batch_process_outside_the_corpus_and_bad_paths(tmp_path, corpus):
     api = EmbeddingInterface(tmp_path / "out", corpus=corpus, **SETTINGS)  # paths as Path
     loose = tmp_path / "loose"
