@@ -127,13 +127,11 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         them, its watchdog's limits, how it runs its workers, bucket endpoints and the
         pod's own credentials."""
         corpus = self.corpus_location()
-        env = settings_env({
-            "corpus": corpus, "output": self.output_location, "pattern": self.pattern,
-            "docs_per_shard": self.docs_per_shard, "model": self.model, "model_path": self.model_path or None,
-            "max_tokens": self.max_tokens, "batch_tokens": self.batch_tokens, "device": self.device,
-            "precision": self.precision, "readers": self.readers, "skip_duplicates": self.skip_duplicates,
-            "vector_dtype": self.vector_dtype, "dimensions": self.dimensions, "compact_columns": self.compact_columns,
-        })
+        # Every setting of the run its workers take (EmbedAll's that are settings): a new
+        # one reaches the pods without a change here.
+        run = {name: getattr(self, name) for name, _ in EmbedAll.get_params() if name in config.DEFAULTS}
+        run.update(corpus=corpus, output=self.output_location, model_path=self.model_path or None)
+        env = settings_env(run)
         own = Limits.from_env(dict(os.environ))  # a run time or check interval set on the launcher goes to its pods
         # The watchdog's idle clock starts with the pod, model load and first shard included.
         env.update(Limits(idle_seconds=max(self.idle_seconds, self.first_shard_seconds), max_seconds=own.max_seconds,

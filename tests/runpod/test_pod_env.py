@@ -41,6 +41,16 @@ def test_watchdog_limits_travel_when_they_differ_from_its_defaults():
     assert Limits().to_env() == {}
 
 
+def test_every_setting_of_a_run_reaches_the_pods_workers_with_no_list_in_the_launcher(tmp_path):
+    from pipeline import EmbedAll, RunpodEmbedAll
+    from pipeline.config import DEFAULTS
+
+    env = RunpodEmbedAll(corpus=str(tmp_path), output=str(tmp_path / "out"), image="img", model_path="/models/x").pod_env()
+    settings = {name for name, _ in EmbedAll.get_params() if name in DEFAULTS}
+    assert {f"PIPELINE_{name.upper()}" for name in settings} <= set(env)
+    assert env["PIPELINE_OUTPUT"] == str(tmp_path / "out") and env["PIPELINE_MODEL_PATH"] == "/models/x"
+
+
 def test_the_vector_format_reaches_the_pods_workers(tmp_path, monkeypatch):
     from pipeline import EmbedAll, RunpodEmbedAll
 
