@@ -1,0 +1,80 @@
+"""An output is defined by the settings that change its vectors or its layout: a run with
+any of them changed, on a finished or a half-finished output, is refused with the setting
+named, never called complete; settings that only change speed never refuse. Through
+``EmbeddingInterface``, on nomic's layout (tests/conftest.py ``nomic_home``)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import write_corpus
+from pipeline.core.stand_in import save_stand_in
+from pipeline.errors import PipelineError
+from pipeline.interface import EmbeddingInterface
+from pipeline.output.layout import OutputLayout
+
+
+
+@pytest.fixture(scope="module")
+def finished(nomic_home, tmp_path_factory):
+    """A finished output of six documents in three shards, and how it was made."""
+    root = tmp_path_factory.mktemp("identity")
+    corpus = write_corpus(root / "corpus", documents=6, words=60)
+    settings = dict(corpus=str(corpus), docs_per_shard=2, model="nomic", model_path=nomic_home.snapshot, device="cpu",
+                    precision="float32")
+    api = EmbeddingInterface(root / "out", **settings)
+    api.resume_from_checkpoint(api.get_checkpoint())
+    return root, settings
+
+
+def other_weights(root):
+    return save_stand_in(str(root / "other-weights"), "nomic", layers=2, seed=1, marked=False)
+
+
+CHANGES = [  # (setting, its value now, what the refusal says)
+    ("docs_per_shard", lambda root: 3, "docs_per_shard: '2' in the output, '3' now"),
+    ("pattern", lambda root: "*.markdown", "pattern: '*.md' in the output, '*.markdown' now"),
+    ("corpus", lambda root: str(write_corpus(root / "another-corpus", documents=2, words=40)), "corpus: "),
+    ("model", lambda root: "minilm", "model_profile: 'nomic' in the output, 'minilm' now"),
+    ("model_path", other_weights, "weights_sha256: "),
+    ("max_tokens", lambda root: 256, "max_tokens: '512' in the output, '256' now"),
+    ("dimensions", lambda root: 256, "dimension: '768' in the output, '256' now"),
+    ("vector_dtype", lambda root: "float16", "vector_dtype: 'float32' in the output, 'float16' now"),
+    ("compact_columns", lambda root: "binary", "compact_columns: '' in the output, 'binary' now"),
+    ("skip_duplicates", lambda root: True, "skip_duplicates: False in the output, True now"),
+]
+
+
+def run_with(output, settings):
+    api = EmbeddingInterface(output, **settings)
+    return api.resume_from_checkpoint(api.get_checkpoint())
+
+
+@pytest.mark.parametrize("half_finished", [False, True], ids=["finished", "half-finished"])
+@pytest.mark.parametrize("setting, value, refusal", CHANGES, ids=[change[0] for change in CHANGES])
+def test_a_changed_defining_setting_is_refused_with_the_setting_named(finished, tmp_path, setting, value, refusal,
+                                                                      half_finished):
+    root, settings = finished
+    output = tmp_path / "out"
+    shutil.copytree(root / "out", output)
+    if half_finished:
+        layout = OutputLayout.of(str(output))
+        for path in (layout.summary, layout.shard(2)):
+            Path(path).unlink()
+    changed = {**settings, setting: value(root)}
+    if setting == "model":
+        changed["model_path"] = ""
+    before = sorted(p.name for p in (output / "shards").iterdir())
+    with pytest.raises(PipelineError, match="made with other settings") as refused:
+        run_with(output, changed)
+    assert refusal in str(refused.value) and "use a new --output" in str(refused.value)
+    assert sorted(p.name for p in (output / "shards").iterdir()) == before, "the output was changed"
+
+
+@pytest.mark.parametrize("setting, value", [("precision", "bfloat16"), ("batch_tokens", 1024), ("readers", 0)])
+def test_a_setting_that_only_changes_speed_never_refuses(finished, tmp_path, setting, value):
+    root, settings = finished
+    output = tmp_path / "out"
+    shutil.copytree(root / "out", output)
+    assert run_with(output, {**settings, setting: value}).finished
