@@ -15,7 +15,6 @@ from pipeline.interface import EmbeddingInterface
 from pipeline.output.layout import OutputLayout
 
 
-
 @pytest.fixture(scope="module")
 def finished(nomic_home, tmp_path_factory):
     """A finished output of six documents in three shards, and how it was made."""
