@@ -224,14 +224,15 @@ class EmbedAll(RunParameters, luigi.Task):
             "model": self.model,
             "max_tokens": self.max_tokens,
         }
-        # The settings below only when they are not their defaults, so that outputs made
-        # before they were recorded stay complete. A change to any of them makes the output
-        # not "done": run() then compares them with its shards and refuses (exit 30).
-        if self.skip_duplicates:
-            defining["skip_duplicates"] = True
-        for name, default in (("model_path", ""), ("dimensions", 0), ("vector_dtype", "float32"), ("compact_columns", "")):
-            if getattr(self, name) != default:
-                defining[name] = getattr(self, name)
+        # The settings below only when they are not their built-in defaults (config.DEFAULTS),
+        # so that outputs made before they were recorded stay complete. A change to any of
+        # them makes the output not "done": run() then compares them with its shards and
+        # refuses (exit 30).
+        parameters = dict(self.get_params())
+        for name in ("skip_duplicates", "model_path", "dimensions", "vector_dtype", "compact_columns"):
+            value = getattr(self, name)
+            if value != parameters[name].parse(config.DEFAULTS[name]):
+                defining[name] = value
         return defining
 
     def complete(self):

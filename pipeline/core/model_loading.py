@@ -9,8 +9,10 @@ transformers does not know is refused with one line naming what to upgrade.
 
 from __future__ import annotations
 
+import json
 import sys
 from importlib import metadata
+from pathlib import Path
 
 from pipeline.core import nomic_layout
 from pipeline.errors import PipelineError
@@ -73,6 +75,15 @@ def check_model_type(config: dict, where: str) -> None:
                         f"does not know, and its remote code is never run: upgrade to {needs} (pip install -U '{needs}')")
 
 
+def read_config(model_path: str) -> dict:
+    """A model folder's config.json (empty where it has none)."""
+    path = Path(model_path) / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"cannot read {path}: {exc}") from exc
+
+
 def config_overrides(config: dict, where: str) -> dict:
     """What transformers' config class must be told to build the checkpoint's shape."""
     if config.get("model_type") == nomic_layout.MODEL_TYPE:
@@ -86,7 +97,7 @@ def load_sentence_transformer(path: str, device: str):
     check_stack()
     from sentence_transformers import SentenceTransformer
 
-    config = nomic_layout.read_config(path)
+    config = read_config(path)
     check_model_type(config, path)
     try:
         return SentenceTransformer(path, device=device, trust_remote_code=False, local_files_only=True,

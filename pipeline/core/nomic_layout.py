@@ -16,9 +16,6 @@ does not compute. Where each fact comes from: docs/schema.md, "nomic's published
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from pipeline.errors import PipelineError
 
 MODEL_TYPE = "nomic_bert"
@@ -154,15 +151,6 @@ def published_tensors(layers: int = 12, width: int = 768, inner: int = 3072,
             f"{layer}.norm2.bias": (width,),
         })
     return tensors
-
-
-def read_config(model_path: str) -> dict:
-    """A model folder's config.json (empty where it has none)."""
-    path = Path(model_path) / "config.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"cannot read {path}: {exc}") from exc
 
 
 def native_config(config: dict, where: str) -> dict:
