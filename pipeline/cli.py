@@ -13,6 +13,7 @@
     python -m pipeline estimate [--corpus C]   what a corpus will cost on Runpod
     python -m pipeline model PROFILE [--fetch] load a model offline (fetch it first)
     python -m pipeline model nomic --save-stand-in DIR  nomic's published layout, random weights: for --model-path throughput runs
+    python -m pipeline settings [--write-docs]  every setting's value here, and where it comes from
     python -m pipeline bench [--corpus C] [--model M] [--json F] [--rounds N]  throughput, side by side
 """
 
@@ -29,6 +30,7 @@ from typing import Callable, Iterator
 from pipeline import config
 from pipeline.config import gpu_type_list, prepare_run
 from pipeline.errors import PipelineError
+from pipeline.settings import declared
 from pipeline.output.layout import OutputLayout
 
 
@@ -170,6 +172,30 @@ def report(output: str, html_file: str | None, png_file: str | None, history: st
     return 0
 
 
+def show_settings(write_docs: bool) -> None:
+    """Each setting's value here and its source; secrets only say whether they are set."""
+    from pathlib import Path
+
+    from pipeline.settings import SETTINGS, write_docs as write
+
+    if write_docs:
+        root = Path(__file__).resolve().parent.parent
+        print("\n".join(write(root)) or "README.md and .env.example already say what pipeline/settings.py declares")
+        return
+    for setting in (s for s in SETTINGS if s.env):
+        value, source = config.setting_and_source(setting.name)
+        shown = ("(set)" if value else "(not set)") if setting.secret else repr(value)
+        print(f"{setting.env:<45} {shown:<30} {source}" + ("  defines the output" if setting.defines_output else ""))
+
+
+def setting_argument(parser: argparse.ArgumentParser, name: str, flag: str = "") -> None:
+    """An option whose type, help and default (the configured value) are its setting's."""
+    setting = declared(name)
+    flag = flag or "--" + name.replace("_", "-")
+    parser.add_argument(flag, dest=flag[2:].replace("-", "_"), type=setting.parse,
+                        default=setting.parse(config.setting(name)), help=f"{setting.help} (default: the {name} setting)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Helpers around the embedding pipeline's tasks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -213,11 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     report_parser.add_argument("--history", default=None,
                                help="luigid's task history (sqlite file); default: luigi.cfg [task_history] db_connection")
     image_parser = commands.add_parser("image", help="build the pod's image and push it to PIPELINE_REGISTRY")
-    image_parser.add_argument("--base-image", default=os.environ.get("PIPELINE_BASE_IMAGE", ""),
-                              help="a Python 3.11 image to install torch into (default: the Dockerfile's)")
+    setting_argument(image_parser, "base_image")
     image_parser.add_argument("--stand-in-layers", type=int, default=0,
                               help="bake a stand-in of this many layers (random weights, throughput only) instead of the weights")
-    image_parser.add_argument("--model", default=os.environ.get("PIPELINE_POD_MODEL", "nomic"), help="model profile baked in")
+    setting_argument(image_parser, "pod_model", "--model")
     image_parser.add_argument("--no-push", action="store_true", help="build only")
     model_parser = commands.add_parser("model", help="load a model profile offline and embed one text")
     model_parser.add_argument("profile", help="model profile (nomic, minilm)")
@@ -231,23 +256,26 @@ def main(argv: list[str] | None = None) -> int:
                                    "as a download would, so the profile finds it with no --model-path")
     estimate_parser = commands.add_parser("estimate", help="estimate a corpus's cost on Runpod before any pod starts")
     estimate_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
-    estimate_parser.add_argument("--pattern", default="*.md")
-    estimate_parser.add_argument("--model", default="nomic", help="profile whose tokenizer counts the tokens")
+    setting_argument(estimate_parser, "pattern")
+    setting_argument(estimate_parser, "pod_model", "--model")
     estimate_parser.add_argument("--sample", type=int, default=200, help="documents read and chunked")
-    estimate_parser.add_argument("--gpu-types", default="", help="comma-separated; empty: the run's gpu_types setting")
+    setting_argument(estimate_parser, "gpu_types")
     estimate_parser.add_argument("--tokens-per-second", type=float, default=None, help="a measured throughput to use")
     bench_parser = commands.add_parser("bench", help="measure throughput: baseline, embedder, feed, end to end")
     bench_parser.add_argument("--corpus", default="", help="folder or bucket prefix; empty: the sample corpus")
-    bench_parser.add_argument("--model", default="minilm",
-                              help="model profile; where its weights are not here, a stand-in in its published layout (random weights)")
-    bench_parser.add_argument("--model-path", default="", help="a model folder (a saved stand-in, say)")
-    bench_parser.add_argument("--device", default="auto")
-    bench_parser.add_argument("--batch-tokens", type=int, default=0, help="padded tokens per batch; 0: by device")
-    bench_parser.add_argument("--precision", default="auto", help="auto, float32, float16 or bfloat16")
+    setting_argument(bench_parser, "model")  # where a profile's weights are not here: a stand-in in its published layout
+    for name in ("model_path", "device", "batch_tokens", "precision"):
+        setting_argument(bench_parser, name)
     bench_parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     bench_parser.add_argument("--rounds", type=int, default=3,
                               help="alternating rounds of baseline and embedder, and runs of the feed (medians are reported)")
+    settings_parser = commands.add_parser("settings", help="every setting: its value here and where it comes from")
+    settings_parser.add_argument("--write-docs", action="store_true",
+                                 help="write .env.example and the README's tables from pipeline/settings.py")
     args = parser.parse_args(argv)
+    if args.command == "settings":  # before prepare_run puts .env into the environment: say which said what
+        show_settings(args.write_docs)
+        return 0
     prepare_run(exit_codes=False)
     try:
         if args.command == "status":
@@ -281,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.core.sample import ensure_sample_corpus
 
             corpus = args.corpus or ensure_sample_corpus()
-            gpus = gpu_type_list(args.gpu_types or config.setting("gpu_types"))
+            gpus = gpu_type_list(args.gpu_types)
             print(estimate(corpus, args.pattern, args.model, gpus, args.sample, args.tokens_per_second))
         elif args.command == "image":
             import logging
@@ -289,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.runpod.image import build_and_push
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-            print(build_and_push(os.environ.get("PIPELINE_REGISTRY", ""), args.base_image, push=not args.no_push, model=args.model,
+            print(build_and_push(config.setting("registry"), args.base_image, push=not args.no_push, model=args.model,
                                  stand_in_layers=args.stand_in_layers))
         elif args.command == "bench":
             from pipeline.bench import bench

@@ -19,59 +19,13 @@ from luigi.parameter import _no_value
 
 from pipeline.core.profiles import offline_model_hub
 from pipeline.errors import install_one_line_errors
+from pipeline.settings import SETTINGS, declared
 from pipeline.storage import RetryPolicy, use_retry_policy
 
-ENV_PREFIX = "PIPELINE_"
 SECTION = "pipeline"
 
-# Setting name -> built-in default (as luigi.cfg text).
-DEFAULTS = {
-    "corpus": "",  # empty: the generated sample corpus
-    "output": "output",
-    "docs_per_shard": "1000",
-    "pattern": "*.md",
-    "model": "minilm",
-    "model_path": "",  # empty: the profile's own way of finding weights offline
-    "max_tokens": "0",  # 0: the profile's default
-    "batch_tokens": "0",  # 0: 16384 on a GPU, 4096 on a CPU
-    "device": "auto",
-    "precision": "auto",
-    # How vectors are stored (docs/schema.md, "Smaller vectors"): float32 or float16; cut
-    # to fewer dimensions (0: all; only for a model trained for it); extra compact
-    # columns (binary, int8, or both comma-separated; empty: none).
-    "vector_dtype": "float32",
-    "dimensions": "0",
-    "compact_columns": "",
-    # Processes that read and chunk for a GPU; -1: auto (cores - 1 on a GPU, none on a CPU).
-    "readers": "-1",
-    # Reject (reason "duplicate") a document whose content_hash an earlier one has.
-    "skip_duplicates": "false",
-    # Runpod (RunpodEmbedAll): the image `make image` pushed, GPU types in order of
-    # preference, the cloud, and the most a run may spend before its pod ends itself.
-    "image": "",
-    "pod_model": "nomic",
-    "gpu_types": "NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA L40S",
-    "cloud_type": "ALL",
-    "spot": "false",
-    "spot_relaunches": "3",
-    "max_dollars": "25",
-    # Several pods at once, each a Luigi worker on this scheduler (README, "Several pods").
-    "pods": "1",
-    "pods_scheduler_url": "",
-    # GPUs per pod: the pod runs one worker per GPU, sharing a scheduler in the pod.
-    "gpus_per_pod": "1",
-    "poll_seconds": "30",
-    # The launcher's own limits (docs/runbook.md): a pod that makes no shard this long
-    # after it runs, or no new shard this long, is ended; one not running this long
-    # after its creation too; a free GPU is looked for this long.
-    "first_shard_seconds": "1800",
-    "idle_seconds": "3600",
-    "provisioning_seconds": "1200",
-    "capacity_seconds": "1800",
-    # Storage calls: attempts per call, and the most seconds to wait between two.
-    "storage_retries": str(RetryPolicy.attempts),
-    "storage_retry_max_wait": f"{RetryPolicy.max_wait:g}",
-}
+# Setting name -> built-in default (as text), from the one declaration of each setting.
+DEFAULTS = {declared.name: declared.default for declared in SETTINGS if not declared.flag_only}
 
 
 # Luigi exits 0 after a failed task unless [retcode] is configured. luigi.cfg sets it,
@@ -95,14 +49,22 @@ def gpu_type_list(setting_value: str) -> tuple[str, ...]:
 def setting(name: str) -> str:
     """The configured default of one run setting, before the command line: ``PIPELINE_<NAME>``
     from the environment, then from a ``.env`` file, then luigi.cfg's ``[pipeline]``, then
-    ``DEFAULTS``. Read when asked, so importing the package changes nothing."""
-    variable = ENV_PREFIX + name.upper()
-    value = os.environ.get(variable)
-    if value is None:
-        value = _dotenv_values(os.getcwd()).get(variable)
-    if value is None:
-        value = luigi.configuration.get_config().get(SECTION, name, DEFAULTS[name])
-    return value
+    the declared default. Read when asked, so importing the package changes nothing."""
+    return setting_and_source(name)[0]
+
+
+def setting_and_source(name: str) -> tuple[str, str]:
+    """A setting's configured value and where it came from (``setting``)."""
+    variable = declared(name).env
+    if variable in os.environ:
+        return os.environ[variable], "environment"
+    value = _dotenv_values(os.getcwd()).get(variable)
+    if value is not None:
+        return value, ".env"
+    config = luigi.configuration.get_config()
+    if config.has_option(SECTION, name):
+        return config.get(SECTION, name), f"luigi.cfg [{SECTION}]"
+    return DEFAULTS[name], "default"
 
 
 @lru_cache(maxsize=8)
@@ -146,6 +108,21 @@ class FloatSetting(SettingParameter, luigi.FloatParameter):
 class BoolSetting(SettingParameter, luigi.BoolParameter):
     def parse_setting(self, value: str) -> bool:
         return value.strip().lower() in ("1", "true", "yes")
+
+
+_PARAMETER_CLASSES = {str: TextSetting, int: IntSetting, float: FloatSetting, bool: BoolSetting}
+
+
+def parameter(name: str, cls: type | None = None, **luigi_kwargs) -> luigi.Parameter:
+    """The Luigi parameter of the declared setting ``name`` (pipeline/settings.py): its type
+    (or ``cls``, a ``SettingParameter``), its help as description, and its default read
+    from the setting when a task is made. A command-line switch (``flag_only``) is a plain
+    ``BoolParameter`` that never changes a task's id."""
+    declaration = declared(name)
+    if declaration.flag_only:
+        return luigi.BoolParameter(significant=False, description=declaration.help, **luigi_kwargs)
+    cls = cls or _PARAMETER_CLASSES[declaration.kind]
+    return cls(setting=name, description=declaration.help, **luigi_kwargs)
 
 
 def prepare_run(exit_codes: bool = True) -> None:

@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.output import layout
 from pipeline.output.layout import OutputLayout
 from pipeline.output.verify import shard_numbers
+from pipeline.core.output_identity import OutputIdentity
 from pipeline.core.shard_job import ShardJob, run_shard
 from pipeline.core.shard_file import PIPELINE_VERSION
 from pipeline.output.summary import publish_summary, run_summary
@@ -105,7 +106,7 @@ class EmbeddingInterface:
         """Which shards are done, from the published shard files (one listing, no file
         opened), and whether the run's summary is written. An output made from another
         corpus, pattern or shard size is refused (PipelineError)."""
-        parameters = self.run.defining_parameters()
+        parameters = self.run.identity().as_dict()
         if not storage.exists(self.run.manifest_path()):
             return Checkpoint(self.output, parameters, None, (), False)
         total = self.run.check_manifest_matches()
@@ -121,9 +122,10 @@ class EmbeddingInterface:
         left."""
         if isinstance(checkpoint, dict):
             checkpoint = Checkpoint.from_dict(checkpoint)
-        if (checkpoint.output, checkpoint.parameters) != (self.output, self.run.defining_parameters()):
+        identity = self.run.identity()
+        if checkpoint.output != self.output or identity.differences(checkpoint.parameters):
             raise PipelineError(f"this checkpoint is of another run ({checkpoint.output}, {checkpoint.parameters}), "
-                                f"not of {self.output} with {self.run.defining_parameters()}")
+                                f"not of {self.output} with {identity.as_dict()}")
         if self.sync and storage.exists(self.run.manifest_path()):
             self.run.sync_manifest()
         elif self.add_new_documents and storage.exists(self.run.manifest_path()):
@@ -159,10 +161,11 @@ class EmbeddingInterface:
         for file in files:
             content_hash, size = storage.hash_file(file)
             listed.append(storage.Listed(file.relative_to(root).as_posix(), size, content_hash))
-        run = self.run
-        making = [str(root), [(d.relative, d.content_hash) for d in listed], PIPELINE_VERSION,
-                  [run.model, run.model_path, run.max_tokens, run.device, run.precision, run.skip_duplicates,
-                   run.dimensions, run.vector_dtype, run.compact_columns]]
+        # A small output of its own: the run's identity (everything that changes a vector, nothing
+        # that only changes speed) with these files as its corpus and one shard.
+        identity = OutputIdentity.of({**self.run.identity().as_dict(), "corpus": str(root), "pattern": "",
+                                      "docs_per_shard": len(listed)})
+        making = [[(d.relative, d.content_hash) for d in listed], PIPELINE_VERSION, identity.as_dict()]
         batch = OutputLayout.of(self.output).batch_output(hashlib.sha256(json.dumps(making).encode()).hexdigest()[:16])
         output, shard = batch.root, batch.shard(0)
         if storage.exists(batch.summary):
@@ -171,10 +174,8 @@ class EmbeddingInterface:
             storage.ensure_writable_dir(output)
             manifest = batch.manifest
             write_manifest_of(listed, str(root), "", len(listed), manifest)
-            run_shard(ShardJob(str(root), manifest, output, 1, skip_duplicates=run.skip_duplicates,
-                               vector_format=run.vector_format()), 0, self.embedder())
-        publish_summary(output, run_summary(output, 1, {"corpus": str(root), "files": len(listed),
-                                                        "model": run.model, "max_tokens": run.max_tokens}))
+            run_shard(ShardJob.of_output(identity, manifest, output, 1), 0, self.embedder())
+        publish_summary(output, run_summary(output, 1, identity.as_dict()))
         return shard
 
 

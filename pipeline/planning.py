@@ -19,6 +19,7 @@ from pipeline.core.matryoshka import check_dimensions
 from pipeline.core.profiles import profile
 from pipeline.core.manifest_growth import add_new_documents
 from pipeline.core.sync import SyncResult, sync_output
+from pipeline.core.output_identity import recorded_identity, refusal
 from pipeline.core.shard_file import SHARED_SETTINGS, settings_mismatch
 from pipeline.core.shard_job import shard_settings
 from pipeline.errors import PipelineError
@@ -111,29 +112,36 @@ def check_manifest_matches(run: "RunParameters") -> int:
     """Refuse an output listed from another corpus, pattern or shard size (its manifest
     says); the manifest's shard count. Loads no model (the Runpod launcher asks too)."""
     info = manifest_info(run.manifest_path())
-    wanted = {"corpus": run.corpus_location(), "pattern": run.pattern, "docs_per_shard": str(run.docs_per_shard)}
-    _refuse(run, settings_mismatch(info, wanted, wanted))
+    listed = {name: info[name] for name in ("corpus", "pattern", "docs_per_shard")}
+    _refuse(run, [problem for problem in run.identity().differences(listed) if problem.split(":")[0] in listed])
     return int(info["shards"])
 
 
 def check_output_matches_settings(run: "RunParameters") -> int:
-    """Refuse to add to an output made from another corpus, shard size or model (one of
-    its shards says); the manifest's shard count."""
+    """Refuse to add to an output made with another value of any setting that defines it
+    (``OutputIdentity``: the manifest and the first shard say), or with the same settings
+    and other weights or another chunker (the shard's own record); the manifest's shard
+    count. Only the last check loads the model."""
     total = check_manifest_matches(run)
     first_shard = run.layout().first_shard()
     if first_shard:
         existing = ShardFooter.read(*first_shard)
-        problems = settings_mismatch(existing.settings, shard_settings(run.embedder(), run.vector_format()), SHARED_SETTINGS)
-        skipped = _skipped_duplicates(run, existing.stats)
-        if skipped is not None and skipped != run.skip_duplicates:
-            problems.append(f"skip_duplicates: {skipped} in the output, {run.skip_duplicates} now")
-        _refuse(run, problems)
+        identity = run.identity()
+        recorded = recorded_identity(existing.settings)
+        if recorded is not None:
+            _refuse(run, identity.differences(recorded))
+        else:  # a shard made before shards recorded their identity: its stats and the summary say
+            skipped = _skipped_duplicates(run, existing.stats)
+            if skipped is not None and skipped != run.skip_duplicates:
+                _refuse(run, [f"skip_duplicates: {skipped} in the output, {run.skip_duplicates} now"])
+        _refuse(run, settings_mismatch(existing.settings, shard_settings(run.embedder(), identity.vector_format()),
+                                       SHARED_SETTINGS))
     return total
 
 
 def _skipped_duplicates(run: "RunParameters", stats: dict) -> bool | None:
-    """Whether the output's shards skip duplicates: their stats say, or for shards made
-    before they did, the summary's parameters; None when nothing says."""
+    """Whether an older output's shards skip duplicates: their stats say, or for shards
+    made before they did, the summary's parameters; None when nothing says."""
     if "skip_duplicates" in stats:
         return stats["skip_duplicates"]
     summary = run.layout().summary
@@ -144,5 +152,4 @@ def _skipped_duplicates(run: "RunParameters", stats: dict) -> bool | None:
 
 def _refuse(run: "RunParameters", problems: list[str]) -> None:
     if problems:
-        raise PipelineError(f"output {run.output_location} was made with other settings ({'; '.join(problems)}); "
-                            "use a new --output, or the settings it was made with")
+        raise PipelineError(refusal(run.output_location, problems))

@@ -21,7 +21,9 @@ from pipeline.core.reader_pool import reader_processes
 from pipeline.core.sample import ensure_sample_corpus
 from pipeline.output.layout import OutputLayout
 from pipeline.core.shard_job import ShardJob, run_shard, shard_label
+from pipeline.core.output_identity import OutputIdentity
 from pipeline.core.vector_format import VectorFormat
+from pipeline.settings import DEFINING
 from pipeline import storage
 from pipeline.output.summary import publish_summary, run_summary
 
@@ -72,28 +74,23 @@ class OutputParameter(LocationParameter):
 class RunParameters:
     """The parameters every task of a run shares (``--corpus``, ``--output``, …)."""
 
-    corpus = LocationParameter(description="corpus folder; empty: the sample")
-    output = OutputParameter(description="output folder")
-    pattern = config.TextSetting(description="which files are documents")
-    docs_per_shard = config.IntSetting()
-    model = config.TextSetting(description="model profile: minilm or nomic")
-    model_path = config.TextSetting(description="local model folder override")
-    max_tokens = config.IntSetting(description="0: profile default")
-    batch_tokens = config.IntSetting(description="padded tokens per batch; 0: by device")
-    device = config.TextSetting(description="auto, cpu, cuda, cuda:1, …")
-    precision = config.TextSetting(
-        description="auto (fp16 on CUDA, bf16 on a CPU with bf16 instructions), float32, float16, bfloat16")
-    vector_dtype = config.TextSetting(description="how vectors are stored: float32, or float16 (half the bytes)")
-    dimensions = config.IntSetting(description="0: all; fewer for a model trained for Matryoshka truncation (nomic: 64-768)")
-    compact_columns = config.TextSetting(description="extra columns beside the vectors: binary, int8, or binary,int8")
-    readers = config.IntSetting(
-        significant=False, description="processes reading and chunking; -1: auto (cores - 1 on a GPU, none on a CPU)")
-    add_new_documents = luigi.BoolParameter(significant=False, description=(
-        "append documents added to the corpus since the manifest was written, as new shards"))
-    sync = luigi.BoolParameter(significant=False, description=(
-        "follow the corpus: embed new and changed documents into new shards, re-key moved ones, mark deleted ones "
-        "(a new generation of the manifest and a change log; finished shards are never rewritten)"))
-    skip_duplicates = config.BoolSetting(description="reject a document whose content_hash an earlier one has")
+    corpus = config.parameter("corpus", LocationParameter)
+    output = config.parameter("output", OutputParameter)
+    pattern = config.parameter("pattern")
+    docs_per_shard = config.parameter("docs_per_shard")
+    model = config.parameter("model")
+    model_path = config.parameter("model_path")
+    max_tokens = config.parameter("max_tokens")
+    batch_tokens = config.parameter("batch_tokens")
+    device = config.parameter("device")
+    precision = config.parameter("precision")
+    vector_dtype = config.parameter("vector_dtype")
+    dimensions = config.parameter("dimensions")
+    compact_columns = config.parameter("compact_columns")
+    readers = config.parameter("readers", significant=False)
+    add_new_documents = config.parameter("add_new_documents")
+    sync = config.parameter("sync")
+    skip_duplicates = config.parameter("skip_duplicates")
 
     def clone(self, cls=None, **kwargs):
         """Luigi's clone, reading values from ``param_kwargs`` (see OutputParameter)."""
@@ -117,6 +114,10 @@ class RunParameters:
     def embedder(self) -> Embedder:
         return load_embedder(EmbedderSettings(self.model, self.model_path, self.device, self.max_tokens, self.batch_tokens,
                                               self.precision, self.dimensions))
+
+    def identity(self) -> OutputIdentity:
+        """What the output this run makes is (``core/output_identity.py``)."""
+        return OutputIdentity.of({name: getattr(self, name) for name in DEFINING} | {"corpus": self.corpus_location()})
 
     def vector_format(self) -> VectorFormat:
         return VectorFormat.parse(self.vector_dtype, self.compact_columns)
@@ -162,9 +163,8 @@ class EmbedShard(RunParameters, luigi.Task):
         self._post_run_figures()
         try:
             total, embedder = self.total_shards(), self.embedder()
-            job = ShardJob(self.corpus_location(), self.manifest_path(), self.output_location, total,
-                           readers=reader_processes(self.readers, embedder.runs_off_cpu), skip_duplicates=self.skip_duplicates,
-                           vector_format=self.vector_format())
+            job = ShardJob.of_output(self.identity(), self.manifest_path(), self.output_location, total,
+                                     readers=reader_processes(self.readers, embedder.runs_off_cpu))
             stats = run_shard(job, self.shard, embedder, report=lambda message, percent: web_view.show(self, message, percent))
         except Exception:  # the run's figures say so too; on_failure comes too late to post them
             self._post_run_figures(failed=True)
@@ -215,36 +215,17 @@ class EmbedAll(RunParameters, luigi.Task):
     def output_target(self):
         return target(self.layout().summary)
 
-    def defining_parameters(self) -> dict:
-        """The parameters that decide what the output holds (not how fast it is made)."""
-        defining = {
-            "corpus": self.corpus_location(),
-            "pattern": self.pattern,
-            "docs_per_shard": self.docs_per_shard,
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-        }
-        # The settings below only when they are not their built-in defaults (config.DEFAULTS),
-        # so that outputs made before they were recorded stay complete. A change to any of
-        # them makes the output not "done": run() then compares them with its shards and
-        # refuses (exit 30).
-        parameters = dict(self.get_params())
-        for name in ("skip_duplicates", "model_path", "dimensions", "vector_dtype", "compact_columns"):
-            value = getattr(self, name)
-            if value != parameters[name].parse(config.DEFAULTS[name]):
-                defining[name] = value
-        return defining
-
     def complete(self):
-        """Done when ``_SUCCESS.json`` exists, records these parameters and counts the
-        manifest's shards as it is now (it may have grown since). A rerun with other
-        settings is not 'done': it runs, and the settings check explains why it cannot go
-        on, instead of exiting 0 having done nothing."""
+        """Done when ``_SUCCESS.json`` exists, records this run's identity (every setting
+        that defines the output) and counts the manifest's shards as it is now (it may have
+        grown since). A rerun with another identity is not 'done': it runs, and the check
+        before it refuses it in one line naming the setting, instead of exiting 0 having
+        done nothing."""
         path = self.output().path
         if self.add_new_documents or self.sync or not storage.exists(path):
             return False  # asked to look for changes in the corpus: requires() looks
         summary = json.loads(storage.read_text(path))
-        return summary.get("parameters") == self.defining_parameters() and summary.get("shards") == self.total_shards()
+        return not self.identity().differences(summary.get("parameters", {})) and summary.get("shards") == self.total_shards()
 
     def run(self):
         planning.planned(self)  # a plan that failed in requires() fails here, as one line
@@ -259,7 +240,7 @@ class EmbedAll(RunParameters, luigi.Task):
                 break
             log.info("the manifest grew to %d shards during this run (--add-new-documents elsewhere): those too", grown)
             total = grown
-        summary = run_summary(self.output_location, total, self.defining_parameters())
+        summary = run_summary(self.output_location, total, self.identity().as_dict())
         summary["documents_not_in_manifest"] = self._documents_left_out()
         info = manifest_info(self.manifest_path())
         if "generation" in info:  # a synced output: its totals count every generation's rows

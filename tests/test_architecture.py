@@ -14,9 +14,10 @@ PACKAGE = ROOT / "pipeline"
 # What each folder may import from the pipeline itself; None: anything. Third-party
 # imports are free, except Luigi and the Runpod SDK where NO_LUIGI_OR_RUNPOD says.
 MAY_IMPORT = {
-    "core": ("pipeline.core", "pipeline.storage", "pipeline.errors", "pipeline.output.layout"),  # a shard is published into the layout
-    "storage": ("pipeline.storage", "pipeline.errors"),
-    "output": ("pipeline.output", "pipeline.core", "pipeline.storage", "pipeline.errors"),
+    "core": ("pipeline.core", "pipeline.storage", "pipeline.errors", "pipeline.settings",
+             "pipeline.output.layout"),  # a shard is published into the layout
+    "storage": ("pipeline.storage", "pipeline.errors", "pipeline.settings"),
+    "output": ("pipeline.output", "pipeline.core", "pipeline.storage", "pipeline.errors", "pipeline.settings"),
     "runpod": None,
     "": None,
 }

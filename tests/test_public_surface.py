@@ -25,7 +25,8 @@ RUN_PARAMETERS = {"corpus", "output", "pattern", "docs_per_shard", "model", "mod
 LAUNCHER_PARAMETERS = RUN_PARAMETERS | {
     "image", "gpu_types", "cloud_type", "spot", "spot_relaunches", "max_dollars", "pods", "pods_scheduler_url",
     "gpus_per_pod", "poll_seconds", "first_shard_seconds", "idle_seconds", "provisioning_seconds", "capacity_seconds"}
-COMMANDS = {"status", "verify", "compact", "evaluate", "search", "cost", "pods", "report", "image", "model", "estimate", "bench"}
+COMMANDS = {"status", "verify", "compact", "evaluate", "search", "cost", "pods", "report", "image", "model", "estimate", "bench",
+            "settings"}
 MAKE_TARGETS = {"setup", "embed", "worker", "test", "check", "chaos", "verify", "report", "bench", "image",
                 "cost-estimate", "luigid", "luigid-stop", "clean"}
 MOVED_MODULES = {"pipeline.search": "pipeline.output.search", "pipeline.reader": "pipeline.output.read_back",

@@ -27,6 +27,7 @@ from pipeline.core.model_loading import check_stack, load_sentence_transformer
 from pipeline.core.profiles import ModelProfile, download_model, offline_model_hub, profile
 from pipeline.errors import PipelineError
 from pipeline.core.stand_in import stand_in_for
+from pipeline.settings import default
 
 log = logging.getLogger("luigi-interface")
 
@@ -398,13 +399,13 @@ class EmbedderSettings:
     """What loads a model and shapes its batches; the key of the one model a process
     keeps per settings (``load_embedder``). Zeros and ``auto`` take the defaults."""
 
-    model: str = "minilm"  # profile name
-    model_path: str = ""  # a local folder instead of the profile's own way of finding weights
-    device: str = "auto"
-    max_tokens: int = 0  # 0: the profile's
-    batch_tokens: int = 0  # padded tokens per batch; 0: by device
-    precision: str = "auto"
-    dimensions: int = 0  # 0: the model's; fewer for a model trained for Matryoshka truncation
+    model: str = default("model")  # profile name
+    model_path: str = default("model_path")  # a local folder instead of the profile's own way of finding weights
+    device: str = default("device")
+    max_tokens: int = default("max_tokens")  # 0: the profile's
+    batch_tokens: int = default("batch_tokens")  # padded tokens per batch; 0: by device
+    precision: str = default("precision")
+    dimensions: int = default("dimensions")  # 0: the model's; fewer for a model trained for Matryoshka truncation
 
 
 @lru_cache(maxsize=2)

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from pipeline.core.chunk_columns import ChunkColumns, read_columns
 from pipeline.core.corpus import duplicates_in_shard, manifest_rows
@@ -27,6 +27,7 @@ from pipeline.core.progress import Progress, Reporter
 from pipeline.core.read_ahead import read_ahead
 from pipeline.core.reader_pool import read_in_processes
 from pipeline.core.shard_file import ShardWriter, shard_schema
+from pipeline.core.output_identity import OutputIdentity
 from pipeline.core.vector_format import VectorFormat
 from pipeline import storage
 
@@ -145,12 +146,21 @@ class ShardJob:
     readers: int = 0  # processes that read and chunk (0: this process does)
     skip_duplicates: bool = False  # reject (reason ``duplicate``, unread) a document whose content_hash an earlier one has
     vector_format: VectorFormat = VectorFormat()  # how vectors are stored: float32 or float16, compact columns
+    identity: Optional[OutputIdentity] = None  # the output's, recorded in each shard (a run's job has one)
+
+    @classmethod
+    def of_output(cls, identity: OutputIdentity, manifest: str, output: str, total_shards: int, readers: int = 0) -> "ShardJob":
+        """The job of a run making the output ``identity`` says: its corpus, its vector
+        format and whether it skips duplicates all come from there."""
+        return cls(identity["corpus"], manifest, output, total_shards, readers=readers,
+                   skip_duplicates=identity["skip_duplicates"], vector_format=identity.vector_format(), identity=identity)
 
 
-def shard_settings(embedder: Embedder, vector_format: VectorFormat) -> dict[str, str]:
-    """What a shard records about how its vectors were made and stored."""
+def shard_settings(embedder: Embedder, vector_format: VectorFormat, identity: Optional[OutputIdentity] = None) -> dict[str, str]:
+    """What a shard records about how its vectors were made and stored, and the identity
+    of the output it belongs to."""
     vector_format.check(embedder.dimension)
-    return {**embedder.settings(), **vector_format.settings(embedder.dimension)}
+    return {**embedder.settings(), **vector_format.settings(embedder.dimension), **(identity.footer() if identity else {})}
 
 
 def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | None = None) -> dict[str, Any]:
@@ -169,7 +179,7 @@ def run_shard(job: ShardJob, shard: int, embedder: Embedder, report: Reporter | 
     rejects: list[dict[str, Any]] = []
     counts = Counter()
     progress = Progress(len(rows), shard_label(shard, job.total_shards), report)
-    schema = shard_schema(embedder.dimension, shard_settings(embedder, job.vector_format))
+    schema = shard_schema(embedder.dimension, shard_settings(embedder, job.vector_format, job.identity))
     try:
         with storage.atomic_output(destination, overwrite=False) as staged:
             writer = ShardWriter(staged.path, schema)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.core.corpus import manifest_info
 from pipeline.core.generations import GENERATION_FIELDS, is_current, shard_view
+from pipeline.core.output_identity import OutputIdentity, recorded_identity
 from pipeline.core.shard_file import CHUNK_SCHEMA, footer_settings, rows_table, shard_metadata, shard_schema
 from pipeline.core.shard_job import publish_rejects
 from pipeline.core.sync import read_manifest
@@ -68,6 +69,8 @@ def compact_output(output: str, destination: str, on_shard: Optional[Callable[[i
     with storage.atomic_output(target.manifest) as staged:
         pq.write_table(rows.replace_schema_metadata(metadata), staged.path)
     parameters = _parameters(source)
+    if vector_format is not None:  # the summary's identity says how the vectors are stored now
+        parameters.update(vector_dtype=vector_format.dtype, compact_columns=",".join(vector_format.compact))
     with storage.atomic_output(target.summary) as staged:
         staged.path.write_text(json.dumps(run_summary(target.root, len(kept), parameters), indent=2))
     return verify_output(target.root)
@@ -123,6 +126,9 @@ def _stored_as(table: pa.Table, settings: dict[str, str], vector_format: VectorF
     vector_format.check(dimension)
     settings = {key: value for key, value in settings.items() if key != "int8_range"}
     settings.update(vector_format.settings(dimension))
+    recorded = recorded_identity(settings)
+    if recorded is not None:  # the same output, stored otherwise: a run with these settings adds to it
+        settings.update(OutputIdentity.of(recorded).with_vector_format(vector_format).footer())
     chunks = table.select([field.name for field in CHUNK_SCHEMA])
     return rows_table(shard_schema(dimension, settings), chunks, stored_vectors(table.column("embedding_vector"))), settings
 

@@ -9,10 +9,10 @@ up in the image's layers or history.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 from pathlib import Path
 
+from pipeline import config
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.image")
@@ -115,7 +115,7 @@ def build_and_push(registry: str, base_image: str = "", push: bool = True, model
         raise PipelineError(f"the image build failed: {exc.msg}") from exc
     if not push:
         return reference
-    username, password = os.environ.get("PIPELINE_REGISTRY_USERNAME"), os.environ.get("PIPELINE_REGISTRY_PASSWORD")
+    username, password = config.setting("registry_username"), config.setting("registry_password")
     if username and password:
         client.login(username=username, password=password, registry=registry.split("/")[0])
     repository, tag = reference.rsplit(":", 1)

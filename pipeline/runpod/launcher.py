@@ -33,16 +33,18 @@ from pipeline.tasks import CorpusManifest, EmbedAll, RunParameters
 from pipeline.runpod.pod_env import PodWorkers, settings_env
 from pipeline.runpod.pod_run import PodRun, PodRunSettings
 from pipeline.runpod.watchdog import Limits
+from pipeline.settings import SETTINGS, declared
 
 log = logging.getLogger("luigi-interface")
 
-# Passed to the pod when set on the launcher: bucket endpoints and retry settings.
-PASSED_THROUGH = (
-    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT",
-    "PIPELINE_STORAGE_RETRIES", "PIPELINE_STORAGE_RETRY_MAX_WAIT",
-)
+# Passed to the pod when set on the launcher: bucket endpoints.
+PASSED_THROUGH = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-POD_PREFIX = "PIPELINE_POD_"
+
+
+def pod_variable(name: str) -> str:
+    """The variable of a pod's own credential (``pod_*`` settings): PIPELINE_POD_<NAME>."""
+    return declared("pod_" + name.lower()).env
 
 
 def pod_credentials(environ: Mapping[str, str], schemes: set[str]) -> dict[str, str]:
@@ -53,13 +55,14 @@ def pod_credentials(environ: Mapping[str, str], schemes: set[str]) -> dict[str, 
     with a warning that says what to set. Nothing here is ever logged."""
     env: dict[str, str] = {}
     if "s3" in schemes:
-        source = POD_PREFIX if environ.get(POD_PREFIX + "AWS_ACCESS_KEY_ID") else ""
-        if not source and environ.get("AWS_ACCESS_KEY_ID"):
+        scoped = bool(environ.get(pod_variable("AWS_ACCESS_KEY_ID")))
+        if not scoped and environ.get("AWS_ACCESS_KEY_ID"):
             log.warning("the pod gets the launcher's own AWS keys: set PIPELINE_POD_AWS_ACCESS_KEY_ID and "
                         "PIPELINE_POD_AWS_SECRET_ACCESS_KEY to keys that reach the run's buckets only (docs/security.md)")
-        env.update({name: environ[source + name] for name in AWS_KEYS if environ.get(source + name)})
+        source = {name: pod_variable(name) if scoped else name for name in AWS_KEYS}
+        env.update({name: environ[source[name]] for name in AWS_KEYS if environ.get(source[name])})
     if "gs" in schemes:
-        key_file = environ.get(POD_PREFIX + "GOOGLE_APPLICATION_CREDENTIALS")
+        key_file = environ.get(pod_variable("GOOGLE_APPLICATION_CREDENTIALS"))
         if not key_file and environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
             key_file = environ["GOOGLE_APPLICATION_CREDENTIALS"]
             log.warning("the pod gets the launcher's own Google key: set PIPELINE_POD_GOOGLE_APPLICATION_CREDENTIALS "
@@ -81,32 +84,26 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-def seconds_setting(description: str) -> config.FloatSetting:
-    """A launcher's wait or deadline, in seconds, defaulting to its setting."""
-    return config.FloatSetting(significant=False, description=description)
-
-
 class RunpodEmbedAll(RunParameters, luigi.Task):
     """EmbedAll on a Runpod GPU pod; ``--image`` is what ``make image`` pushed."""
 
     # On a GPU pod the production model is the default, not the offline CPU one.
-    model = config.TextSetting(setting="pod_model", description="model profile on the pod")
-    image = config.TextSetting(description="the pod's image; empty: build and push one now")
-    gpu_types = config.TextSetting(description="comma-separated, in order of preference")
-    cloud_type = config.TextSetting(description="ALL, COMMUNITY or SECURE")
-    spot = config.BoolSetting(description="interruptible pods: cheaper; a pod taken back is replaced and the work resumes")
-    spot_relaunches = config.IntSetting(significant=False, description="how many taken-back spot pods to replace before giving up")
-    max_dollars = config.FloatSetting(
-        description="the run's spend limit, shared evenly by its pods; each ends itself past its share")
-    pods = config.IntSetting(significant=False, description="pods working at once, each a Luigi worker on --pods-scheduler-url")
-    pods_scheduler_url = config.TextSetting(significant=False, description="a luigid every pod can reach (needed for --pods above 1)")
-    gpus_per_pod = config.IntSetting(
-        significant=False, description="GPUs per pod; the pod runs one worker per GPU, each pinned to its own")
-    poll_seconds = seconds_setting("how often the launcher looks at its pods, the shards and the spend")
-    first_shard_seconds = seconds_setting("end the pods when no shard comes this long after a pod runs")
-    idle_seconds = seconds_setting("end the pods when no new shard comes this long (the pod's watchdog too)")
-    provisioning_seconds = seconds_setting("end a pod that is not running this long after its creation")
-    capacity_seconds = seconds_setting("how long to look for a free GPU before giving up")
+    model = config.parameter("pod_model")
+    image = config.parameter("image")
+    gpu_types = config.parameter("gpu_types")
+    cloud_type = config.parameter("cloud_type")
+    spot = config.parameter("spot")
+    spot_relaunches = config.parameter("spot_relaunches", significant=False)
+    max_dollars = config.parameter("max_dollars")
+    pods = config.parameter("pods", significant=False)
+    pods_scheduler_url = config.parameter("pods_scheduler_url", significant=False)
+    gpus_per_pod = config.parameter("gpus_per_pod", significant=False)
+    # The launcher's waits and deadlines never change which run it is.
+    poll_seconds = config.parameter("poll_seconds", significant=False)
+    first_shard_seconds = config.parameter("first_shard_seconds", significant=False)
+    idle_seconds = config.parameter("idle_seconds", significant=False)
+    provisioning_seconds = config.parameter("provisioning_seconds", significant=False)
+    capacity_seconds = config.parameter("capacity_seconds", significant=False)
 
     def requires(self):
         return self.clone(CorpusManifest)
@@ -127,20 +124,25 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         them, its watchdog's limits, how it runs its workers, bucket endpoints and the
         pod's own credentials."""
         corpus = self.corpus_location()
-        # Every setting of the run its workers take (EmbedAll's that are settings): a new
-        # one reaches the pods without a change here.
-        run = {name: getattr(self, name) for name, _ in EmbedAll.get_params() if name in config.DEFAULTS}
+        # Every setting declared to travel (pipeline/settings.py): the task's value where it
+        # has the parameter, else the launcher's own setting. A new one needs nothing here.
+        run = {setting.name: getattr(self, setting.name) if setting.name in dict(self.get_params())
+               else config.setting(setting.name) for setting in SETTINGS if setting.to_pods}
         run.update(corpus=corpus, output=self.output_location, model_path=self.model_path or None)
         env = settings_env(run)
-        own = Limits.from_env(dict(os.environ))  # a run time or check interval set on the launcher goes to its pods
         # The watchdog's idle clock starts with the pod, model load and first shard included.
-        env.update(Limits(idle_seconds=max(self.idle_seconds, self.first_shard_seconds), max_seconds=own.max_seconds,
-                          max_dollars=self.max_dollars, check_every=own.check_every).to_env())
+        env.update(Limits(idle_seconds=max(self.idle_seconds, self.first_shard_seconds), max_seconds=self.max_seconds(),
+                          max_dollars=self.max_dollars, check_every=float(config.setting("watchdog_check_seconds"))).to_env())
         env.update(PodWorkers(gpus=self.gpus_per_pod, scheduler_url=self.pods_scheduler_url).to_env())
         env.update({k: os.environ[k] for k in PASSED_THROUGH if os.environ.get(k)})
         schemes = {location.split("://", 1)[0] for location in (corpus, self.output_location) if "://" in location}
         env.update(pod_credentials(os.environ, schemes))
         return env
+
+    @staticmethod
+    def max_seconds() -> float:
+        """The most a pod runs (the watchdog's runtime limit), as the launcher's settings say."""
+        return float(config.setting("watchdog_max_seconds"))
 
     def orchestrator(self, image: str, sleep: Callable[[float], None]) -> RunpodOrchestrator:
         settings = PodSettings(
@@ -157,8 +159,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         return RunpodOrchestrator(settings, PodLedger(self.output_location), sleep=sleep)
 
     def pod_run_settings(self) -> PodRunSettings:
-        limits = RunLimits(self.max_dollars, self.first_shard_seconds, self.idle_seconds,
-                           Limits.from_env(dict(os.environ)).max_seconds, self.poll_seconds)
+        limits = RunLimits(self.max_dollars, self.first_shard_seconds, self.idle_seconds, self.max_seconds(), self.poll_seconds)
         return PodRunSettings(self.output_location, self.pods, self.spot, self.spot_relaunches, self.max_dollars,
                               self.poll_seconds, self.provisioning_seconds, limits)
 
@@ -177,7 +178,7 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
             # Build and ship this revision's container first (what `make image` does).
             from pipeline.runpod.image import build_and_push
 
-            image = build_and_push(os.environ.get("PIPELINE_REGISTRY", ""))
+            image = build_and_push(config.setting("registry"))
         # Every pod it starts has ended when it returns or raises.
         PodRun(self.pod_run_settings(), lambda sleep: self.orchestrator(image, sleep), total_shards=self.total_shards,
                work_done=self._work_done, show=lambda text, percent: web_view.show(self, text, percent)).run()

@@ -14,14 +14,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from pipeline.settings import default
+
 
 @dataclass
 class RunLimits:
     max_dollars: float  # the whole run's, every pod's together
-    first_shard_seconds: float = 1800  # from a pod running to the first shard it (or any) makes
-    idle_seconds: float = 3600  # between two shards
-    max_seconds: float = 7 * 24 * 3600  # a pod's runtime, from its creation
-    poll_seconds: float = 30  # how often the launcher looks: spend is judged one look ahead
+    first_shard_seconds: float = default("first_shard_seconds")  # from a pod running to the first shard it (or any) makes
+    idle_seconds: float = default("idle_seconds")  # between two shards
+    max_seconds: float = default("watchdog_max_seconds")  # a pod's runtime, from its creation
+    poll_seconds: float = default("poll_seconds")  # how often the launcher looks: spend is judged one look ahead
 
 
 class RunGuard:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from pipeline.config import DEFAULTS, gpu_type_list
+from pipeline.settings import default
 from pipeline.output.ledger import PodLedger, ledger_record
 from pipeline.runpod.pod_env import PodIdentity, encode_env
 from pipeline.runpod.sdk import describe, import_runpod, is_transient, let_the_sdk_see_http_status, spot_pod_mutation
@@ -61,14 +62,14 @@ class PodLimit(PodError):
 class PodSettings:
     image: str
     gpu_types: tuple[str, ...] = DEFAULT_GPU_TYPES  # in order of preference
-    cloud_type: str = "ALL"  # ALL, COMMUNITY or SECURE
-    spot: bool = False  # interruptible: cheaper, may be stopped at any time
-    gpu_count: int = 1
+    cloud_type: str = default("cloud_type")  # ALL, COMMUNITY or SECURE
+    spot: bool = default("spot")  # interruptible: cheaper, may be stopped at any time
+    gpu_count: int = default("gpus_per_pod")
     container_disk_gb: int = 40
     env: dict[str, str] = field(default_factory=dict)
     docker_args: str = ""
-    provisioning_timeout: float = 1200  # image pulls of big images take 10+ minutes (--provisioning-seconds)
-    capacity_timeout: float = 1800  # how long to keep looking for a free GPU (--capacity-seconds)
+    provisioning_timeout: float = default("provisioning_seconds")  # image pulls of big images take 10+ minutes
+    capacity_timeout: float = default("capacity_seconds")  # how long to keep looking for a free GPU
     capacity_retry_wait: float = 30  # first wait between rounds of the GPU list; doubles
     poll_interval: float = 10
     api_attempts: int = 6

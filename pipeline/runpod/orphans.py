@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError
 from pipeline.output.ledger import PodLedger
 from pipeline.runpod.orchestrator import POD_NAME_PREFIX, RunpodOrchestrator
 from pipeline.runpod.pod_env import PodIdentity, decode_env
+from pipeline.settings import declared
 
 log = logging.getLogger("luigi-interface")
 
@@ -108,8 +109,8 @@ def pod_env(pod: dict[str, Any]) -> dict[str, str]:
 
 def pod_run_id(pod: dict[str, Any]) -> str:
     env = pod_env(pod)
-    if env.get("PIPELINE_POD_RUN_ID"):
-        return env["PIPELINE_POD_RUN_ID"]
+    if env.get("LAUNCH_RUN_ID"):
+        return env["LAUNCH_RUN_ID"]
     return pod.get("name", "").removeprefix(POD_NAME_PREFIX).rsplit("-", 1)[0]
 
 
@@ -125,7 +126,7 @@ class Survey:
 def survey(orchestrator: RunpodOrchestrator, output: str) -> Survey:
     shown = {pod["id"]: pod for pod in orchestrator.list_pods()}
     billed = {pod_id: pod for pod_id, pod in shown.items()
-              if pod.get("name", "").startswith(POD_NAME_PREFIX) and pod_env(pod).get("PIPELINE_OUTPUT") == output}
+              if pod.get("name", "").startswith(POD_NAME_PREFIX) and pod_env(pod).get(declared("output").env) == output}
     gone = []
     for record in orchestrator.ledger.records():
         if record["stopped_at_epoch"] is not None:
@@ -145,11 +146,11 @@ def end_pods(orchestrator: RunpodOrchestrator, pods: list[dict[str, Any]], reaso
             orchestrator.ledger.get(pod["id"])
         except FileNotFoundError:
             env = pod_env(pod)
-            price = float(pod.get("costPerHr") or env.get("PIPELINE_WATCHDOG_PRICE_PER_HOUR") or 0)
+            price = float(pod.get("costPerHr") or env.get("LAUNCH_WATCHDOG_PRICE_PER_HOUR") or 0)
             if not price:
                 log.warning("runpod: pod %s shows no price (costPerHr) and none was listed: its record counts $0/h", pod["id"])
-            known = {"PIPELINE_POD_NAME": pod.get("name", ""), "PIPELINE_POD_RUN_ID": pod_run_id(pod),
-                     "PIPELINE_POD_IMAGE": pod.get("imageName", ""), **env}
+            known = {"LAUNCH_POD_NAME": pod.get("name", ""), "LAUNCH_RUN_ID": pod_run_id(pod),
+                     "LAUNCH_IMAGE": pod.get("imageName", ""), **env}
             orchestrator.ledger.record(PodIdentity.from_env(known).ledger_record(
                 pod["id"], price, int(pod.get("gpuCount") or 1), orchestrator.clock()))
         orchestrator.terminate_pod(pod["id"], reason=reason)

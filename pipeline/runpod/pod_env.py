@@ -2,9 +2,12 @@
 the launcher's side (``to_env``) and read in the pod and by whoever ends an orphan
 (``from_env``).
 
-- The run's settings are ``PIPELINE_<NAME>`` variables, the names ``config.setting``
-  reads, so the pod's workers take them as their defaults (``settings_env``).
-- The watchdog's limits are ``PIPELINE_WATCHDOG_*`` (``watchdog.Limits``).
+- The run's settings (those declared ``to_pods`` in pipeline/settings.py) are their own
+  ``PIPELINE_<NAME>`` variables, the names ``config.setting`` reads, so the pod's workers
+  take them as their defaults, as any machine would (``settings_env``).
+- Everything else is the launcher→pod protocol, named ``LAUNCH_*`` so that it is never
+  taken for a user's setting: the watchdog's limits (``LAUNCH_WATCHDOG_*``,
+  ``watchdog.Limits``), and the two below.
 - ``PodWorkers``: how many GPUs the pod has and which scheduler its workers share.
 - ``PodIdentity``: who the pod is (name, run, GPU, price, image, creation), from which
   its ledger record is rebuilt when its launcher never wrote one.
@@ -19,21 +22,22 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pipeline.config import DEFAULTS, ENV_PREFIX
 from pipeline.output.ledger import ledger_record
+from pipeline.settings import SETTINGS, declared
+
+PROTOCOL = "LAUNCH_"
 
 _SAFE_ENV_VALUE = re.compile(r'^[^"\\\n\r]*$')
 
 
 def settings_env(settings: dict[str, object]) -> dict[str, str]:
-    """Run settings (``config.DEFAULTS`` names) as the variables a pod's workers read;
-    booleans as ``true``/``false``, None left out."""
-    unknown = set(settings) - set(DEFAULTS)
+    """Run settings as the variables a pod's workers read; None left out. Only settings
+    declared to travel to pods (``to_pods``)."""
+    travelling = {setting.name for setting in SETTINGS if setting.to_pods}
+    unknown = set(settings) - travelling
     if unknown:
-        raise ValueError(f"not run settings: {sorted(unknown)}")
-    text = {name: str(value).lower() if isinstance(value, bool) else str(value)
-            for name, value in settings.items() if value is not None}
-    return {ENV_PREFIX + name.upper(): value for name, value in text.items()}
+        raise ValueError(f"not settings that travel to pods: {sorted(unknown)}")
+    return {declared(name).env: declared(name).text(value) for name, value in settings.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -44,20 +48,20 @@ class PodWorkers:
     scheduler_url: str = ""  # a luigid shared with other pods; empty: one on the pod's loopback
 
     def to_env(self) -> dict[str, str]:
-        env = {"PIPELINE_GPUS": str(self.gpus)}
+        env = {"LAUNCH_GPUS": str(self.gpus)}
         if self.scheduler_url:
-            env["PIPELINE_SCHEDULER_URL"] = self.scheduler_url
+            env["LAUNCH_SCHEDULER_URL"] = self.scheduler_url
         return env
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "PodWorkers":
         """GPUs: the launcher says how many it rented; Runpod's own count is the fallback."""
         gpus = 1
-        for name in ("PIPELINE_GPUS", "RUNPOD_GPU_COUNT"):
+        for name in ("LAUNCH_GPUS", "RUNPOD_GPU_COUNT"):
             if env.get(name, "").strip():
                 gpus = max(int(env[name]), 1)
                 break
-        return cls(gpus=gpus, scheduler_url=env.get("PIPELINE_SCHEDULER_URL", ""))
+        return cls(gpus=gpus, scheduler_url=env.get("LAUNCH_SCHEDULER_URL", ""))
 
 
 @dataclass(frozen=True)
@@ -74,25 +78,25 @@ class PodIdentity:
 
     def to_env(self) -> dict[str, str]:
         env = {
-            "PIPELINE_POD_NAME": self.name,
-            "PIPELINE_POD_RUN_ID": self.run_id,
-            "PIPELINE_POD_GPU_TYPE": self.gpu_type,
-            "PIPELINE_POD_CLOUD_TYPE": self.cloud_type,
-            "PIPELINE_POD_IMAGE": self.image,
+            "LAUNCH_POD_NAME": self.name,
+            "LAUNCH_RUN_ID": self.run_id,
+            "LAUNCH_GPU_TYPE": self.gpu_type,
+            "LAUNCH_CLOUD_TYPE": self.cloud_type,
+            "LAUNCH_IMAGE": self.image,
         }
         if self.created_at is not None:
-            env["PIPELINE_WATCHDOG_CREATED_AT"] = str(self.created_at)
+            env["LAUNCH_WATCHDOG_CREATED_AT"] = str(self.created_at)
         if self.price_per_hour:  # no listed price: never a 0 the watchdog would trust
-            env["PIPELINE_WATCHDOG_PRICE_PER_HOUR"] = str(self.price_per_hour)
+            env["LAUNCH_WATCHDOG_PRICE_PER_HOUR"] = str(self.price_per_hour)
         return env
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "PodIdentity":
-        created, price = env.get("PIPELINE_WATCHDOG_CREATED_AT"), env.get("PIPELINE_WATCHDOG_PRICE_PER_HOUR")
+        created, price = env.get("LAUNCH_WATCHDOG_CREATED_AT"), env.get("LAUNCH_WATCHDOG_PRICE_PER_HOUR")
         return cls(
-            name=env.get("PIPELINE_POD_NAME", ""), run_id=env.get("PIPELINE_POD_RUN_ID", "unrecorded"),
-            gpu_type=env.get("PIPELINE_POD_GPU_TYPE", ""), cloud_type=env.get("PIPELINE_POD_CLOUD_TYPE", ""),
-            image=env.get("PIPELINE_POD_IMAGE", ""), created_at=float(created) if created else None,
+            name=env.get("LAUNCH_POD_NAME", ""), run_id=env.get("LAUNCH_RUN_ID", "unrecorded"),
+            gpu_type=env.get("LAUNCH_GPU_TYPE", ""), cloud_type=env.get("LAUNCH_CLOUD_TYPE", ""),
+            image=env.get("LAUNCH_IMAGE", ""), created_at=float(created) if created else None,
             price_per_hour=float(price) if price else 0.0,
         )
 

@@ -169,7 +169,7 @@ class PodRun:
         budget = self.settings.max_dollars
         if spent >= budget:
             raise PodEnded(f"this run has spent ${spent:.2f} of its ${budget:.2f}: no new pod; rerun with a larger --max-dollars to resume")
-        self._orchestrator.settings.env["PIPELINE_WATCHDOG_MAX_DOLLARS"] = f"{(budget - spent) / self.settings.pods:.4f}"
+        self._orchestrator.settings.env["LAUNCH_WATCHDOG_MAX_DOLLARS"] = f"{(budget - spent) / self.settings.pods:.4f}"
 
     def _limit_reached(self, spend: tuple[float, float, float | None], shard_deadlines: bool = True) -> str | None:
         """A limit's one-line reason (then the pods are ended), or None. Renews the lease;

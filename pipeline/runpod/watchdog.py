@@ -2,9 +2,8 @@
 
 A launcher on a laptop can die (lid closed, SIGKILL), and Runpod's own stop timers
 cannot be relied on, so the pod ends itself: when its work finishes or fails, when no
-shard has appeared for ``PIPELINE_WATCHDOG_IDLE_SECONDS``, past
-``PIPELINE_WATCHDOG_MAX_SECONDS`` of runtime or ``PIPELINE_WATCHDOG_MAX_DOLLARS`` of
-spend, and on SIGTERM/SIGINT. Inside a pod Runpod sets ``RUNPOD_POD_ID`` and a
+shard has appeared for its idle time, past its runtime or its share of the spend
+(``Limits``: what the launcher said, else the pod's own settings), and on SIGTERM/SIGINT. Inside a pod Runpod sets ``RUNPOD_POD_ID`` and a
 pod-scoped ``RUNPOD_API_KEY``.
 
     python -m pipeline.runpod.watchdog [extra luigi arguments]
@@ -22,7 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from pipeline.runpod.pod_env import PodIdentity, PodWorkers, decode_env
+from pipeline.runpod.pod_env import PROTOCOL, PodIdentity, PodWorkers, decode_env
+from pipeline.settings import declared
 from pipeline.runpod.sdk import import_runpod
 
 log = logging.getLogger("pipeline.watchdog")
@@ -30,25 +30,30 @@ log = logging.getLogger("pipeline.watchdog")
 
 @dataclass
 class Limits:
-    idle_seconds: float = 3600  # no new shard for this long: something is wrong
-    max_seconds: float = 7 * 24 * 3600
+    idle_seconds: float = float(declared("idle_seconds").default)  # no new shard for this long: something is wrong
+    max_seconds: float = float(declared("watchdog_max_seconds").default)
     max_dollars: float = float("inf")
     price_per_hour: float = 0.0  # the launcher's; the API's costPerHr comes first
-    check_every: float = 30
+    check_every: float = float(declared("watchdog_check_seconds").default)
 
     _ENV_NAMES = {"idle_seconds": "IDLE_SECONDS", "max_seconds": "MAX_SECONDS", "max_dollars": "MAX_DOLLARS",
                   "price_per_hour": "PRICE_PER_HOUR", "check_every": "CHECK_SECONDS"}
+    # Where the launcher says nothing, the pod's own settings (its environment) decide.
+    _SETTINGS = {"max_seconds": "watchdog_max_seconds", "check_every": "watchdog_check_seconds"}
 
     def to_env(self) -> dict[str, str]:
         """The limits a launcher gives its pod's watchdog, as ``from_env`` reads them
         there: those that differ from the watchdog's own defaults."""
         defaults = Limits()
-        return {f"PIPELINE_WATCHDOG_{name}": format(getattr(self, field), ".15g") for field, name in self._ENV_NAMES.items()
+        return {f"{PROTOCOL}WATCHDOG_{name}": format(getattr(self, field), ".15g") for field, name in self._ENV_NAMES.items()
                 if getattr(self, field) != getattr(defaults, field)}
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Limits":
-        values = {field: env.get(f"PIPELINE_WATCHDOG_{name}") for field, name in cls._ENV_NAMES.items()}
+        values = {field: env.get(f"{PROTOCOL}WATCHDOG_{name}") for field, name in cls._ENV_NAMES.items()}
+        for field, setting in cls._SETTINGS.items():
+            if values[field] in (None, ""):
+                values[field] = env.get(declared(setting).env)
         return cls(**{field: float(value) for field, value in values.items() if value not in (None, "")})
 
 
@@ -112,7 +117,7 @@ def supervise(
         clock: seconds, for the limits.
     """
     # Runtime and spend count from the pod's creation (provisioning is billed too).
-    created = float(env.get("PIPELINE_WATCHDOG_CREATED_AT") or time.time())
+    created = float(env.get("LAUNCH_WATCHDOG_CREATED_AT") or time.time())
     started = clock() - max(time.time() - created, 0)
     price = _price_per_hour(env, limits)
     children = [subprocess.Popen(command, env=child_env) for command, child_env in commands]
@@ -238,7 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     prepare_run(exit_codes=False)  # storage retries from the launcher's settings, as the workers have them
     env = dict(os.environ)
-    output = env.get("PIPELINE_OUTPUT", "")
+    output = env.get(declared("output").env, "")
     code, reason = 1, "the watchdog itself failed"
     pod_scheduler = None
     stopping: list[str] = []
@@ -256,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
                 f.write(env.pop("GOOGLE_CREDENTIALS_JSON"))
             env["GOOGLE_APPLICATION_CREDENTIALS"] = path
-        output = env.get("PIPELINE_OUTPUT", "")
+        output = env.get(declared("output").env, "")
         workers = PodWorkers.from_env(env)
         scheduler_url = workers.scheduler_url
         if workers.gpus > 1 and not scheduler_url:

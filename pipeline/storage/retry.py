@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
 from pipeline.errors import PipelineError, backoff, is_network_error
+from pipeline.settings import declared
 
 log = logging.getLogger("luigi-interface")
 
@@ -58,8 +59,8 @@ class RetryPolicy:
     """How hard a storage call tries: ``attempts``, the first included, and at most
     ``max_wait`` seconds between two (docs/storage.md)."""
 
-    attempts: int = 8
-    max_wait: float = 30.0
+    attempts: int = int(declared("storage_retries").default)
+    max_wait: float = float(declared("storage_retry_max_wait").default)
 
 
 _retry_policy = RetryPolicy()

@@ -232,7 +232,7 @@ def test_three_pods_share_the_run_on_one_scheduler_and_all_end(fake, tmp_path):
             stop.set()
             watcher.join()
     assert (output / "_SUCCESS.json").exists() and len(list((output / "shards").glob("*.parquet"))) == 12
-    assert len(fake.pods) == 3 and all(pod.env["PIPELINE_SCHEDULER_URL"] == f"http://127.0.0.1:{port}" for pod in fake.pods.values())
+    assert len(fake.pods) == 3 and all(pod.env["LAUNCH_SCHEDULER_URL"] == f"http://127.0.0.1:{port}" for pod in fake.pods.values())
     assert len(seen) == 3, seen  # each pod was a worker on the one scheduler
     # Each pod's worker ended well (its watchdog says "finished"), or was still at it when the launcher ended it.
     reasons = [record["end_reason"] for record in PodLedger(str(output)).records()]
@@ -242,7 +242,7 @@ def test_three_pods_share_the_run_on_one_scheduler_and_all_end(fake, tmp_path):
     assert len(report["pods"]) == 3 and report["running"] == 0
     # (the fake fixture then checks each pod's dollars against the fake's clock)
     # The run's budget is shared: each pod's watchdog got a third of it.
-    shares = [float(pod.env["PIPELINE_WATCHDOG_MAX_DOLLARS"]) for pod in fake.pods.values()]
+    shares = [float(pod.env["LAUNCH_WATCHDOG_MAX_DOLLARS"]) for pod in fake.pods.values()]
     assert all(25 / 3 - 0.01 < share <= 25 / 3 + 1e-4 for share in shares), shares
 
 
@@ -335,7 +335,7 @@ def test_a_pod_that_stops_making_shards_is_ended_at_the_idle_deadline(fake, corp
     assert len(list((output / "shards").glob("*.parquet"))) == 1
     [record] = PodLedger(str(output)).records()
     assert record["end_reason"] == "launcher: no new shard for 3s (--idle-seconds)"
-    assert fake.pods[record["pod_id"]].env["PIPELINE_WATCHDOG_IDLE_SECONDS"] == "1800"  # the watchdog: max(idle, first shard)
+    assert fake.pods[record["pod_id"]].env["LAUNCH_WATCHDOG_IDLE_SECONDS"] == "1800"  # the watchdog: max(idle, first shard)
 
 
 def start_launcher(fake, corpus, output, log_path, *extra):

@@ -316,7 +316,7 @@ def test_a_gpu_with_no_listed_price_is_recorded_at_the_pods_own_price_with_a_war
     assert "lists no price for NVIDIA GeForce RTX 4090" in caplog.text
     billed = fake.pods[pod_id].cost_per_hr
     assert billed > 0 and pods.ledger.get(pod_id)["price_per_hour"] == billed  # before it ever runs
-    assert "PIPELINE_WATCHDOG_PRICE_PER_HOUR" not in fake.pods[pod_id].env, "the watchdog was told a price of 0"
+    assert "LAUNCH_WATCHDOG_PRICE_PER_HOUR" not in fake.pods[pod_id].env, "the watchdog was told a price of 0"
     pods.terminate_pod(pod_id)
     assert PodLedger.dollars(pods.ledger.get(pod_id)) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
 

@@ -14,7 +14,7 @@ def test_run_settings_reach_the_pods_workers_as_their_settings(monkeypatch):
         monkeypatch.setenv(name, value)
     assert (config.setting("corpus"), config.setting("docs_per_shard"), config.setting("skip_duplicates")) == (
         "gs://b/corpus", "250", "true")
-    with pytest.raises(ValueError, match="not run settings"):
+    with pytest.raises(ValueError, match="not settings that travel to pods"):
         settings_env({"corpsu": "x"})
 
 
@@ -23,7 +23,7 @@ def test_a_pods_identity_and_workers_survive_the_trip():
                            image="reg/img:1", created_at=1700000000.5, price_per_hour=3.99)
     assert PodIdentity.from_env(identity.to_env()) == identity
     unpriced = PodIdentity(name="n", created_at=5.0)
-    assert "PIPELINE_WATCHDOG_PRICE_PER_HOUR" not in unpriced.to_env()  # the watchdog asks the API rather than trust a 0
+    assert "LAUNCH_WATCHDOG_PRICE_PER_HOUR" not in unpriced.to_env()  # the watchdog asks the API rather than trust a 0
     record = identity.ledger_record("pod1", price=3.5, gpu_count=2, now=1800000000.0)
     assert (record["pod_id"], record["run_id"], record["started_at_epoch"], record["gpu_count"], record["price_per_hour"]) == (
         "pod1", "r1", 1700000000.5, 2, 3.5)
@@ -36,7 +36,7 @@ def test_a_pods_identity_and_workers_survive_the_trip():
 def test_watchdog_limits_travel_when_they_differ_from_its_defaults():
     limits = Limits(idle_seconds=1800, max_dollars=12.5, check_every=0.2)
     env = limits.to_env()
-    assert set(env) == {"PIPELINE_WATCHDOG_IDLE_SECONDS", "PIPELINE_WATCHDOG_MAX_DOLLARS", "PIPELINE_WATCHDOG_CHECK_SECONDS"}
+    assert set(env) == {"LAUNCH_WATCHDOG_IDLE_SECONDS", "LAUNCH_WATCHDOG_MAX_DOLLARS", "LAUNCH_WATCHDOG_CHECK_SECONDS"}
     assert Limits.from_env(env) == limits
     assert Limits().to_env() == {}
 

@@ -81,7 +81,7 @@ def test_runtime_limit_stops_the_work_and_ends_the_pod(pod):
 
 def test_no_new_shard_for_too_long_stops_the_work_and_ends_the_pod(pod):
     api, pod_id, env, output = pod
-    code, log = finish(watchdog(env, PIPELINE_WATCHDOG_IDLE_SECONDS="0.5"))
+    code, log = finish(watchdog(env, LAUNCH_WATCHDOG_IDLE_SECONDS="0.5"))
     assert code == 1 and "no new shard for 0.5s" in log
     assert api.pods[pod_id].terminated_at is not None
 
@@ -91,7 +91,7 @@ def test_dollar_budget_stops_the_work_and_ends_the_pod(pod):
     # The API bills this pod $3600/h, a dollar a second: a $1 budget ends the work within
     # about a second. The pod's own price counts, not the lower one the launcher listed.
     api.pods[pod_id].cost_per_hr = 3600
-    code, log = finish(watchdog(env, PIPELINE_WATCHDOG_MAX_DOLLARS="1", PIPELINE_WATCHDOG_PRICE_PER_HOUR="0.34"))
+    code, log = finish(watchdog(env, LAUNCH_WATCHDOG_MAX_DOLLARS="1", LAUNCH_WATCHDOG_PRICE_PER_HOUR="0.34"))
     assert code == 1 and "spend passed $1.00" in log
     assert api.pods[pod_id].terminated_at is not None
 
@@ -114,7 +114,7 @@ def test_a_pod_with_several_gpus_runs_one_pinned_worker_per_gpu(pod, tmp_path):
     its loopback, each sees only its own GPU and loads the model once; all end with the pod."""
     api, pod_id, env, output = pod
     corpus = write_corpus(tmp_path / "corpus-24", documents=24, words=200)
-    code, log = finish(watchdog(env, PIPELINE_GPUS="3", PIPELINE_CORPUS=str(corpus)))
+    code, log = finish(watchdog(env, LAUNCH_GPUS="3", PIPELINE_CORPUS=str(corpus)))
     assert code == 0, log[-3000:]
     stats = [shard_stats(str(path)) for path in sorted((output / "shards").glob("shard-*.parquet"))]
     assert [s["shard"] for s in stats] == list(range(12))
@@ -128,7 +128,7 @@ def test_a_pod_with_several_gpus_runs_one_pinned_worker_per_gpu(pod, tmp_path):
 
 
 def test_workers_of_a_several_gpu_pod_join_the_given_scheduler():
-    commands = worker_commands({"PIPELINE_GPUS": "2"}, ["--workers", "1"], "http://scheduler:8082")
+    commands = worker_commands({"LAUNCH_GPUS": "2"}, ["--workers", "1"], "http://scheduler:8082")
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in commands] == ["0", "1"]
     for command, _ in commands:
         assert command[command.index("--scheduler-url") + 1] == "http://scheduler:8082"
