@@ -152,4 +152,4 @@ def _skipped_duplicates(run: "RunParameters", stats: dict) -> bool | None:
 
 def _refuse(run: "RunParameters", problems: list[str]) -> None:
     if problems:
-        raise PipelineError(refusal(run.output_location, problems))
+        raise PipelineError(refusal(run.output_location, problems, run.identity()))

@@ -3,6 +3,8 @@ any of them changed, on a finished or a half-finished output, is refused with th
 named, never called complete; settings that only change speed never refuse. Through
 ``EmbeddingInterface``, on nomic's layout (tests/conftest.py ``nomic_home``)."""
 
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from helpers import write_corpus
 from luigi.retcodes import run_with_retcodes
 
 from pipeline import planning
+from pipeline.cli import main
 from pipeline.config import prepare_run
 from pipeline.core.stand_in import save_stand_in
 from pipeline.errors import PipelineError
@@ -139,3 +142,17 @@ def test_a_setting_that_only_changes_speed_never_refuses(finished, tmp_path, set
     output = tmp_path / "out"
     shutil.copytree(root / "out", output)
     assert run_with(output, {**settings, setting: value}).finished
+
+
+def test_following_the_refusals_compact_hint_gives_an_output_the_changed_run_calls_done(finished, tmp_path, caplog):
+    root, settings = finished
+    output = copy_of(root, tmp_path, half_finished=False)
+    changed = {**settings, "vector_dtype": "float16", "compact_columns": "binary"}
+    with pytest.raises(PipelineError) as refused:
+        run_with(output, changed)
+    command = re.search(r"python -m pipeline (compact \S+ NEW_OUTPUT(?: --[a-z-]+ '[^']*')+)", str(refused.value)).group(1)
+    converted = tmp_path / "converted"
+    assert main(shlex.split(command.replace("NEW_OUTPUT", str(converted)))) == 0
+    before = files_of(converted)
+    assert run_with(converted, changed).finished
+    assert files_of(converted) == before, "a converted output was embedded again"

@@ -82,11 +82,12 @@ def recorded_identity(footer_settings: Mapping[str, str]) -> Optional[dict[str, 
     return json.loads(text) if text else None
 
 
-def refusal(output: str, problems: list[str]) -> str:
+def refusal(output: str, problems: list[str], now: OutputIdentity) -> str:
     """The one line that refuses to add to ``output``: each difference, and what to do."""
     convertible = [name for name in CONVERTIBLE if any(problem.startswith(name + ":") for problem in problems)]
-    hint = (f"; a finished output's {' and '.join(convertible)} can be converted into a new output: python -m pipeline "
-            f"compact {output} NEW_OUTPUT {' '.join('--' + name.replace('_', '-') + ' VALUE' for name in convertible)}"
-            if convertible else "")
+    only_convertible = len(convertible) == len(problems)
+    options = " ".join(f"--{name.replace('_', '-')} '{now[name]}'" for name in convertible)
+    hint = (f"; a finished output can be converted into a new one stored so: python -m pipeline compact {output} "
+            f"NEW_OUTPUT {options}" if convertible and only_convertible else "")
     return (f"output {output} was made with other settings ({'; '.join(problems)}); use a new --output, or the settings "
             f"it was made with{hint}")
