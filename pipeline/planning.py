@@ -24,6 +24,7 @@ from pipeline.core.shard_file import SHARED_SETTINGS, settings_mismatch
 from pipeline.core.shard_job import shard_settings
 from pipeline.errors import PipelineError
 from pipeline.output.footers import ShardFooter
+from pipeline.output.shard_listing import forget_listings
 
 if TYPE_CHECKING:
     from pipeline.tasks import RunParameters
@@ -70,8 +71,10 @@ def planned(run: "RunParameters") -> RunPlan:
 
 
 def forget_plans() -> None:
-    """Before another build in this process: plan afresh (list new shards and documents)."""
+    """Before another build in this process: plan afresh (list new shards and documents,
+    and the shards published)."""
     _plans.clear()
+    forget_listings()
 
 
 def write_run_manifest(run: "RunParameters") -> int:

@@ -20,6 +20,7 @@ from pipeline.core.manifest_growth import documents_not_in_manifest
 from pipeline.core.reader_pool import reader_processes
 from pipeline.core.sample import ensure_sample_corpus
 from pipeline.output.layout import OutputLayout
+from pipeline.output.shard_listing import note_published, published_shards
 from pipeline.core.shard_job import ShardJob, run_shard, shard_label
 from pipeline.core.output_identity import OutputIdentity
 from pipeline.core.vector_format import VectorFormat
@@ -159,13 +160,22 @@ class EmbedShard(RunParameters, luigi.Task):
     def output_target(self):
         return target(self.layout().shard(self.shard))
 
+    def complete(self):
+        """Published, as one listing of the output's shards shared by every shard's task
+        in this process says (``shard_listing``), not one request per shard."""
+        return self.shard in published_shards(self.output_location).numbers
+
     def run(self):
+        if storage.exists(self.output().path):  # published since the listing this task was scheduled by
+            log.info("%s is already published (by another worker): nothing to do", self.output().path)
+            return
         self._post_run_figures()
         try:
             total, embedder = self.total_shards(), self.embedder()
             job = ShardJob.of_output(self.identity(), self.manifest_path(), self.output_location, total,
                                      readers=reader_processes(self.readers, embedder.runs_off_cpu))
             stats = run_shard(job, self.shard, embedder, report=lambda message, percent: web_view.show(self, message, percent))
+            note_published(self.output_location, self.shard)
         except Exception:  # the run's figures say so too; on_failure comes too late to post them
             self._post_run_figures(failed=True)
             raise
@@ -241,7 +251,8 @@ class EmbedAll(RunParameters, luigi.Task):
             log.info("the manifest grew to %d shards during this run (--add-new-documents elsewhere): those too", grown)
             total = grown
         summary = run_summary(self.output_location, total, self.identity().as_dict())
-        summary["documents_not_in_manifest"] = self._documents_left_out()
+        if self.add_new_documents or self.sync:  # asked to follow the corpus: what it gained during the run
+            summary["documents_not_in_manifest"] = self._documents_left_out()
         info = manifest_info(self.manifest_path())
         if "generation" in info:  # a synced output: its totals count every generation's rows
             summary.update(generation=int(info["generation"]), current_documents=int(info["current_documents"]))
@@ -249,11 +260,15 @@ class EmbedAll(RunParameters, luigi.Task):
         web_view.show(self, f"{total}/{total} shards, {summary['documents']} documents ({summary['rejected_documents']} rejected), "
                             f"{summary['chunks']} chunks, {summary['tokens_per_second']:.0f} tokens/s"
                             + (f"; {summary['documents_not_in_manifest']} documents added to the corpus since the manifest "
-                               "are not in this run (--add-new-documents)" if summary["documents_not_in_manifest"] else ""), 100)
+                               "are not in this run (--add-new-documents)" if summary.get("documents_not_in_manifest") else ""),
+                     100)
 
     def _documents_left_out(self) -> int:
-        """Documents the corpus gained after the manifest was written: this run keeps the
-        manifest it has and says so; ``--add-new-documents`` adds them as new shards."""
+        """Documents the corpus gained after the manifest was brought up to date at the
+        start of this run (``--add-new-documents``, ``--sync``): the next such run takes
+        them. A run not asked to follow the corpus never lists it again here: at 10
+        million documents that is a second full listing (and, for a local corpus, a read
+        of every byte)."""
         count, first = 0, None
         for document in documents_not_in_manifest(self.corpus_location(), self.pattern, self.manifest_path()):
             count, first = count + 1, first or document.relative

@@ -53,7 +53,7 @@ def post_run_figures(shard_task: luigi.Task, run_task_id: str, output: str, tota
     if scheduler is None:
         return
     try:
-        watch = _watches.setdefault(run_task_id, RunWatch(output, total_shards))
+        watch = _watches.setdefault(run_task_id, RunWatch(output, total_shards, shared_listing=True))
         (watch.failed.add if failed else watch.failed.discard)(shard)
         message, percent = watch.figures()
         scheduler.set_task_status_message(run_task_id, message)

@@ -9,7 +9,7 @@ import pytest
 
 import pipeline.core.embedder
 from helpers import ROOT, luigi_env, shard_failing
-from pipeline import CorpusManifest, EmbedAll, web_view
+from pipeline import CorpusManifest, EmbedAll, planning, web_view
 from pipeline.errors import PipelineError
 from pipeline.planning import check_output_matches_settings
 
@@ -148,3 +148,27 @@ def test_a_running_task_reaches_its_workers_scheduler_the_one_private_way():
     scheduler = _Probe.seen[0]
     assert scheduler.get_task_status_message(_Probe().task_id)["statusMessage"] == "half way"
     assert scheduler.get_task_progress_percentage(_Probe().task_id)["progressPercentage"] == 50
+
+
+def test_which_shards_are_done_comes_from_one_listing_not_a_request_per_shard(tmp_path, small_corpus, monkeypatch):
+    """On a bucket each request is a round trip: a worker starting on an output of 10,000
+    shards asked 10,000 times. Counted here on a local output of one shard per document."""
+    from pipeline import storage
+    from pipeline.output.layout import OutputLayout
+
+    output = tmp_path / "out"
+    assert build(embed_all(small_corpus, output, docs_per_shard=1))
+    shards = sorted((output / "shards").glob("shard-*.parquet"))
+    (output / "_SUCCESS.json").unlink()
+    shards[3].unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in shards if p.exists()}
+    calls = {"exists": 0, "listings": 0}
+    real_exists, real_list = storage.exists, OutputLayout.list_shards
+    monkeypatch.setattr(storage, "exists", lambda path: calls.__setitem__("exists", calls["exists"] + 1) or real_exists(path))
+    monkeypatch.setattr(OutputLayout, "list_shards",
+                        lambda self: calls.__setitem__("listings", calls["listings"] + 1) or real_list(self))
+    planning.forget_plans()
+    assert build(embed_all(small_corpus, output, docs_per_shard=1))
+    assert shards[3].exists() and all((output / "shards" / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+    assert calls["exists"] <= 8 < len(shards), calls  # the manifest, the summary, the one shard made: not one per shard
+    assert calls["listings"] <= 4, calls

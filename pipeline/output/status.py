@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from pipeline import storage
 from pipeline.output import layout
 from pipeline.output.layout import OutputLayout, require_manifest
+from pipeline.output.shard_listing import published_shards
 from pipeline.core.corpus import manifest_info
 from pipeline.core.sync import describe_sync, last_sync
 from pipeline.output.ledger import cost_report
@@ -41,21 +42,30 @@ class RunFigures:
     made_by: tuple[str, ...] = ()  # the pods (pod_id) of the shards first seen in this look
 
 
+DOLLARS_EVERY_SECONDS = 30.0
+
+
 class RunWatch:
     """The whole run's progress as one process sees it, cheap enough to ask often:
     shards published (one listing), the rates since this watch first looked (every
     worker's shards count; each new shard's footer is read once, for its tokens), and,
     in ``figures``, dollars from the pod ledger (the launcher counts its run's own)."""
 
-    def __init__(self, output: str, total: int, clock=time.monotonic):
-        self.output, self.total, self.clock = output, total, clock
+    def __init__(self, output: str, total: int, clock=time.monotonic, shared_listing: bool = False):
+        """``shared_listing``: take the shards from this process's listing of them, a few
+        seconds old at most (``shard_listing``), and the dollars from a look at the ledger
+        at most every ``DOLLARS_EVERY_SECONDS``: for a worker, which posts figures as each
+        of its shards starts and ends. The launcher, whose deadlines count on them, looks
+        afresh each time."""
+        self.output, self.total, self.clock, self.shared_listing = output, total, clock, shared_listing
+        self._dollars: Optional[tuple[float, float]] = None  # (when, dollars)
         self.first: Optional[tuple[float, int]] = None
         self.seen: set[str] = set()
         self.tokens = 0  # in shards published since the first look
         self.failed: set[int] = set()  # shards that failed here and have not been made since
 
     def snapshot(self) -> RunFigures:
-        published = OutputLayout.of(self.output).list_shards().numbers
+        published = dict((published_shards(self.output) if self.shared_listing else OutputLayout.of(self.output).list_shards()).numbers)
         names = set(published.values())
         done, now = len(names), self.clock()
         if self.first is None:
@@ -81,10 +91,17 @@ class RunWatch:
         dollars, and the shards that failed in this process."""
         f = self.snapshot()
         message = (f"{f.done}/{f.total} shards done, {f.shards_per_hour:.1f} shards/h, {f.tokens_per_second:,.0f} tokens/s, "
-                   f"ETA {f.eta}, ${cost_report(self.output)['dollars']:.2f} spent")
+                   f"ETA {f.eta}, ${self.dollars():.2f} spent")
         if self.failed:
             message += f"; failed: shard {', '.join(str(s) for s in sorted(self.failed))}"
         return message, f.percent
+
+
+    def dollars(self) -> float:
+        now = self.clock()
+        if not self.shared_listing or self._dollars is None or now - self._dollars[0] >= DOLLARS_EVERY_SECONDS:
+            self._dollars = (now, cost_report(self.output)["dollars"])
+        return self._dollars[1]
 
 
 def history_file(db_connection: str) -> Optional[Path]:
