@@ -197,7 +197,15 @@ def _remove_own_copies() -> None:
 
 
 def manifest_rows(manifest: str, shard: int) -> list[dict[str, Any]]:
-    """The manifest rows one shard embeds, in manifest order (``generations.rows_to_embed``)."""
+    """The manifest rows one shard embeds, in manifest order (``generations.rows_to_embed``).
+
+    On a bucket, only the footer and the row groups that hold this shard are read, by
+    ranged reads (``storage.open_for_reading``): a worker or pod never downloads the whole
+    manifest for its shards (0.64 GB at 10 million documents), and always reads the
+    manifest as it is now."""
+    if storage.is_remote(manifest):
+        with storage.open_for_reading(manifest) as stream:
+            return rows_to_embed(pq.read_table(stream, filters=[("shard", "=", shard)]))
     return rows_to_embed(pq.read_table(manifest_file(manifest), filters=[("shard", "=", shard)]))
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import Bucket
 from pipeline import storage
-from pipeline.core.corpus import list_documents, write_manifest
+from pipeline.core.corpus import list_documents, write_manifest, write_manifest_of
 from pipeline.errors import PipelineError
 from pipeline.storage import StorageError, atomic_output
 from storage_servers import FaultProxy
@@ -97,6 +97,25 @@ def test_manifest_in_a_bucket_from_a_corpus_in_a_bucket(bucket, small_corpus):
     info = manifest_info(manifest)
     assert (info["documents"], info["shards"], info["corpus"]) == ("12", "3", f"{bucket.url}/corpus")
     assert [r["shard"] for r in manifest_rows(manifest, 2)] == [2, 2]
+
+
+def test_a_shard_reads_its_rows_from_a_bucket_manifest_without_downloading_it(bucket, tmp_path, monkeypatch):
+    """At 10 million documents the manifest is 0.64 GB: each worker and pod downloaded it.
+    A shard's rows now cost the footer and its own row group, a few ranged reads."""
+    from pipeline.core.corpus import manifest_rows
+
+    documents = 100_000
+    listing = [storage.Listed(f"folder-{i % 50}/document-{i:07d}.md", 1000 + i, f"{i:032x}") for i in range(documents)]
+    manifest = f"{bucket.url}/out/manifest.parquet"
+    write_manifest_of(listing, f"{bucket.url}/corpus", "*.md", 10, manifest)
+    size = storage.backend_for(manifest).size(manifest)
+    backend = type(storage.backend_for(manifest))
+    ranges, real_range = [], backend.read_range
+    monkeypatch.setattr(backend, "read_bytes", lambda self, path: pytest.fail(f"{path} was downloaded whole"))
+    monkeypatch.setattr(backend, "read_range", lambda self, path, start, end: ranges.append(end - start) or real_range(self, path, start, end))
+    rows = manifest_rows(manifest, 1234)
+    assert [row["path"] for row in rows] == [listing[i].relative for i in range(12340, 12350)]
+    assert len(ranges) <= 8 and sum(ranges) < size / 5, (ranges, size)
 
 
 @pytest.fixture(params=["gcs", "s3"])
