@@ -101,6 +101,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/verify_memory.py
 	$(BIN)/python tests/benchmarks/sync_cost.py
 	$(BIN)/python tests/benchmarks/storage_choices.py
+	$(BIN)/python tests/benchmarks/scale.py
 
 # Build the pod's image and push it to PIPELINE_REGISTRY (.env), tagged with the git
 # revision; needs a Docker engine. Prints the reference to pass as --image.

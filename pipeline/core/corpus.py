@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -223,15 +224,29 @@ def duplicates_in_shard(manifest: str, shard: int) -> dict[str, str]:
     version = (local, stat.st_mtime_ns, stat.st_size)
     with _copies_lock:
         if _later_copies.get("version") != version:
-            wanted = ["doc_id", "path", "content_hash", "shard", "superseded_in", "embedded_doc_id"]
-            columns = [name for name in wanted if name in pq.read_schema(local).names]
-            _later_copies.update(version=version, copies=later_copies(with_generations(pq.read_table(local, columns=columns))))
+            _later_copies.update(version=version, copies=later_copies(with_generations(_rows_sharing_content(local))))
         copies = _later_copies["copies"]
     mine = copies.filter(pc.equal(copies["shard"], shard))
     return dict(zip(mine["doc_id"].to_pylist(), mine["holder"].to_pylist()))
 
 
 _later_copies: dict[str, Any] = {}  # version -> the manifest's later copies, for the last manifest read
+
+
+def _rows_sharing_content(local: str) -> pa.Table:
+    """The manifest's rows whose content another row has too, in manifest order: all that
+    the duplicate decision needs. Two passes over the file, a row group at a time, with
+    one 8-byte key per row in memory (80 MB at 10 million rows) instead of every row."""
+    parquet = pq.ParquetFile(local)
+    groups = range(parquet.num_row_groups)
+    keys = [np.fromiter(map(hash, parquet.read_row_group(i, columns=["content_hash"]).column(0).to_pylist()), np.int64)
+            for i in groups]
+    ordered = np.sort(np.concatenate(keys)) if keys else np.array([], np.int64)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])  # a key collision only adds a row: decided exactly after
+    wanted = ["doc_id", "path", "content_hash", "shard", "superseded_in", "embedded_doc_id"]
+    columns = [name for name in wanted if name in parquet.schema_arrow.names]
+    kept = [parquet.read_row_group(i, columns=columns).filter(pa.array(np.isin(keys[i], repeated))) for i in groups]
+    return pa.concat_tables(kept) if kept else parquet.schema_arrow.empty_table().select(columns)
 
 
 def content_matches(data: bytes, content_hash: str) -> bool:

@@ -32,3 +32,26 @@ def test_later_copies_agrees_with_first_copies_on_every_shard():
         found = list(zip(copies["shard"].to_pylist(), copies["doc_id"].to_pylist(), copies["holder"].to_pylist()))
         for shard in set(manifest["shard"].to_pylist()):
             assert {doc: holder for s, doc, holder in found if s == shard} == first_copies(manifest, shard)[1], seed
+
+
+def test_a_shard_reads_its_duplicates_from_one_decision_per_process_and_manifest_version(tmp_path, monkeypatch):
+    """The decision reads only the rows whose content repeats (two passes, a key per row),
+    once; each shard then takes its own copies. A manifest rewritten is decided again."""
+    import pyarrow.parquet as pq
+
+    from pipeline.core import corpus
+
+    manifest = random_manifest(7)
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(manifest, path, row_group_size=5)
+    decided = []
+    real = corpus.later_copies
+    monkeypatch.setattr(corpus, "later_copies", lambda rows: decided.append(rows.num_rows) or real(rows))
+    shards = sorted(set(manifest["shard"].to_pylist()))
+    for shard in shards:
+        assert corpus.duplicates_in_shard(str(path), shard) == first_copies(manifest, shard)[1]
+    assert len(decided) == 1 and decided[0] <= manifest.num_rows
+    pq.write_table(random_manifest(8), path, row_group_size=5)
+    for shard in sorted(set(random_manifest(8)["shard"].to_pylist())):
+        assert corpus.duplicates_in_shard(str(path), shard) == first_copies(random_manifest(8), shard)[1]
+    assert len(decided) == 2
