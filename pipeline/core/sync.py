@@ -66,15 +66,21 @@ def read_manifest(manifest: str) -> pa.Table:
     return with_generations(parquet.read().replace_schema_metadata(parquet.metadata.metadata))
 
 
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("bytes", pa.int64()), ("content_hash", pa.string())])
+
+
 def listing_table(corpus: str, pattern: str) -> pa.Table:
-    """The corpus as it is now: path, bytes, content_hash (one listing, held as Arrow columns)."""
-    paths, sizes, hashes = [], [], []
+    """The corpus as it is now: path, bytes, content_hash (one listing, held as Arrow
+    columns, built ``ROWS_PER_WRITE`` rows at a time: never a Python list of the corpus)."""
+    batches, rows = [], []
     for listed in list_documents(corpus, pattern):
-        paths.append(listed.relative)
-        sizes.append(listed.size)
-        hashes.append(listed.content_hash)
-    return pa.table({"path": pa.array(paths, pa.string()), "bytes": pa.array(sizes, pa.int64()),
-                     "content_hash": pa.array(hashes, pa.string())})
+        rows.append((listed.relative, listed.size, listed.content_hash))
+        if len(rows) == ROWS_PER_WRITE:
+            batches.append(pa.record_batch(list(map(list, zip(*rows))), schema=LISTING_SCHEMA))
+            rows = []
+    if rows:
+        batches.append(pa.record_batch(list(map(list, zip(*rows))), schema=LISTING_SCHEMA))
+    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA).combine_chunks()
 
 
 def diff(manifest: pa.Table, listing: pa.Table, first_new_shard: int, docs_per_shard: int, generation: int,
@@ -193,6 +199,7 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
         manifest = read_manifest(where.manifest)
         info = footer_settings(manifest.schema.metadata)  # the table's own: another worker may publish the next one meanwhile
         generation = int(info.get("generation", 0)) + 1
+        ours = False
         if storage.exists(where.change_log(generation)):  # a sync killed before its manifest, or another worker's
             changes = read_change_log(where.change_log(generation))
             log.info("generation %d: applying the change log published before", generation)
@@ -203,13 +210,18 @@ def sync_output(corpus: str, pattern: str, output: str, only_added: bool = False
                 result.generation = generation - 1
                 return result
             storage.delete(where.summary)  # first: a kill after this leaves no summary that looks finished
-            changes = _publish_change_log(where.change_log(generation), changes)
+            published = _publish_change_log(where.change_log(generation), changes)
+            ours, changes = published is changes, published
         if not publish_manifest(where.manifest, apply_change_log(manifest, changes), info, changes, version):
             log.info("generation %d: another worker published the manifest meanwhile; reading it again", generation)
             continue  # never overwrite a newer generation with this one
         result.generation = generation
         result.counts.update(changes["action"].to_pylist())
-        if only_added:
+        if only_added or ours:
+            # Our own listing made this generation: the manifest is in step with the corpus as
+            # listed. Listing again only to find what changed during the sync would read a
+            # whole corpus twice (10 million documents); the next sync takes it. A change log
+            # found published (a killed sync's, another worker's) may be old: look again.
             return result
 
 

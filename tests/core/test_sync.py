@@ -169,6 +169,23 @@ def test_verify_finds_a_change_log_that_does_not_match_or_was_never_applied(tmp_
     assert any("generation 2: published but not applied" in p for p in verify_output(str(output)).problems)
 
 
+def test_a_sync_lists_the_corpus_once_whether_or_not_anything_changed(tmp_path, embedder, monkeypatch):
+    """At 10 million documents a listing is 10,000 list calls, or a read of every byte of a
+    local corpus: a sync that published its change lists nothing more to look for changes
+    made meanwhile (the next sync takes them)."""
+    corpus = write_corpus(tmp_path / "corpus", documents=8, words=60)
+    output = tmp_path / "out"
+    full_run(corpus, output, embedder)
+    listings = []
+    real = sync.list_documents
+    monkeypatch.setattr(sync, "list_documents", lambda *args: listings.append(args) or real(*args))
+    EDITS[0](corpus)
+    assert sync_output(str(corpus), "*.md", str(output)).changed_anything
+    assert len(listings) == 1
+    assert not sync_output(str(corpus), "*.md", str(output)).changed_anything
+    assert len(listings) == 2
+
+
 def test_a_sync_cut_short_after_its_change_log_is_finished_by_the_next(tmp_path, embedder):
     """The change log is the commit point: a sync killed after publishing it (the manifest
     not yet) leaves the log alone in the output; the rerun applies it, then finds nothing
