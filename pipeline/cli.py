@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
-from pipeline import config
+from pipeline import config, storage
 from pipeline.config import gpu_type_list, prepare_run
 from pipeline.errors import PipelineError
 from pipeline.settings import declared
@@ -119,7 +119,7 @@ def compact(output: str, destination: str, vector_dtype: str | None = None, comp
     from pipeline.output.compact import compact_output, target_format
     from pipeline.output.verify import format_verdict
 
-    output = output.rstrip("/") or output
+    output = storage.canonical(output)
     vector_format = target_format(output, vector_dtype, compact_columns)
     with shard_progress("compacting") as tick:
         verdict = compact_output(output, destination, on_shard=tick, vector_format=vector_format)
@@ -133,7 +133,7 @@ def evaluate(output: str, documents: int, sample: int, as_json: bool) -> int:
     from pipeline.output.evaluate import evaluate as run_evaluation
     from pipeline.output.evaluate import format_evaluation, publish_evaluation
 
-    output = output.rstrip("/") or output
+    output = storage.canonical(output)
     result = run_evaluation(output, documents=documents, sample=sample)
     publish_evaluation(output, result)
     print(json.dumps(result, indent=2) if as_json else "\n".join(format_evaluation(result)))
@@ -145,7 +145,7 @@ def search(output: str, query: str, k: int, as_json: bool, binary_candidates: in
     from pipeline.output.search import format_results
     from pipeline.output.search import search as run_search
 
-    results = run_search(output.rstrip("/") or output, query, k, binary_candidates=binary_candidates)
+    results = run_search(storage.canonical(output), query, k, binary_candidates=binary_candidates)
     print(json.dumps(results, indent=2, ensure_ascii=False) if as_json else format_results(results))
     return 0
 
@@ -159,7 +159,7 @@ def report(output: str, html_file: str | None, png_file: str | None, history: st
     from pipeline.output.report import gather, render_html, render_png
     from pipeline.config import configured_history
 
-    output = output.rstrip("/") or output
+    output = storage.canonical(output)
     with shard_progress("reading") as tick:
         figures = gather(output, Path(history) if history else configured_history(), on_shard=tick)
     name = PurePosixPath(output).name if storage.is_remote(output) else storage.local_path(output).resolve().name
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         show_settings(args.write_docs)
         return 0
     prepare_run(exit_codes=False)
+    if getattr(args, "output", None):  # one spelling per output: how the ledger and the pods know it
+        args.output = storage.canonical(args.output)
     try:
         if args.command == "status":
             from pathlib import Path
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.output.status import format_status, run_status
             from pipeline.runpod.orphans import gone_pods
 
-            figures = run_status(args.output.rstrip("/") or args.output, Path(args.history) if args.history else configured_history(),
+            figures = run_status(storage.canonical(args.output), Path(args.history) if args.history else configured_history(),
                                  gone_pods)
             print(json.dumps(figures, indent=2) if args.json else format_status(figures))
         elif args.command == "verify":
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cost":
             cost(args.output, args.json)
         elif args.command == "pods":
-            return pods(args.action, args.output.rstrip("/") or args.output)
+            return pods(args.action, storage.canonical(args.output))
         elif args.command == "estimate":
             from pipeline.runpod.estimate import estimate
             from pipeline.core.sample import ensure_sample_corpus

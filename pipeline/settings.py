@@ -126,8 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spot", bool, "false", "interruptible pods: cheaper; a pod taken back is replaced and the work resumes",
             group="runpod"),
     Setting("spot_relaunches", int, "3", "how many taken-back spot pods to replace before giving up", group="runpod"),
-    Setting("max_dollars", float, "25", "the run's spend limit, shared evenly by its pods; each ends itself past its share",
-            group="runpod"),
+    Setting("max_dollars", float, "25", "the output's spend limit over all its launches (the ledger counts every pod "
+            "ever run for it; a rerun gets what is left, not a new budget), shared evenly by the running pods; each ends "
+            "itself past its share", group="runpod"),
     Setting("pods", int, "1", "pods working at once, each a Luigi worker on --pods-scheduler-url", group="runpod"),
     Setting("pods_scheduler_url", str, "", "a luigid every pod can reach (needed for --pods above 1)", group="runpod"),
     Setting("gpus_per_pod", int, "1", "GPUs per pod; the pod runs one worker per GPU, each pinned to its own",

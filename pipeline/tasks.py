@@ -20,7 +20,7 @@ from pipeline.core.manifest_growth import documents_not_in_manifest
 from pipeline.core.reader_pool import reader_processes
 from pipeline.core.sample import ensure_sample_corpus
 from pipeline.output.layout import OutputLayout
-from pipeline.output.shard_listing import note_published, published_shards
+from pipeline.output.shard_listing import forget_listings, note_published, published_shards
 from pipeline.core.shard_job import ShardJob, run_shard, shard_label
 from pipeline.core.output_identity import OutputIdentity
 from pipeline.core.vector_format import VectorFormat
@@ -58,12 +58,17 @@ class LocationParameter(config.TextSetting):
 
 
 class OutputParameter(LocationParameter):
-    """``--output``, the output folder.
+    """``--output``, the output folder, in its one spelling (``storage.canonical``: an
+    absolute local path, a bucket URL without a trailing slash), by which pods, leases and
+    the ledger find it.
 
     Luigi calls ``task.output()`` for a task's target, so a parameter named ``output``
     would hide that method. This one keeps the folder in ``task.output_location`` and
     leaves ``task.output`` meaning the task's ``output_target`` method.
     """
+
+    def normalize(self, value):
+        return storage.canonical(super().normalize(value))
 
     def __set__(self, task, value):
         task.__dict__["output_location"] = value
@@ -204,6 +209,7 @@ class EmbedAll(RunParameters, luigi.Task):
         Any problem (a missing corpus, an output made with other settings) leaves just
         the manifest: its own task, or ``run``, then reports it as one clear line."""
         manifest = self.clone(CorpusManifest)
+        forget_listings(self.output_location)  # the shards' complete() below: one listing, made now
         try:
             plan = planning.planned(self)
         except Exception:  # reported by the tasks that run, not as a scheduling traceback

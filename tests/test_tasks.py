@@ -102,9 +102,20 @@ def settings_seen(cwd, *args, **env):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout.split()
 
 
-def test_a_trailing_slash_names_the_same_output(tmp_path, monkeypatch):
+def test_an_output_has_one_spelling_however_it_is_typed(tmp_path, monkeypatch):
+    """Pods, leases and the ledger match an output by its name: a relative and an absolute
+    spelling of one folder were two outputs to a relaunch, ``pods sweep`` and ``cost``."""
     import pipeline.storage
+    from pipeline import RunpodEmbedAll
 
+    monkeypatch.chdir(tmp_path)
+    spellings = [str(tmp_path) + "/out", "out", "./out/", "sub/../out", str(tmp_path) + "//out/"]
+    assert {EmbedAll(output=spelling).output_location for spelling in spellings} == {str(tmp_path / "out")}
+    assert len({EmbedAll(output=spelling).task_id for spelling in spellings}) == 1
+    env = RunpodEmbedAll(output="out", corpus=str(tmp_path), image="img").pod_env()
+    assert env["PIPELINE_OUTPUT"] == str(tmp_path / "out")
+    assert pipeline.storage.canonical("s3://bucket//a/b/") == "s3://bucket/a/b"
+    assert pipeline.storage.canonical("gs://bucket/") == "gs://bucket"
     assert EmbedAll(output=str(tmp_path) + "/").output_location == str(tmp_path)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # anonymous client, no call made
     pipeline.storage.forget_clients()
@@ -117,12 +128,15 @@ def test_a_trailing_slash_names_the_same_output(tmp_path, monkeypatch):
 
 
 def test_settings_come_from_luigi_cfg_then_env_then_command_line(tmp_path):
-    assert settings_seen(tmp_path) == ["output", "1000", "minilm", "auto"]
+    """(The output, in its one spelling: an absolute path.)"""
+    out = str(tmp_path.resolve())
+    assert settings_seen(tmp_path) == [f"{out}/output", "1000", "minilm", "auto"]
     (tmp_path / ".env").write_text("PIPELINE_OUTPUT=from-dotenv\nPIPELINE_DEVICE=cpu\n")
-    assert settings_seen(tmp_path) == ["from-dotenv", "1000", "minilm", "cpu"]
-    assert settings_seen(tmp_path, PIPELINE_OUTPUT="from-env", PIPELINE_DOCS_PER_SHARD="50") == ["from-env", "50", "minilm", "cpu"]
+    assert settings_seen(tmp_path) == [f"{out}/from-dotenv", "1000", "minilm", "cpu"]
+    assert settings_seen(tmp_path, PIPELINE_OUTPUT="from-env", PIPELINE_DOCS_PER_SHARD="50") == [
+        f"{out}/from-env", "50", "minilm", "cpu"]
     assert settings_seen(tmp_path, "--output", "cli", "--docs-per-shard", "7", PIPELINE_DOCS_PER_SHARD="50") == [
-        "cli",
+        f"{out}/cli",
         "7",
         "minilm",
         "cpu",

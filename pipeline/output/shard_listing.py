@@ -7,7 +7,9 @@ shard, 10,000 per worker start at 10 million documents on a bucket, and again in
 pass of ``EmbedAll.run``. One listing answers them all. A listing can be a few seconds
 old, so a shard another worker has just published may be called missing: its task then
 finds it published when it starts and does nothing (``EmbedShard.run``), and a shard is
-only ever published once (``atomic_output(overwrite=False)``).
+only ever published once (``atomic_output(overwrite=False)``). ``EmbedAll.requires()``
+lists afresh, since Luigi checks a run task's shards just before running it, when every
+shard the scheduler calls done must be seen done.
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ def note_published(output: str, shard: int) -> None:
             known[1].numbers[shard] = OutputLayout.of(output).shard(shard)
 
 
-def forget_listings() -> None:
-    """Before another build in this process, or after shards were removed: list afresh."""
+def forget_listings(output: str | None = None) -> None:
+    """List afresh: before another build in this process (every output), or when a run
+    task asks for its shards (``output``), which Luigi does as it schedules it and again
+    just before it runs it, when every shard the scheduler calls done must be seen done."""
     with _lock:
-        _listings.clear()
+        if output is None:
+            _listings.clear()
+        else:
+            _listings.pop(output, None)

@@ -83,8 +83,8 @@ class RunGuard:
         can pass ``max_dollars``, not a poll interval after."""
         ahead = spent + dollars_per_hour * self.limits.poll_seconds / 3600
         if ahead >= self.limits.max_dollars:
-            return (f"spend limit: ${spent:.4f} spent of --max-dollars {self.limits.max_dollars:g} "
-                    f"(${dollars_per_hour:.3f}/h would pass it before the next look)")
+            return (f"spend limit: ${spent:.4f} spent of --max-dollars {self.limits.max_dollars:g}, this output's "
+                    f"over all its launches (${dollars_per_hour:.3f}/h would pass it before the next look)")
         return None
 
     def breach(self, spent: float, dollars_per_hour: float, oldest_created: Optional[float] = None,

@@ -81,10 +81,13 @@ class PodRun:
         try:
             self._lease.renew(force=True)
             clear_the_way(self._orchestrator, self.settings.output)
+            self._say_what_earlier_launches_spent()
             self._follow_until_done()
         except PodLimit as exc:
             self._end_reason = self._end_reason or f"launcher: {exc.reason}"
-            raise PodLimit(f"{exc}; rerun to resume (finished shards are kept)") from None
+            resume = ("rerun with a larger --max-dollars (the output's budget over all its launches) to resume"
+                      if exc.reason.startswith("spend limit") else "rerun to resume")
+            raise PodLimit(f"{exc}; {resume} (finished shards are kept)") from None
         finally:
             failing = sys.exc_info()[1] is not None
             try:
@@ -157,18 +160,37 @@ class PodRun:
             return False
 
     def _run_spend(self) -> tuple[float, float, float | None]:
-        """(dollars this run has spent, dollars per hour its running pods cost, when its
-        oldest running pod was created), from the ledger: each pod's own billed price."""
+        """(dollars the output has spent over all its launches, this one's included, dollars
+        per hour this launch's running pods cost, when its oldest running pod was
+        created), from the ledger: each pod's own billed price. ``--max-dollars`` bounds
+        the first: a rerun, or a retry loop, never gets a fresh budget."""
         report = cost_report(self.settings.output, self._orchestrator.clock())
         run = next((r for r in report["runs"] if r["run_id"] == self._orchestrator.run_id), None)
-        return (run["dollars"], run["dollars_per_hour"], run["oldest_running_epoch"]) if run else (0.0, 0.0, None)
+        return (report["dollars"], run["dollars_per_hour"], run["oldest_running_epoch"]) if run else (report["dollars"], 0.0, None)
 
-    def _budget_the_next_pod(self) -> None:
-        """--max-dollars is for the whole run: a new pod gets its share of what is left."""
+    def _one_look_of_a_pod(self) -> float:
+        """What a pod of this output costs over one look (``--poll-seconds``), at the
+        highest price its ledger has billed; 0 before its first pod."""
+        prices = [pod["price_per_hour"] for pod in PodLedger(self.settings.output).records()]
+        return max(prices, default=0.0) * self.settings.pods * self.settings.poll_seconds / 3600
+
+    def _say_what_earlier_launches_spent(self) -> None:
+        """The launch line: what the output's earlier launches spent and what is left of
+        --max-dollars, which is the output's budget over all its launches."""
         spent, _, _ = self._run_spend()
         budget = self.settings.max_dollars
-        if spent >= budget:
-            raise PodEnded(f"this run has spent ${spent:.2f} of its ${budget:.2f}: no new pod; rerun with a larger --max-dollars to resume")
+        if spent:
+            log.info("this output's earlier launches spent $%.4f of --max-dollars %g: $%.4f left for this one",
+                     spent, budget, max(budget - spent, 0.0))
+
+    def _budget_the_next_pod(self) -> None:
+        """--max-dollars is the output's, over every launch: a new pod gets its share of
+        what is left."""
+        spent, _, _ = self._run_spend()
+        budget = self.settings.max_dollars
+        if spent + self._one_look_of_a_pod() >= budget:  # the look-ahead the guard would end it by at once
+            raise PodLimit(f"spend limit: this output has spent ${spent:.4f} of --max-dollars {budget:g} over its launches "
+                           f"(python -m pipeline cost {self.settings.output}): no new pod started", "spend limit")
         self._orchestrator.settings.env["LAUNCH_WATCHDOG_MAX_DOLLARS"] = f"{(budget - spent) / self.settings.pods:.4f}"
 
     def _limit_reached(self, spend: tuple[float, float, float | None], shard_deadlines: bool = True) -> str | None:

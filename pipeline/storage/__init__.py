@@ -16,14 +16,14 @@ from typing import Iterator
 
 from pipeline.storage.backends import backend_for, forget_clients
 from pipeline.storage.local import hash_file
-from pipeline.storage.paths import Listed, is_remote, join, local_path, md5_hex, split_bucket
+from pipeline.storage.paths import Listed, canonical, is_remote, join, local_path, md5_hex, split_bucket
 from pipeline.storage.publish import (NO_SPACE, Staged, atomic_output, pid_alive, remove_stale_temps, staging_folder,
                                       temp_name_for)
 from pipeline.storage.retry import RetryPolicy, StorageError, describe, is_transient, retrying, use_retry_policy
 
 __all__ = [
-    "Backend", "Listed", "RangeReader", "RetryPolicy", "Staged", "StorageError", "NO_SPACE",
-    "atomic_output", "backend_for", "check_corpus", "delete", "describe", "ensure_writable_dir", "exists",
+    "Listed", "RangeReader", "RetryPolicy", "Staged", "StorageError", "NO_SPACE",
+    "atomic_output", "backend_for", "canonical", "check_corpus", "delete", "describe", "ensure_writable_dir", "exists",
     "forget_clients", "hash_file", "is_remote", "is_transient", "join", "list_files", "local_path", "md5_hex",
     "open_for_reading", "pid_alive", "read_bytes", "read_text", "remove_stale_temps", "retrying", "split_bucket",
     "staging_folder", "temp_name_for", "use_retry_policy", "version",

@@ -4,6 +4,7 @@ returns."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -39,6 +40,20 @@ def split_bucket(path: str) -> tuple[str, str]:
     if not bucket:
         raise PipelineError(f"{path}: no bucket name")
     return bucket, key.strip("/")
+
+
+def canonical(location: str) -> str:
+    """One spelling for one place, so pods, leases and the ledger match an output however
+    it was typed: an absolute local path (``out``, ``./out/`` and ``/home/me/out`` are one),
+    or a bucket URL without a trailing slash or empty parts in its key."""
+    if not location:
+        return location
+    if is_remote(location):
+        scheme, rest = location.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        key = "/".join(part for part in key.split("/") if part)
+        return f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}"
+    return os.path.abspath(local_path(location))
 
 
 def local_path(path: str) -> Path:

@@ -486,3 +486,22 @@ def test_cost_and_status_flag_a_pod_the_api_no_longer_knows_and_pods_sweep_ends_
     assert "still running" not in command("cost", str(output)).stdout
     # When a gone pod ended is unknown: its record ends when it was found gone, an upper bound.
     assert PodLedger(str(output)).get(gone)["stopped_at_epoch"] >= fake.pods.pop(gone).terminated_at
+
+
+def test_max_dollars_bounds_the_outputs_spend_over_all_its_launches(fake, corpus, tmp_path, caplog):
+    """Two launches of one budget used to spend it twice (and a retry loop N times): the
+    ledger already knows what earlier launches spent, and the second launch gets what is
+    left, says so, and starts no pod when nothing is."""
+    fake.start_containers = False  # no watchdog: the launcher alone holds the pod to the budget
+    output = tmp_path / "out"
+    budget = 0.0003
+    with pytest.raises(PodLimit, match="spend limit"):
+        run_in_this_process(task(corpus, output, max_dollars=budget))
+    spent = cost_report(str(output))["dollars"]
+    pods = len(fake.pods)
+    with caplog.at_level("INFO", logger="luigi-interface"), pytest.raises(PodLimit) as second:
+        run_in_this_process(task(corpus, output, max_dollars=budget))
+    assert len(fake.pods) == pods, "a second launch started a pod with the budget already spent"
+    assert f"this output's earlier launches spent ${spent:.4f} of --max-dollars 0.0003" in caplog.text
+    assert "no new pod started" in str(second.value) and "rerun with a larger --max-dollars" in str(second.value)
+    assert sum(fake.dollars(pod.id) for pod in fake.pods.values()) <= budget + 0.34 * 0.2 / 3600
