@@ -167,12 +167,26 @@ class RunpodOrchestrator:
             if left <= 0:
                 raise NoCapacity(f"runpod: no capacity for {', '.join(types)} in cloud {self.settings.cloud_type} "
                                  f"in {self.clock() - began:.0f}s of looking (--capacity-seconds {self.settings.capacity_timeout:g})")
-            reason = limit() if limit else None
-            if reason:
-                raise PodLimit(f"runpod: {reason}: stopped looking for a free GPU", reason)
+            self._check(limit)
             log.warning("runpod: no capacity for %s; trying again in %.0fs", ", ".join(types), min(wait, left))
-            self.sleep(min(wait, left))  # the last round is at the deadline, not before it
+            self._wait_watching(min(wait, left), limit)  # the last round is at the deadline, not before it
             wait = min(wait * 2, 300)
+
+    def _wait_watching(self, seconds: float, limit: Optional[Callable[[], Optional[str]]]) -> None:
+        """Wait between two rounds of the search for a GPU, asking ``limit()`` at least every
+        ``poll_interval``: the run's running pods stay held to its budget and deadlines while
+        another pod is looked for (rounds are up to 5 minutes apart), and a signal stops the
+        search before another pod is created."""
+        end = self.clock() + seconds
+        while (left := end - self.clock()) > 0:
+            self.sleep(min(left, self.settings.poll_interval))
+            self._check(limit)
+
+    @staticmethod
+    def _check(limit: Optional[Callable[[], Optional[str]]]) -> None:
+        reason = limit() if limit else None
+        if reason:
+            raise PodLimit(f"runpod: {reason}: stopped looking for a free GPU", reason)
 
     def _try_create(self, gpu_type: str) -> Optional[str]:
         price = self.gpu_price(gpu_type)

@@ -343,6 +343,28 @@ def test_capacity_is_looked_for_until_the_deadline_and_the_message_says_how_long
     assert now[0] == 1030.0  # rounds at 0, 4, 12, 28 and a last one at the deadline
 
 
+def test_the_limits_are_asked_every_poll_while_a_free_gpu_is_looked_for(tmp_path, fake):
+    """Rounds of the search wait up to 5 minutes: the run's other pods, running and billed,
+    were unchecked that long (2.1x the budget was seen). The limits are asked every poll,
+    and the first reason stops the search."""
+    for gpu in fake.capacity:
+        fake.capacity[gpu] = 0
+    now, asked = [1000.0], []
+    pods = RunpodOrchestrator(PodSettings(image="x", **{**FAST, "capacity_timeout": 600, "capacity_retry_wait": 120,
+                                                        "poll_interval": 10}),
+                              PodLedger(str(tmp_path / "out")), api_key=fake.api_key,
+                              clock=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds))
+
+    def limit():
+        asked.append(now[0])
+        return "spend limit: the other pods would pass it" if now[0] >= 1045 else None
+
+    with pytest.raises(PodLimit, match="spend limit: the other pods would pass it: stopped looking for a free GPU"):
+        pods.start_pod(limit=limit)
+    assert now[0] == 1050.0 and max(b - a for a, b in zip(asked, asked[1:])) <= 10
+    assert not fake.pods
+
+
 def test_a_limit_during_provisioning_ends_the_pod(tmp_path, fake):
     fake.stuck_provisioning = True
     pods = orchestrator(tmp_path, fake, provisioning_timeout=60)
