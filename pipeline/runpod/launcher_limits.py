@@ -35,6 +35,8 @@ class RunGuard:
         self.waiting_since: Optional[float] = None  # since a pod started running or the last shard
         self.shard_since_running = False
         self.pods: dict[str, tuple[float, bool]] = {}  # pod -> (waiting since, made a shard)
+        self.last_look: Optional[float] = None  # when the spend was last judged
+        self.longest_look = 0.0  # the longest time between two judgements yet (API retries, a slow terminate)
 
     def pod_running(self, pod_id: Optional[str] = None) -> None:
         """A pod's container runs: the first-shard deadline starts now (the run's, and
@@ -80,8 +82,14 @@ class RunGuard:
 
     def over_budget(self, spent: float, dollars_per_hour: float) -> Optional[str]:
         """The spend is judged one look ahead: the pods are ended before the run's spend
-        can pass ``max_dollars``, not a poll interval after."""
-        ahead = spent + dollars_per_hour * self.limits.poll_seconds / 3600
+        can pass ``max_dollars``, not a poll interval after. A look is the poll interval, or
+        the longest time yet between two judgements if that was longer: API calls retried
+        with backoff, or a slow terminate, stretch it."""
+        now = self.clock()
+        if self.last_look is not None:
+            self.longest_look = max(self.longest_look, now - self.last_look)
+        self.last_look = now
+        ahead = spent + dollars_per_hour * max(self.limits.poll_seconds, self.longest_look) / 3600
         if ahead >= self.limits.max_dollars:
             return (f"spend limit: ${spent:.4f} spent of --max-dollars {self.limits.max_dollars:g}, this output's "
                     f"over all its launches (${dollars_per_hour:.3f}/h would pass it before the next look)")

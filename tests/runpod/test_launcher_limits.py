@@ -24,6 +24,17 @@ def test_spend_is_judged_one_look_ahead():
     assert reason.startswith("spend limit: $0.9000 spent of --max-dollars 1")
 
 
+def test_a_look_stretched_by_retries_stretches_the_look_ahead():
+    """With a third of API calls failing, a look took longer than the poll interval and
+    the run went 11-17 % over budget: the longest look seen is the one judged ahead."""
+    g, clock = guard(max_dollars=1.0, poll_seconds=36)  # at $10/h: $0.10 a poll, $0.30 a 108 s look
+    assert g.breach(spent=0.50, dollars_per_hour=10) is None
+    clock.now += 108  # the look took three polls: retries with backoff
+    assert g.breach(spent=0.69, dollars_per_hour=10) is None
+    clock.now += 36
+    assert g.breach(spent=0.71, dollars_per_hour=10).startswith("spend limit")  # 0.71 + 0.30 passes 1.00
+
+
 def test_no_deadline_before_a_pod_runs():
     g, clock = guard()
     g.saw_shards(0)
