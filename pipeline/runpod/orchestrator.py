@@ -41,8 +41,12 @@ class NoCapacity(PodError):
     """No GPU of any preferred type was free for the whole capacity wait."""
 
 
+class ApiKeyRefused(PodError):
+    """The Runpod API refused the key: nothing can have been created with it."""
+
+
 class NotOffered(PodError):
-    """This GPU type cannot be rented this way (no spot price in this cloud)."""
+    """This GPU type cannot be rented this way (no spot price in this cloud, or no such type)."""
 
 
 class PodStuck(PodError):
@@ -119,13 +123,24 @@ class RunpodOrchestrator:
             raise
         except Exception as exc:
             if type(exc).__name__ == "AuthenticationError":
-                raise PodError(f"runpod: {action}: the API key was refused ({exc})") from exc
+                raise ApiKeyRefused(f"runpod: {action}: the API key was refused ({exc})") from exc
             raise PodError(f"runpod: {action}: {describe(exc)}") from exc
+
+    def _gpu_listing(self, gpu_type: str) -> dict:
+        """The API's listing of one GPU type; a type it does not know is not offered (a
+        typo in --gpu-types, a type retired), so the next one is tried."""
+        try:
+            return self.runpod.get_gpu(gpu_type)
+        except ValueError as exc:
+            if "No GPU found" not in str(exc):
+                raise
+            raise NotOffered(f"runpod: {gpu_type!r} is no GPU type the API knows (python -m pipeline estimate "
+                             "lists the known ones)") from exc
 
     def gpu_price(self, gpu_type: str) -> float:
         """The hourly price of the pod's GPUs of this type in this cloud, read at run
         time; for a spot pod, the bid (the listed spot price, at least the minimum bid)."""
-        gpu = self._call(f"reading the price of {gpu_type}", self.runpod.get_gpu, gpu_type)
+        gpu = self._call(f"reading the price of {gpu_type}", self._gpu_listing, gpu_type)
         kind = "SpotPrice" if self.settings.spot else "Price"
         prices = {"COMMUNITY": gpu.get(f"community{kind}"), "SECURE": gpu.get(f"secure{kind}")}
         if self.settings.cloud_type != "ALL":

@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.output.ledger import PodLedger, cost_report
 from pipeline.output.status import RunWatch, count_shards
 from pipeline.runpod.launcher_limits import RunGuard, RunLimits
-from pipeline.runpod.orchestrator import PodLimit, RunpodOrchestrator
+from pipeline.runpod.orchestrator import ApiKeyRefused, PodError, PodLimit, RunpodOrchestrator
 from pipeline.runpod.orphans import LauncherLease, clear_the_way
 
 log = logging.getLogger("luigi-interface")
@@ -108,6 +108,8 @@ class PodRun:
                 self._lease.release()
                 return
             except Exception as exc:
+                if isinstance(exc, ApiKeyRefused) and not self._pods:
+                    return  # the key that was refused created nothing: no pod to end, nothing to check
                 if attempt == 1:
                     log.error("ending this run's pods: %s; trying again", exc)
                     continue
@@ -147,7 +149,11 @@ class PodRun:
         pod_id = self._orchestrator.start_pod(limit=lambda: self._while_starting(None))
         self._pods.append(pod_id)
         self._stop_if_signalled()  # a create in flight when the signal came: run's finally ends it
-        self._orchestrator.wait_until_running(pod_id, limit=lambda: self._while_starting(pod_id))
+        try:
+            self._orchestrator.wait_until_running(pod_id, limit=lambda: self._while_starting(pod_id))
+        except PodError:
+            self._stop_if_signalled()  # a pod the signal handler ended "disappeared": say why
+            raise
         self._guard.pod_running(pod_id)
         return pod_id
 

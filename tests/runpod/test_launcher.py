@@ -413,6 +413,27 @@ def test_a_signal_ends_the_launcher_with_one_line_and_exit_30(fake, corpus, tmp_
     assert PodLedger(str(output)).get(pod_id)["end_reason"] == f"launcher got {name}"
 
 
+def test_ctrl_c_while_a_pod_provisions_says_so_in_one_line(fake, corpus, tmp_path):
+    """The handler ends the pod at once; the launcher's next poll then finds it gone, and
+    must say the signal ended it, not that it "disappeared while starting"."""
+    fake.stuck_provisioning = True
+    output = tmp_path / "out"
+    launcher = start_launcher(fake, corpus, output, tmp_path / "launcher.log")
+    try:
+        wait_for(lambda: fake.pods and " starting: $" in (tmp_path / "launcher.log").read_text())
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    log = (tmp_path / "launcher.log").read_text()
+    [pod_id] = fake.pods
+    assert launcher.returncode == 30, log[-3000:]
+    assert f"ERROR: launcher got SIGINT: ended this run's pod(s) ({pod_id})" in log, log[-3000:]
+    assert "disappeared" not in log
+    assert PodLedger(str(output)).get(pod_id)["end_reason"] == "launcher got SIGINT"
+
+
 def test_a_launch_beside_a_launcher_still_looking_for_a_gpu_refuses_and_ctrl_c_stops_that_wait(fake, corpus, tmp_path):
     for gpu in fake.capacity:
         fake.capacity[gpu] = 0
@@ -505,3 +526,13 @@ def test_max_dollars_bounds_the_outputs_spend_over_all_its_launches(fake, corpus
     assert f"this output's earlier launches spent ${spent:.4f} of --max-dollars 0.0003" in caplog.text
     assert "no new pod started" in str(second.value) and "rerun with a larger --max-dollars" in str(second.value)
     assert sum(fake.dollars(pod.id) for pod in fake.pods.values()) <= budget + 0.34 * 0.2 / 3600
+
+
+def test_a_refused_api_key_is_one_line_and_no_talk_of_pods_to_end(fake, corpus, tmp_path, caplog, monkeypatch):
+    """No pod can exist under a key the API refuses: the run fails on the refusal alone."""
+    launcher = task(corpus, tmp_path / "out")
+    monkeypatch.setenv("RUNPOD_API_KEY", "wrong-key")
+    with caplog.at_level("INFO", logger="luigi-interface"), pytest.raises(PipelineError, match="API key was refused"):
+        run_in_this_process(launcher)
+    assert not fake.pods
+    assert "check the Runpod console" not in caplog.text and "ending this run's pods" not in caplog.text, caplog.text

@@ -56,6 +56,15 @@ def test_no_4090_capacity_falls_back_to_the_next_gpu_type(tmp_path, fake):
     pods.terminate_pod(pod_id)
 
 
+def test_an_unknown_gpu_type_is_skipped_for_the_next_one(tmp_path, fake, caplog):
+    pods = orchestrator(tmp_path, fake, gpu_types=("NVIDIA GeForce RTX 9999", "NVIDIA GeForce RTX 4090"))
+    with caplog.at_level("WARNING"):
+        pod_id = pods.start_pod()
+    assert fake.pods[pod_id].gpu_type_id == "NVIDIA GeForce RTX 4090"
+    assert "'NVIDIA GeForce RTX 9999' is no GPU type the API knows" in caplog.text
+    pods.terminate_pod(pod_id)
+
+
 def test_waits_for_capacity_in_rounds_then_starts(tmp_path, fake):
     for gpu in fake.capacity:
         fake.capacity[gpu] = 0
