@@ -128,13 +128,7 @@ def test_ctrl_c_of_the_launcher_ends_the_pod(fake, corpus, tmp_path):
     with open(tmp_path / "launcher.log", "w") as log_file:
         launcher = subprocess.Popen(luigi_command(*launcher_args(corpus, output)), cwd=ROOT, env=launcher_env(fake),
                                     stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: fake.pods)
-        launcher.send_signal(signal.SIGINT)
-        launcher.wait(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    signal_when(launcher, lambda: fake.pods)
     log = (tmp_path / "launcher.log").read_text()
     assert launcher.returncode != 0
     records = PodLedger(str(output)).records()
@@ -338,6 +332,17 @@ def test_a_pod_that_stops_making_shards_is_ended_at_the_idle_deadline(fake, corp
     assert fake.pods[record["pod_id"]].env["LAUNCH_WATCHDOG_IDLE_SECONDS"] == "1800"  # the watchdog: max(idle, first shard)
 
 
+def signal_when(launcher, ready, signal_number=signal.SIGINT) -> None:
+    """Send the launcher a signal once ``ready()``, and wait for it to end (killed if it does not)."""
+    try:
+        wait_for(ready)
+        launcher.send_signal(signal_number)
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
 def start_launcher(fake, corpus, output, log_path, *extra):
     with open(log_path, "w") as log_file:
         return subprocess.Popen(luigi_command(*launcher_args(corpus, output), *extra), cwd=ROOT, env=launcher_env(fake),
@@ -393,14 +398,8 @@ def test_a_signal_ends_the_launcher_with_one_line_and_exit_30(fake, corpus, tmp_
     fake.pod_runtime.command = [sys.executable, "-c", "import time; time.sleep(600)"]  # a pod that never ends itself
     output = tmp_path / "out"
     launcher = start_launcher(fake, corpus, output, tmp_path / "launcher.log", *extra)
-    try:
-        wait_for(lambda: any(p.provisioned_at and time.time() > p.provisioned_at for p in fake.pods.values())
-                 and "first shard due" in (tmp_path / "launcher.log").read_text())
-        launcher.send_signal(signal_number)
-        launcher.wait(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    signal_when(launcher, lambda: any(p.provisioned_at and time.time() > p.provisioned_at for p in fake.pods.values())
+                and "first shard due" in (tmp_path / "launcher.log").read_text(), signal_number)
     log = (tmp_path / "launcher.log").read_text()
     name = signal.Signals(signal_number).name
     [pod_id] = fake.pods
@@ -419,13 +418,7 @@ def test_ctrl_c_while_a_pod_provisions_says_so_in_one_line(fake, corpus, tmp_pat
     fake.stuck_provisioning = True
     output = tmp_path / "out"
     launcher = start_launcher(fake, corpus, output, tmp_path / "launcher.log")
-    try:
-        wait_for(lambda: fake.pods and " starting: $" in (tmp_path / "launcher.log").read_text())
-        launcher.send_signal(signal.SIGINT)
-        launcher.wait(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    signal_when(launcher, lambda: fake.pods and " starting: $" in (tmp_path / "launcher.log").read_text())
     log = (tmp_path / "launcher.log").read_text()
     [pod_id] = fake.pods
     assert launcher.returncode == 30, log[-3000:]
