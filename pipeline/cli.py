@@ -52,11 +52,14 @@ def cost(output: str, as_json: bool) -> None:
         state = f"ended: {pod['end_reason']}" if pod["stopped_at_epoch"] else "RUNNING"
         if gone and pod["pod_id"] in gone:
             state = "RUNNING in the ledger, but the API no longer shows it"
-        print(f"{pod['pod_id']:<16} {pod['run_id']:<10} {pod['gpu_type']:<26} {pod['price_per_hour']:>7.3f} "
-              f"{pod['hours']:>8.3f} {pod['dollars']:>9.4f}  {state}")
+        price, dollars = ("?", "?") if pod.get("price_unknown") else (f"{pod['price_per_hour']:.3f}", f"{pod['dollars']:.4f}")
+        print(f"{pod['pod_id']:<16} {pod['run_id']:<10} {pod['gpu_type']:<26} {price:>7} {pod['hours']:>8.3f} {dollars:>9}  {state}")
     for run in report["runs"]:
         print(f"run {run['run_id']}: {run['pods']} pod(s), ${run['dollars']:.4f}" + (f", {run['running']} still running" if run["running"] else ""))
     print(f"total: ${report['dollars']:.4f}" + (f"; {report['running']} pod(s) still running" if report["running"] else ""))
+    if report["price_unknown"]:
+        print(f"{len(report['price_unknown'])} pod(s) ({', '.join(report['price_unknown'])}) were billed at a price the API "
+              "never told (none listed, none shown by the pod): not in the total; the Runpod console has their cost")
     note = gone_note(output, gone, report["running"])
     if note:
         print(note)

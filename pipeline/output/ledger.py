@@ -92,4 +92,6 @@ def cost_report(output: str, now: Optional[float] = None) -> dict[str, Any]:
         "runs": list(runs.values()),
         "dollars": round(sum(p["dollars"] for p in pods), 6),
         "running": sum(p["stopped_at_epoch"] is None for p in pods),
+        # Billed at a price the API never told (none listed, no costPerHr): not in "dollars".
+        "price_unknown": [p["pod_id"] for p in pods if p.get("price_unknown")],
     }

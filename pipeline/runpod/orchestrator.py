@@ -330,6 +330,8 @@ class RunpodOrchestrator:
             record["price_per_hour"] = actual
             self.ledger.record(record)
         elif not actual and not record["price_per_hour"]:
+            record["price_unknown"] = True  # billed all the same: never shown as $0 (python -m pipeline cost)
+            self.ledger.record(record)
             self.terminate_pod(pod["id"], reason="no price known")
             raise PodError(f"runpod: pod {pod['id']} ({record['gpu_type']}) has no price: none is listed and the pod shows "
                            "no costPerHr, so its cost and --max-dollars could not be counted; ended it")

@@ -69,6 +69,7 @@ class PodRun:
         self._live: list[str] = []  # those it follows now
         self._ended: int | None = None  # how many of them _end_pods has ended
         self._end_reason = ""
+        self._last_statuses: dict[str, dict | None] = {}  # the pods' states at the last look
         self._guard = RunGuard(settings.limits, clock=self._orchestrator.clock)
         self._lease = LauncherLease(settings.output, self._orchestrator.run_id, settings.poll_seconds)
         self._line = LiveLine(log)
@@ -130,7 +131,7 @@ class PodRun:
             live[:] = [pod_id for pod_id in live if pod_id not in ended]
             for pod_id in ended:
                 taken_back = self.settings.spot and not self._ended_by_its_watchdog(pod_id)
-                self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back" if taken_back else "ended before the run was done")
+                self._orchestrator.terminate_pod(pod_id, reason="spot pod taken back" if taken_back else self._why_ended(pod_id))
                 if taken_back and replaced < self.settings.spot_relaunches:
                     # A new pod resumes from the published shards.
                     replaced += 1
@@ -156,6 +157,15 @@ class PodRun:
             raise
         self._guard.pod_running(pod_id)
         return pod_id
+
+    def _why_ended(self, pod_id: str) -> str:
+        """Why a pod ended before the run was done, as far as anyone can tell: gone from
+        the API while neither this launcher nor its watchdog ended it means someone else
+        terminated it; otherwise its container stopped (the watchdog's own reason, when it
+        wrote one, stays in the ledger)."""
+        if self._last_statuses.get(pod_id) is None and not self._ended_by_its_watchdog(pod_id):
+            return "terminated outside this launcher and its watchdog (the Runpod console or the API)"
+        return "ended before the run was done"
 
     def _ended_by_its_watchdog(self, pod_id: str) -> bool:
         """Whether the pod ended itself (its record says why): work done or a limit,
@@ -237,6 +247,7 @@ class PodRun:
         (returns them); past a limit the pods are ended and PodLimit raised."""
         while not self.work_done():
             statuses = {pod_id: self._orchestrator.get_pod_status(pod_id) for pod_id in live}
+            self._last_statuses = statuses
             self._stop_if_signalled()  # a pod ended by the signal handler is no pod that ended early
             ended = [pod_id for pod_id, status in statuses.items() if not self._running(status)]
             if ended:

@@ -529,3 +529,24 @@ def test_a_refused_api_key_is_one_line_and_no_talk_of_pods_to_end(fake, corpus, 
         run_in_this_process(launcher)
     assert not fake.pods
     assert "check the Runpod console" not in caplog.text and "ending this run's pods" not in caplog.text, caplog.text
+
+
+def test_a_pod_terminated_by_someone_else_is_recorded_so(fake, corpus, tmp_path):
+    """Neither the launcher nor the pod's watchdog ended it: the ledger says that, not that
+    it merely 'ended before the run was done'."""
+    fake.start_containers = False
+    output = tmp_path / "out"
+
+    def terminate_from_the_console():
+        wait_for(lambda: any(pod.provisioned_at and time.time() > pod.provisioned_at + 0.5 for pod in fake.pods.values()))
+        fake._podTerminate({"podId": next(iter(fake.pods))})
+
+    console = threading.Thread(target=terminate_from_the_console)
+    console.start()
+    try:
+        with pytest.raises(PipelineError, match="ended before the work was done"):
+            run_in_this_process(task(corpus, output, first_shard_seconds=60))
+    finally:
+        console.join()
+    [pod_id] = fake.pods
+    assert PodLedger(str(output)).get(pod_id)["end_reason"].startswith("terminated outside this launcher and its watchdog")

@@ -9,7 +9,7 @@ import pytest
 
 from fake_runpod import GPU_TYPES, FakeRunpod
 from pipeline.errors import PipelineError
-from pipeline.output.ledger import PodLedger
+from pipeline.output.ledger import PodLedger, cost_report
 from pipeline.runpod.orchestrator import NoCapacity, PodError, PodLimit, PodSettings, PodStuck, RunpodOrchestrator
 from pipeline.runpod.pod_env import decode_env
 
@@ -330,7 +330,7 @@ def test_a_gpu_with_no_listed_price_is_recorded_at_the_pods_own_price_with_a_war
     assert PodLedger.dollars(pods.ledger.get(pod_id)) == pytest.approx(fake.dollars(pod_id), abs=1e-4)
 
 
-def test_a_pod_with_no_price_anywhere_is_ended_not_run_unbudgeted(tmp_path, fake, monkeypatch):
+def test_a_pod_with_no_price_anywhere_is_ended_not_run_unbudgeted(tmp_path, fake, monkeypatch, capsys):
     fake.unlisted_prices = {"NVIDIA GeForce RTX 4090"}
     monkeypatch.setitem(GPU_TYPES["NVIDIA GeForce RTX 4090"], "communityPrice", 0.0)  # and the pod shows none
     pods = orchestrator(tmp_path, fake)
@@ -338,6 +338,11 @@ def test_a_pod_with_no_price_anywhere_is_ended_not_run_unbudgeted(tmp_path, fake
         pods.start_pod()
     [pod_id] = fake.pods
     assert fake.pods[pod_id].terminated_at and pods.ledger.get(pod_id)["end_reason"] == "no price known"
+    assert cost_report(str(tmp_path / "out"))["price_unknown"] == [pod_id]  # billed: never a $0 that looks true
+    from pipeline.cli import main
+
+    main(["cost", str(tmp_path / "out")])
+    assert f"({pod_id}) were billed at a price the API never told" in capsys.readouterr().out
 
 
 def test_capacity_is_looked_for_until_the_deadline_and_the_message_says_how_long(tmp_path, fake):
