@@ -61,9 +61,19 @@ class PodLedger:
     def get(self, pod_id: str) -> dict[str, Any]:
         return json.loads(storage.read_text(self.layout.pod_record(pod_id)))
 
-    def records(self) -> list[dict[str, Any]]:
-        folder = self.layout.pods
-        return [json.loads(storage.read_text(f"{folder}/{item.relative}")) for item in storage.list_files(folder, "*.json", hashes=False)]
+    def records(self, ended: Optional[dict[str, dict[str, Any]]] = None) -> list[dict[str, Any]]:
+        """Every record, from one listing. ``ended``: the records of ended pods read before,
+        which never change, kept here and not read again: a launcher looking every few
+        seconds then reads a listing and its running pods' records, not every pod ever run."""
+        folder, records = self.layout.pods, []
+        for item in storage.list_files(folder, "*.json", hashes=False):
+            record = ended.get(item.relative) if ended is not None else None
+            if record is None:
+                record = json.loads(storage.read_text(f"{folder}/{item.relative}"))
+                if ended is not None and record["stopped_at_epoch"] is not None:
+                    ended[item.relative] = record
+            records.append(dict(record))
+        return records
 
     @staticmethod
     def dollars(pod: dict[str, Any], now: Optional[float] = None) -> float:
@@ -71,10 +81,11 @@ class PodLedger:
         return max(end - pod["started_at_epoch"], 0) / 3600 * pod["price_per_hour"]
 
 
-def cost_report(output: str, now: Optional[float] = None) -> dict[str, Any]:
+def cost_report(output: str, now: Optional[float] = None, ended: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
     """Dollars per pod, per run and in total, from the ledger (running pods up to now);
-    per run also what its running pods cost an hour and when the oldest of them began."""
-    pods = sorted(PodLedger(output).records(), key=lambda p: p["started_at_epoch"])
+    per run also what its running pods cost an hour and when the oldest of them began.
+    ``ended``: a launcher's records of ended pods, kept across its looks (``records``)."""
+    pods = sorted(PodLedger(output).records(ended), key=lambda p: p["started_at_epoch"])
     runs: dict[str, dict[str, Any]] = {}
     for pod in pods:
         pod["dollars"] = round(PodLedger.dollars(pod, now), 6)

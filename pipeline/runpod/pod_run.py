@@ -70,6 +70,7 @@ class PodRun:
         self._ended: int | None = None  # how many of them _end_pods has ended
         self._end_reason = ""
         self._last_statuses: dict[str, dict | None] = {}  # the pods' states at the last look
+        self._ended_records: dict[str, dict] = {}  # ledger records of ended pods, read once (PodLedger.records)
         self._guard = RunGuard(settings.limits, clock=self._orchestrator.clock)
         self._lease = LauncherLease(settings.output, self._orchestrator.run_id, settings.poll_seconds)
         self._line = LiveLine(log)
@@ -180,14 +181,14 @@ class PodRun:
         per hour this launch's running pods cost, when its oldest running pod was
         created), from the ledger: each pod's own billed price. ``--max-dollars`` bounds
         the first: a rerun, or a retry loop, never gets a fresh budget."""
-        report = cost_report(self.settings.output, self._orchestrator.clock())
+        report = cost_report(self.settings.output, self._orchestrator.clock(), self._ended_records)
         run = next((r for r in report["runs"] if r["run_id"] == self._orchestrator.run_id), None)
         return (report["dollars"], run["dollars_per_hour"], run["oldest_running_epoch"]) if run else (report["dollars"], 0.0, None)
 
     def _one_look_of_a_pod(self) -> float:
         """What a pod of this output costs over one look (``--poll-seconds``), at the
         highest price its ledger has billed; 0 before its first pod."""
-        prices = [pod["price_per_hour"] for pod in PodLedger(self.settings.output).records()]
+        prices = [pod["price_per_hour"] for pod in PodLedger(self.settings.output).records(self._ended_records)]
         return max(prices, default=0.0) * self.settings.pods * self.settings.poll_seconds / 3600
 
     def _say_what_earlier_launches_spent(self) -> None:

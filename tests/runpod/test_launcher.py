@@ -550,3 +550,23 @@ def test_a_pod_terminated_by_someone_else_is_recorded_so(fake, corpus, tmp_path)
         console.join()
     [pod_id] = fake.pods
     assert PodLedger(str(output)).get(pod_id)["end_reason"].startswith("terminated outside this launcher and its watchdog")
+
+
+def test_each_look_reads_the_ledger_records_of_running_pods_only(fake, corpus, tmp_path, monkeypatch):
+    """An output that has run thousands of pods on a bucket: each look read every record
+    (two reads a pod). Earlier launches' records, all ended, are read once per launch."""
+    from pipeline import storage
+    from pipeline.output.ledger import ledger_record
+
+    output = tmp_path / "out"
+    ledger = PodLedger(str(output))
+    for number in range(30):  # thirty pods of earlier launches, long ended
+        record = ledger_record(f"earlier{number:03d}", f"embedding-pipeline-old-{number}", "old", "NVIDIA GeForce RTX 4090",
+                               1, "ALL", 0.34, "img", time.time() - 7200)
+        ledger.mark_ended(record, "launcher finished", time.time() - 3600)
+        ledger.record(record)
+    reads, real = [], storage.read_text
+    monkeypatch.setattr(storage, "read_text", lambda path: reads.append(path) or real(path))
+    assert luigi.build([task(corpus, output)], local_scheduler=True, log_level="WARNING")
+    earlier = [path for path in reads if "/earlier" in path]
+    assert len(set(earlier)) == 30 and len(earlier) <= 30 * 3, f"{len(earlier)} reads of 30 ended records"
