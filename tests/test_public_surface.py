@@ -68,3 +68,10 @@ def test_a_moved_module_keeps_a_deprecated_alias(old, new):
         alias = importlib.import_module(old)
     assert alias is importlib.import_module(new)
     assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
+
+
+def test_every_package_can_be_star_imported():
+    """``__all__`` names only what exists (pipeline.storage listed a ``Backend`` it never had)."""
+    for package in ("pipeline", "pipeline.storage", "pipeline.core", "pipeline.output", "pipeline.runpod"):
+        namespace: dict = {}
+        exec(f"from {package} import *", namespace)

@@ -96,7 +96,11 @@ def load_sentence_transformer(path: str, device: str):
     modelling code only."""
     check_stack()
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    # transformers draws a "Loading weights" bar on stderr: noise in a run's log and in the
+    # answer of ``search``, which load a model in a fraction of a second.
+    transformers_logging.disable_progress_bar()
     config = read_config(path)
     check_model_type(config, path)
     try:

@@ -88,3 +88,10 @@ def test_no_profile_runs_a_checkpoints_own_code():
     assert all(not hasattr(profile, "trust_remote_code") for profile in PROFILES.values())
     source = (ROOT / "pipeline").rglob("*.py")
     assert not [path for path in source if "trust_remote_code=True" in path.read_text()]
+
+
+def test_loading_a_model_draws_no_progress_bar(capfd):
+    """transformers draws a "Loading weights" bar on stderr: noise in a run's log, and in
+    what ``python -m pipeline search`` answers."""
+    model_loading.load_sentence_transformer(PROFILES["minilm"].locate(), "cpu")
+    assert "Loading weights" not in capfd.readouterr().err
