@@ -21,6 +21,7 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -100,16 +101,26 @@ def diff(manifest: pa.Table, listing: pa.Table, first_new_shard: int, docs_per_s
             content's holder is changed or deleted here is embedded again (``changed``),
             so each content stays embedded once among the current documents.
     """
-    current = manifest.filter(is_current(manifest))
-    current = current.append_column("stored_id", stored_ids(current))
-    known = pc.is_in(listing["path"], value_set=current["path"])
+    # Memory: a 10-million-row manifest and listing are each held once; beside them, one
+    # hash set of the current paths and an int per listed document (where its path is in the
+    # manifest), then tables of the changes only. (A join of the whole listing with the whole
+    # manifest doubled the peak.)
+    current = manifest.filter(is_current(manifest)) if pc.any(pc.invert(is_current(manifest))).as_py() else manifest
+    position = pc.index_in(listing["path"], value_set=current["path"])  # null: a path the manifest lacks
+    known = pc.is_valid(position)
     new = listing.filter(pc.invert(known))
-    changed, gone = listing.slice(0, 0).append_column("shard", pa.array([], pa.int32())), current.slice(0, 0)
+    changed = listing.slice(0, 0).append_column("content_hash_before", pa.array([], pa.string()))
+    changed = changed.append_column("shard", pa.array([], pa.int32()))
+    gone = current.slice(0, 0)
     if not only_added:
-        both = listing.filter(known).join(current.select(["path", "content_hash", "shard"]), "path",
-                                          right_suffix="_before")
-        changed = both.filter(pc.not_equal(both["content_hash"], both["content_hash_before"])).sort_by("path")
-        gone = current.filter(pc.invert(pc.is_in(current["path"], value_set=listing["path"]))).sort_by("path")
+        hash_before = current["content_hash"].take(position)
+        edited = pc.and_(known, pc.not_equal(listing["content_hash"], hash_before))
+        changed = listing.filter(edited).append_column("content_hash_before", hash_before.filter(edited))
+        changed = changed.append_column("shard", current["shard"].take(position.filter(edited))).sort_by("path")
+        listed = np.zeros(current.num_rows, dtype=bool)
+        listed[position.drop_null().to_numpy()] = True
+        gone = current.filter(pa.array(~listed)).sort_by("path")
+    gone = gone.append_column("stored_id", stored_ids(gone))
     moves = _pair_moves(gone, new, published)
     if skip_duplicates:
         changed, moves = _copies_left_without_holder(manifest, current, changed, gone, moves)

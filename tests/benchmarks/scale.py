@@ -9,7 +9,9 @@ documents of 300-600 bytes in 200 folders) and an output of that many shard file
   ranged reads ``storage.RangeReader`` makes, counted on the local file);
 - which shards are done: one listing, as ``EmbedShard.complete()`` asks it;
 - ``--skip-duplicates``: the first shard's decision (every shard's, made once per process)
-  and a later shard's.
+  and a later shard's;
+- in a process of its own, a ``--sync`` with nothing changed: the manifest, the listing
+  as the sync holds it and the diff, with that process's peak RSS.
 
 The smallest size is the baseline; the ratios of the others to it are the figures that
 count (a per-shard cost that stays near 1x is flat in the corpus).
@@ -89,6 +91,36 @@ figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 10
 print(json.dumps(figures))
 """
 
+# A sync with nothing changed, in a process of its own (its peak is the figure): the
+# manifest read, the corpus's listing as the sync holds it, and the diff.
+SYNC_CHILD = r"""
+import json, os, resource, sys, tempfile, time
+import pyarrow as pa
+from pipeline import storage
+from pipeline.core.corpus import ROWS_PER_WRITE, write_manifest_of
+from pipeline.core.sync import LISTING_SCHEMA, diff, read_manifest
+
+documents, work = int(sys.argv[1]), sys.argv[2]
+def listing():
+    for i in range(documents):
+        yield storage.Listed(f"folder-{i % 200:03d}/document-{i:08d}.md", 300 + i % 300, f"{i:032x}")
+manifest = os.path.join(work, "manifest.parquet")
+write_manifest_of(listing(), "/corpus", "*.md", 1000, manifest)
+started = time.perf_counter()
+batches, rows = [], []
+for listed in listing():
+    rows.append((listed.relative, listed.size, listed.content_hash))
+    if len(rows) == ROWS_PER_WRITE:
+        batches.append(pa.record_batch(list(map(list, zip(*rows))), schema=LISTING_SCHEMA)); rows = []
+if rows:
+    batches.append(pa.record_batch(list(map(list, zip(*rows))), schema=LISTING_SCHEMA))
+now = pa.Table.from_batches(batches, schema=LISTING_SCHEMA).combine_chunks()
+changes = diff(read_manifest(manifest), now, -(-documents // 1000), 1000, 1, set(range(-(-documents // 1000))))
+assert changes.num_rows == 0
+print(json.dumps({"sync_nothing_changed_s": time.perf_counter() - started,
+                  "sync_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
 PER_SHARD = ("shard_rows_s", "bucket_reads_per_shard", "bucket_mb_per_shard", "duplicates_later_shard_s")
 
 
@@ -99,9 +131,12 @@ def main() -> None:
     results = []
     for documents in args.documents:
         with tempfile.TemporaryDirectory() as work:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(documents), work], capture_output=True, text=True,
-                                 check=True, timeout=3600)
-        results.append(json.loads(out.stdout.splitlines()[-1]))
+            figures = {}
+            for child in (CHILD, SYNC_CHILD):
+                out = subprocess.run([sys.executable, "-c", child, str(documents), work], capture_output=True, text=True,
+                                     check=True, timeout=3600)
+                figures.update(json.loads(out.stdout.splitlines()[-1]))
+        results.append(figures)
     base = results[0]
     names = [name for name in base if name not in ("documents",)]
     print(f"{'figure':<28}" + "".join(f"{r['documents']:>14,}" for r in results) + "   ratio to the first")
