@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.core.batching import ShapePolicy
 from pipeline.core.corpus import manifest_rows, write_manifest
 from pipeline.core.profiles import PROFILES, profile as profile_of
+from pipeline.core.precision_choice import measure_precisions
 from pipeline.core.embedder import Embedder, default_batch_tokens
 from pipeline.core.null_embedder import NullEmbedder
 from pipeline.output.layout import OutputLayout
@@ -200,6 +201,7 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         tokens = [len(ids) for ids in token_ids]
         total = sum(tokens)
         compared = baseline_against_embedder(embedder, texts, token_ids, rounds)
+        side_by_side = None if embedder.on_cuda else measure_precisions(embedder)
         baseline_vectors, vectors = compared["baseline_vectors"], compared["vectors"]
         baseline_s, embedder_s = compared["baseline_s"], compared["embedder_s"]
         # The feed is short: run it in rounds too, and take the median CPU time.
@@ -244,6 +246,10 @@ def run_bench(corpus: str, profile: str, device: str, batch_tokens: int, precisi
         "stand_in_for": embedder.stand_in_for,
         "device": embedder.device,
         "precision": embedder.precision,
+        "precision_choice": embedder.precision_reason,
+        # Both precisions on this machine's CPU, side by side (what --precision auto measures).
+        **({"precision_tokens_per_s": side_by_side.tokens_per_second, "precision_agreement": side_by_side.agreement}
+           if side_by_side else {}),
         "torch_threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(),
         "batch_tokens": embedder.batch_tokens,
@@ -293,6 +299,10 @@ def format_table(result: dict[str, Any]) -> str:
         f"corpus {r['corpus']}: {r['documents']} documents, {r['chunks']} chunks, {r['tokens']:,} tokens",
         f"model {r['model']} on {r['device']} ({r['precision']}), {r['torch_threads']} torch threads of {r['cpu_cores']} cores, "
         f"batches of {r['batch_tokens']} tokens",
+        *(["precision on this CPU: " + ", ".join(f"{p} {v:,.0f} tokens/s" for p, v in r["precision_tokens_per_s"].items())
+           + f" (bfloat16 ÷ float32 {r['precision_tokens_per_s']['bfloat16'] / r['precision_tokens_per_s']['float32']:.2f}, "
+           f"vectors agree to cosine {r['precision_agreement']['bfloat16']:.5f}); this run: {r['precision']}, "
+           f"{r['precision_choice']}"] if "precision_tokens_per_s" in r else []),
         "",
         f"{'measure':<44} {'tokens/s':>12}  ratio",
         f"{'baseline: encode(batch_size=32)':<44} {r['baseline_tokens_per_s']:>12,.0f}  1.00",

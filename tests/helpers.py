@@ -98,9 +98,13 @@ CLOUD_CREDENTIAL_VARIABLES = (
 
 def luigi_env(**extra: str) -> dict[str, str]:
     """The environment for a luigi subprocess: no PIPELINE_* or cloud credentials leaking
-    in from outside, no metadata-server probes."""
+    in from outside, no metadata-server probes, the session's cache folder."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_") and k not in CLOUD_CREDENTIAL_VARIABLES}
     env.update(NO_METADATA_PROBES)
+    if os.environ.get("PIPELINE_TEST_SESSION_TMP") and "XDG_CACHE_HOME" not in env:
+        # One cache for the session's subprocesses, whatever HOME a test gives them: the
+        # sample corpus is generated, and --precision auto measures this CPU, once.
+        env["XDG_CACHE_HOME"] = os.path.join(os.environ["PIPELINE_TEST_SESSION_TMP"], "cache")
     env.update(extra)
     return env
 

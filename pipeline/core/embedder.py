@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +25,7 @@ from pipeline.core.matryoshka import check_dimensions, matryoshka
 from pipeline.core.model_loading import check_stack, load_sentence_transformer
 from pipeline.core.profiles import ModelProfile, download_model, offline_model_hub, profile
 from pipeline.errors import PipelineError
+from pipeline.core.precision_choice import choose_cpu_precision
 from pipeline.core.stand_in import stand_in_for
 from pipeline.settings import default
 
@@ -51,25 +51,16 @@ def default_batch_tokens(device: str) -> int:
     return 16384 if device.startswith("cuda") else 4096
 
 
-def _native_bf16_cpu() -> bool:
-    """bfloat16 matrix instructions (AVX512-BF16 or AMX), where autocast is much faster."""
-    try:
-        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
-    except OSError:
-        return False
-
-
 def pick_precision(precision: str, device: str, model_profile: ModelProfile) -> str:
-    """``auto``: fp16 on CUDA (where the profile allows it), bf16 on a CPU with native
-    bf16 instructions, else fp32. Reduced precision changes vectors slightly (cosine
-    to fp32 above 0.9999, tested), and every shard records which it used."""
+    """``auto``: fp16 on CUDA (where the profile allows it); on a CPU, fp32 until the
+    loaded model measures whether bf16 is faster there (``precision_choice``). Reduced
+    precision changes vectors slightly (cosine to fp32 above 0.9999, tested), and every
+    shard records which it used."""
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     cuda = device.startswith("cuda")
     if precision == "auto":
-        if cuda:
-            return "float16" if model_profile.fp16_on_cuda else "float32"
-        return "bfloat16" if _native_bf16_cpu() else "float32"
+        return "float16" if cuda and model_profile.fp16_on_cuda else "float32"
     if precision == "float16" and not cuda:
         raise PipelineError("float16 needs a CUDA device; on a CPU use bfloat16 or float32")
     return precision
@@ -125,6 +116,10 @@ class Embedder:
         self.shape_policy = ShapePolicy.for_device(self.device, wanted)
         self.shapes_met: Counter = Counter()  # (rows, width) of each batch run: `make bench` counts them
         self.padded_tokens = self.framed_tokens = 0  # what the batches held, and how much of it was real
+        self.precision_reason = f"--precision {precision}" if precision != "auto" else "auto on CUDA"
+        if precision == "auto" and not self.on_cuda:
+            self.precision, self.precision_reason = choose_cpu_precision(self)
+            log.info("precision auto on this CPU: %s (%s)", self.precision, self.precision_reason)
         if self.on_cuda:
             self.warm_up()
 
@@ -351,6 +346,7 @@ class Embedder:
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(self.device) if self.on_cuda else None,
             "batch_tokens": self.batch_tokens,
+            "precision_choice": f"{self.precision}: {self.precision_reason}",
             "batch_widths": f"{len(policy.widths)} from {policy.widths[0]} to {policy.widths[-1]}" if policy.widths else "exact",
         }
 
