@@ -1,11 +1,8 @@
 """What a user sees stays as it is whatever the inside becomes: the names ``from pipeline
 import …`` gives, the Luigi tasks and their parameters, the ``python -m pipeline``
-commands, the Makefile targets, and a deprecated alias for every module that moved."""
+commands and the Makefile targets; and every package can be star-imported."""
 
-import importlib
 import re
-import sys
-import warnings
 
 import luigi
 import pytest
@@ -29,8 +26,6 @@ COMMANDS = {"status", "verify", "compact", "evaluate", "search", "cost", "pods",
             "settings"}
 MAKE_TARGETS = {"setup", "embed", "worker", "test", "check", "chaos", "verify", "report", "bench", "image",
                 "cost-estimate", "luigid", "luigid-stop", "clean"}
-MOVED_MODULES = {"pipeline.search": "pipeline.output.search", "pipeline.reader": "pipeline.output.read_back",
-                 "pipeline.report": "pipeline.output.report", "pipeline.weaviate_import": "pipeline.output.weaviate_import"}
 
 
 def test_the_public_names_stay():
@@ -58,16 +53,6 @@ def test_the_commands_stay(capsys):
 def test_the_make_targets_stay():
     makefile = (ROOT / "Makefile").read_text()
     assert set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M)) == MAKE_TARGETS
-
-
-@pytest.mark.parametrize("old, new", sorted(MOVED_MODULES.items()))
-def test_a_moved_module_keeps_a_deprecated_alias(old, new):
-    sys.modules.pop(old, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        alias = importlib.import_module(old)
-    assert alias is importlib.import_module(new)
-    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
 
 
 def test_every_package_can_be_star_imported():

@@ -1,4 +1,4 @@
-"""pipeline/reader.py: an output read back, as a stream, locally and from a bucket, gives
+"""pipeline/output/read_back.py: an output read back, as a stream, locally and from a bucket, gives
 exactly the rows of its shards; the stats come from footers and match the summary."""
 
 import json

@@ -1,4 +1,4 @@
-"""pipeline/report.py and ``python -m pipeline report``: the figures equal what the
+"""pipeline/output/report.py and ``python -m pipeline report``: the figures equal what the
 footers, the rejects, the summary and the pod ledger say, locally and from a bucket; a
 run in progress is reported as such; the page stands alone and every chart is drawn in a
 real browser, whose screenshots go to ``test-artifacts/report-*.png``."""

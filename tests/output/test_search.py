@@ -1,4 +1,4 @@
-"""pipeline/search.py and ``python -m pipeline search``: on six documents about clearly
+"""pipeline/output/search.py and ``python -m pipeline search``: on six documents about clearly
 different things, a question about one finds that one first; queries get the model's
 query prefix."""
 

@@ -1,4 +1,4 @@
-"""pipeline/weaviate_import.py: shard rows become Weaviate objects (uuid, properties,
+"""pipeline/output/weaviate_import.py: shard rows become Weaviate objects (uuid, properties,
 vector) that match the declared collection, without a Weaviate server."""
 
 import numpy as np
