@@ -116,7 +116,7 @@ def check_manifest_matches(run: "RunParameters") -> int:
     says); the manifest's shard count. Loads no model (the Runpod launcher asks too)."""
     info = manifest_info(run.manifest_path())
     listed = {name: info[name] for name in ("corpus", "pattern", "docs_per_shard")}
-    _refuse(run, [problem for problem in run.identity().differences(listed) if problem.split(":")[0] in listed])
+    _refuse(run, run.identity().differences(listed, names=listed))
     return int(info["shards"])
 
 

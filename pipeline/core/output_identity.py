@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from pipeline.core.vector_format import VectorFormat
 from pipeline.settings import DEFINING, declared
@@ -55,12 +55,15 @@ class OutputIdentity:
     def vector_format(self) -> VectorFormat:
         return VectorFormat.parse(self["vector_dtype"], self["compact_columns"])
 
-    def differences(self, recorded: Mapping[str, Any]) -> list[str]:
-        """Each defining setting whose value ``recorded`` (an output's) differs from this
-        one's, as "name: then in the output, now now". A setting an older output did not
-        record had its default then."""
+    def differences(self, recorded: Mapping[str, Any], names: Optional[Iterable[str]] = None) -> list[str]:
+        """Each defining setting (of ``names`` only, where given) whose value ``recorded``
+        (an output's) differs from this one's, as "name: then in the output, now now". A
+        setting an older output did not record had its default then."""
+        compared = set(DEFINING if names is None else names)
         problems = []
         for name, now in self.values:
+            if name not in compared:
+                continue
             then = _normal(name, recorded[name] if name in recorded else declared(name).default)
             if then != now:
                 problems.append(f"{name}: {then!r} in the output, {now!r} now")

@@ -96,7 +96,6 @@ class RunWatch:
             message += f"; failed: shard {', '.join(str(s) for s in sorted(self.failed))}"
         return message, f.percent
 
-
     def dollars(self) -> float:
         now = self.clock()
         if not self.shared_listing or self._dollars is None or now - self._dollars[0] >= DOLLARS_EVERY_SECONDS:

@@ -126,8 +126,9 @@ class RunpodEmbedAll(RunParameters, luigi.Task):
         corpus = self.corpus_location()
         # Every setting declared to travel (pipeline/settings.py): the task's value where it
         # has the parameter, else the launcher's own setting. A new one needs nothing here.
-        run = {setting.name: getattr(self, setting.name) if setting.name in dict(self.get_params())
-               else config.setting(setting.name) for setting in SETTINGS if setting.to_pods}
+        parameters = {name for name, _ in self.get_params()}
+        run = {setting.name: getattr(self, setting.name) if setting.name in parameters else config.setting(setting.name)
+               for setting in SETTINGS if setting.to_pods}
         run.update(corpus=corpus, output=self.output_location, model_path=self.model_path or None)
         env = settings_env(run)
         # The watchdog's idle clock starts with the pod, model load and first shard included.

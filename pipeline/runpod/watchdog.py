@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from pipeline.runpod.pod_env import PROTOCOL, PodIdentity, PodWorkers, decode_env
-from pipeline.settings import declared
+from pipeline.settings import declared, default
 from pipeline.runpod.sdk import import_runpod
 
 log = logging.getLogger("pipeline.watchdog")
@@ -30,11 +30,11 @@ log = logging.getLogger("pipeline.watchdog")
 
 @dataclass
 class Limits:
-    idle_seconds: float = float(declared("idle_seconds").default)  # no new shard for this long: something is wrong
-    max_seconds: float = float(declared("watchdog_max_seconds").default)
+    idle_seconds: float = default("idle_seconds")  # no new shard for this long: something is wrong
+    max_seconds: float = default("watchdog_max_seconds")
     max_dollars: float = float("inf")
     price_per_hour: float = 0.0  # the launcher's; the API's costPerHr comes first
-    check_every: float = float(declared("watchdog_check_seconds").default)
+    check_every: float = default("watchdog_check_seconds")
 
     _ENV_NAMES = {"idle_seconds": "IDLE_SECONDS", "max_seconds": "MAX_SECONDS", "max_dollars": "MAX_DOLLARS",
                   "price_per_hour": "PRICE_PER_HOUR", "check_every": "CHECK_SECONDS"}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
 from pipeline.errors import PipelineError, backoff, is_network_error
-from pipeline.settings import declared
+from pipeline.settings import default
 
 log = logging.getLogger("luigi-interface")
 
@@ -59,8 +59,8 @@ class RetryPolicy:
     """How hard a storage call tries: ``attempts``, the first included, and at most
     ``max_wait`` seconds between two (docs/storage.md)."""
 
-    attempts: int = int(declared("storage_retries").default)
-    max_wait: float = float(declared("storage_retry_max_wait").default)
+    attempts: int = default("storage_retries")
+    max_wait: float = default("storage_retry_max_wait")
 
 
 _retry_policy = RetryPolicy()
