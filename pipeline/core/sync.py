@@ -17,9 +17,11 @@ first, so a half-synced output never looks finished.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -71,16 +73,17 @@ LISTING_SCHEMA = pa.schema([("path", pa.string()), ("bytes", pa.int64()), ("cont
 
 
 def listing_table(corpus: str, pattern: str) -> pa.Table:
-    """The corpus as it is now: path, bytes, content_hash (one listing, held as Arrow
-    columns, built ``ROWS_PER_WRITE`` rows at a time: never a Python list of the corpus)."""
-    batches, rows = [], []
-    for listed in list_documents(corpus, pattern):
-        rows.append((listed.relative, listed.size, listed.content_hash))
-        if len(rows) == ROWS_PER_WRITE:
-            batches.append(pa.record_batch(list(map(list, zip(*rows))), schema=LISTING_SCHEMA))
-            rows = []
-    if rows:
-        batches.append(pa.record_batch(list(map(list, zip(*rows))), schema=LISTING_SCHEMA))
+    """The corpus as it is now: path, bytes, content_hash (one listing)."""
+    return listing_of(list_documents(corpus, pattern))
+
+
+def listing_of(documents: Iterable[storage.Listed]) -> pa.Table:
+    """A listing held as Arrow columns, built ``ROWS_PER_WRITE`` documents at a time:
+    never a Python list of the corpus."""
+    batches, documents = [], iter(documents)
+    while rows := list(itertools.islice(documents, ROWS_PER_WRITE)):
+        batches.append(pa.record_batch([[d.relative for d in rows], [d.size for d in rows], [d.content_hash for d in rows]],
+                                       schema=LISTING_SCHEMA))
     return pa.Table.from_batches(batches, schema=LISTING_SCHEMA).combine_chunks()
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from pipeline import storage
@@ -108,10 +108,9 @@ def pod_env(pod: dict[str, Any]) -> dict[str, str]:
 
 
 def pod_run_id(pod: dict[str, Any]) -> str:
-    env = pod_env(pod)
-    if env.get("LAUNCH_RUN_ID"):
-        return env["LAUNCH_RUN_ID"]
-    return pod.get("name", "").removeprefix(POD_NAME_PREFIX).rsplit("-", 1)[0]
+    """The run a pod belongs to: its launcher said so in its environment, else its name does."""
+    said = PodIdentity.from_env(pod_env(pod)).run_id
+    return said if said != PodIdentity.run_id else pod.get("name", "").removeprefix(POD_NAME_PREFIX).rsplit("-", 1)[0]
 
 
 @dataclass
@@ -145,14 +144,13 @@ def end_pods(orchestrator: RunpodOrchestrator, pods: list[dict[str, Any]], reaso
         try:
             orchestrator.ledger.get(pod["id"])
         except FileNotFoundError:
-            env = pod_env(pod)
-            price = float(pod.get("costPerHr") or env.get("LAUNCH_WATCHDOG_PRICE_PER_HOUR") or 0)
+            said = PodIdentity.from_env(pod_env(pod))  # what its launcher told it; the API fills the gaps
+            price = float(pod.get("costPerHr") or said.price_per_hour)
             if not price:
                 log.warning("runpod: pod %s shows no price (costPerHr) and none was listed: its record counts $0/h", pod["id"])
-            known = {"LAUNCH_POD_NAME": pod.get("name", ""), "LAUNCH_RUN_ID": pod_run_id(pod),
-                     "LAUNCH_IMAGE": pod.get("imageName", ""), **env}
-            orchestrator.ledger.record(PodIdentity.from_env(known).ledger_record(
-                pod["id"], price, int(pod.get("gpuCount") or 1), orchestrator.clock()))
+            identity = replace(said, name=said.name or pod.get("name", ""), run_id=pod_run_id(pod),
+                               image=said.image or pod.get("imageName", ""))
+            orchestrator.ledger.record(identity.ledger_record(pod["id"], price, int(pod.get("gpuCount") or 1), orchestrator.clock()))
         orchestrator.terminate_pod(pod["id"], reason=reason)
     return [pod["id"] for pod in pods]
 

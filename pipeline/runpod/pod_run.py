@@ -181,20 +181,22 @@ class PodRun:
         per hour this launch's running pods cost, when its oldest running pod was
         created), from the ledger: each pod's own billed price. ``--max-dollars`` bounds
         the first: a rerun, or a retry loop, never gets a fresh budget."""
-        report = cost_report(self.settings.output, self._orchestrator.clock(), self._ended_records)
+        report = self._ledger_report()
         run = next((r for r in report["runs"] if r["run_id"] == self._orchestrator.run_id), None)
         return (report["dollars"], run["dollars_per_hour"], run["oldest_running_epoch"]) if run else (report["dollars"], 0.0, None)
 
-    def _one_look_of_a_pod(self) -> float:
+    def _ledger_report(self) -> dict:
+        return cost_report(self.settings.output, self._orchestrator.clock(), self._ended_records)
+
+    def _one_look_of_a_pod(self, report: dict) -> float:
         """What a pod of this output costs over one look (``--poll-seconds``), at the
         highest price its ledger has billed; 0 before its first pod."""
-        prices = [pod["price_per_hour"] for pod in PodLedger(self.settings.output).records(self._ended_records)]
-        return max(prices, default=0.0) * self.settings.pods * self.settings.poll_seconds / 3600
+        return max((pod["price_per_hour"] for pod in report["pods"]), default=0.0) * self.settings.pods * self.settings.poll_seconds / 3600
 
     def _say_what_earlier_launches_spent(self) -> None:
         """The launch line: what the output's earlier launches spent and what is left of
         --max-dollars, which is the output's budget over all its launches."""
-        spent, _, _ = self._run_spend()
+        spent = self._ledger_report()["dollars"]
         budget = self.settings.max_dollars
         if spent:
             log.info("this output's earlier launches spent $%.4f of --max-dollars %g: $%.4f left for this one",
@@ -203,9 +205,9 @@ class PodRun:
     def _budget_the_next_pod(self) -> None:
         """--max-dollars is the output's, over every launch: a new pod gets its share of
         what is left."""
-        spent, _, _ = self._run_spend()
-        budget = self.settings.max_dollars
-        if spent + self._one_look_of_a_pod() >= budget:  # the look-ahead the guard would end it by at once
+        report = self._ledger_report()
+        spent, budget = report["dollars"], self.settings.max_dollars
+        if spent + self._one_look_of_a_pod(report) >= budget:  # the look-ahead the guard would end it by at once
             raise PodLimit(f"spend limit: this output has spent ${spent:.4f} of --max-dollars {budget:g} over its launches "
                            f"(python -m pipeline cost {self.settings.output}): no new pod started", "spend limit")
         self._orchestrator.settings.env["LAUNCH_WATCHDOG_MAX_DOLLARS"] = f"{(budget - spent) / self.settings.pods:.4f}"

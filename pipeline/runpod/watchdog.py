@@ -117,7 +117,7 @@ def supervise(
         clock: seconds, for the limits.
     """
     # Runtime and spend count from the pod's creation (provisioning is billed too).
-    created = float(env.get("LAUNCH_WATCHDOG_CREATED_AT") or time.time())
+    created = PodIdentity.from_env(env).created_at or time.time()
     started = clock() - max(time.time() - created, 0)
     price = _price_per_hour(env, limits)
     children = [subprocess.Popen(command, env=child_env) for command, child_env in commands]

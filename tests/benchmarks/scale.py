@@ -94,11 +94,10 @@ print(json.dumps(figures))
 # A sync with nothing changed, in a process of its own (its peak is the figure): the
 # manifest read, the corpus's listing as the sync holds it, and the diff.
 SYNC_CHILD = r"""
-import json, os, resource, sys, tempfile, time
-import pyarrow as pa
+import json, os, resource, sys, time
 from pipeline import storage
-from pipeline.core.corpus import ROWS_PER_WRITE, write_manifest_of
-from pipeline.core.sync import LISTING_SCHEMA, diff, read_manifest
+from pipeline.core.corpus import write_manifest_of
+from pipeline.core.sync import diff, listing_of, read_manifest
 
 documents, work = int(sys.argv[1]), sys.argv[2]
 def listing():
@@ -107,14 +106,7 @@ def listing():
 manifest = os.path.join(work, "manifest.parquet")
 write_manifest_of(listing(), "/corpus", "*.md", 1000, manifest)
 started = time.perf_counter()
-batches, rows = [], []
-for listed in listing():
-    rows.append((listed.relative, listed.size, listed.content_hash))
-    if len(rows) == ROWS_PER_WRITE:
-        batches.append(pa.record_batch(list(map(list, zip(*rows))), schema=LISTING_SCHEMA)); rows = []
-if rows:
-    batches.append(pa.record_batch(list(map(list, zip(*rows))), schema=LISTING_SCHEMA))
-now = pa.Table.from_batches(batches, schema=LISTING_SCHEMA).combine_chunks()
+now = listing_of(listing())  # as listing_table holds the corpus's listing
 changes = diff(read_manifest(manifest), now, -(-documents // 1000), 1000, 1, set(range(-(-documents // 1000))))
 assert changes.num_rows == 0
 print(json.dumps({"sync_nothing_changed_s": time.perf_counter() - started,
